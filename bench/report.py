@@ -1,0 +1,110 @@
+"""What every benchmark writes: ``results.json``, ``results.md`` (machine, date, command, table) and a PNG chart.
+
+A benchmark hands back a :class:`Report`: its rows (plain dicts), the columns of its markdown table, notes that
+say how to read the numbers, and a function that draws its chart on a matplotlib ``Axes``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Column:
+    """One column of the markdown table: the row key, its header and how a value is printed."""
+
+    key: str
+    header: str
+    fmt: Callable[[object], str] = str
+
+
+@dataclass
+class Report:
+    """The outcome of one benchmark run, ready for :func:`write_report`."""
+
+    name: str
+    title: str
+    rows: list[dict]
+    columns: list[Column]
+    chart: Callable  # chart(ax, rows): draws on a matplotlib Axes
+    device: str = "cpu"
+    notes: list[str] = field(default_factory=list)
+
+
+def rate(v) -> str:
+    """A rate with thousands separators (``12,345``), one decimal below 100."""
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), or what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str = "cpu") -> dict:
+    """Where the numbers come from: device name, CPU model and count, library versions, date."""
+    dev = torch.device(device)
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    return dict(device=str(dev), device_name=gpu or cpu_model(), cpu=cpu_model(), cpu_count=os.cpu_count(),
+                torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
+                date=datetime.now().astimezone().isoformat(timespec="seconds"))
+
+
+def markdown_table(rows: list[dict], columns: list[Column]) -> str:
+    lines = ["| " + " | ".join(c.header for c in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(c.fmt(r[c.key]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def write_report(out, report: Report, command: str) -> str:
+    """Write ``results.json``, ``results.md`` and ``results.png`` into ``out``; return the markdown."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info(report.device)
+    data = dict(benchmark=report.name, command=command, machine=machine, notes=report.notes,
+                rows=[{k: _jsonable(v) for k, v in r.items()} for r in report.rows])
+    (out / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+
+    md = [f"# {report.title}", "",
+          f"- machine: {machine['device_name']} ({machine['device']}), {machine['cpu_count']} CPUs "
+          f"({machine['cpu']}), torch {machine['torch']}, Python {machine['python']}",
+          f"- date: {machine['date']}",
+          f"- command: `{command}`", "",
+          markdown_table(report.rows, report.columns), ""]
+    md += [f"- {n}" for n in report.notes]
+    text = "\n".join(md).rstrip() + "\n"
+    (out / "results.md").write_text(text)
+
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    report.chart(ax, report.rows)
+    ax.set_title(f"{report.title}\n{machine['device_name']}, {machine['cpu_count']} CPUs, "
+                 f"torch {machine['torch']}, {machine['date'][:10]}", fontsize=9)
+    fig.savefig(out / "results.png", dpi=120)
+    return text

@@ -1,0 +1,1 @@
+"""ktnas.engine: search spaces, supernet, search algorithms, training, export and the `ktnas` CLI."""

@@ -1,0 +1,1 @@
+"""ktnas.kernels: fused mixed operations (Triton kernels, their PyTorch reference, autograd wrappers)."""

@@ -1,0 +1,65 @@
+"""Shared helpers: a tiny, fast precompute configuration and a way to run the `ktnas` command."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+# a small, fast stem and data set: most tests only need real stem outputs of a few hundred images
+TINY = dict(dataset="synthetic:400/160", stem="mobilenet_v2:features.1", weights="none", image_size=32,
+            chunk_size=40, batch_size=16, progress=False)
+
+
+def tiny_args(out, **kw):
+    """CLI arguments equal to TINY (plus overrides given as flag=value)."""
+    d = dict(TINY, out=str(out), **kw)
+    args = ["precompute-features"]
+    for k, v in d.items():
+        if k == "progress":
+            args += [] if v else ["--quiet"]
+        elif v is True:
+            args.append("--" + k.replace("_", "-"))
+        elif v is not False and v is not None:
+            args += ["--" + k.replace("_", "-"), str(v)]
+    return args
+
+
+def ktnas(*args, check=True, env=None, **popen):
+    """Run `python -m ktnas.engine.cli ARGS` in a subprocess; returns CompletedProcess (text)."""
+    e = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
+    r = subprocess.run([sys.executable, "-m", "ktnas.engine.cli", *map(str, args)], capture_output=True,
+                       text=True, env=e, **popen)
+    if check and r.returncode != 0:
+        raise AssertionError(f"ktnas {' '.join(map(str, args))} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return r
+
+
+def store_contents(path):
+    """Everything a store holds: attrs and, per split, features, labels and written flags (numpy)."""
+    from ktnas.cache.store import open_store
+
+    with open_store(path, require_complete=False) as s:
+        out = {"attrs": dict(s.attrs)}
+        for name in s.splits:
+            sp = s.split(name)
+            feats = np.concatenate([sp.read_chunk(i)[0] for i in range(sp.num_chunks)])
+            out[name] = (feats, sp.read_labels(), sp.written())
+        return out
+
+
+def assert_same_store(a, b, ignore_attrs=("backend",)):
+    ca, cb = store_contents(a), store_contents(b)
+    ka = {k: v for k, v in ca.pop("attrs").items() if k not in ignore_attrs}
+    kb = {k: v for k, v in cb.pop("attrs").items() if k not in ignore_attrs}
+    assert ka == kb
+    assert ca.keys() == cb.keys()
+    for name in ca:
+        for x, y in zip(ca[name], cb[name]):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """No test reaches for the network: ImageNet weights come from the hub cache or offline copies only."""
+    monkeypatch.setenv("KTNAS_OFFLINE", "1")
