@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -57,17 +58,32 @@ def _lock_path(path) -> str:
     return str(p.parent / f".{p.name}.lock")
 
 
+_LOCKS: dict[str, list] = {}  # lock path -> [RLock, depth, open file holding the flock]
+_LOCKS_GUARD = threading.Lock()
+
+
 @contextlib.contextmanager
 def store_lock(path):
-    """An exclusive inter-process lock tied to a store path (creation races, HDF5 writes)."""
+    """An exclusive lock tied to a store path (creation races, HDF5 writes): between processes through
+    ``flock`` on a lock file beside the store, between threads of one process through an RLock. Re-entrant."""
     lp = _lock_path(path)
-    Path(lp).parent.mkdir(parents=True, exist_ok=True)
-    with open(lp, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    with _LOCKS_GUARD:
+        entry = _LOCKS.setdefault(lp, [threading.RLock(), 0, None])
+    with entry[0]:
+        if entry[1] == 0:
+            Path(lp).parent.mkdir(parents=True, exist_ok=True)
+            fh = open(lp, "a+")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            entry[2] = fh
+        entry[1] += 1
         try:
             yield
         finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            entry[1] -= 1
+            if entry[1] == 0:
+                fcntl.flock(entry[2], fcntl.LOCK_UN)
+                entry[2].close()
+                entry[2] = None
 
 
 def disk_full_error(path, exc: OSError, what: str) -> KtnasError:
