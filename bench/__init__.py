@@ -11,9 +11,15 @@ from __future__ import annotations
 import importlib
 import shlex
 import sys
+from pathlib import Path
+
+import torch
+
+from ktnas.cache.errors import KtnasError
 
 from .loader import bench_loader
 from .precompute import bench_precompute
+from .report import write_report
 
 BENCHMARKS = {"loader": "ktnas.bench.loader", "precompute": "ktnas.bench.precompute"}
 
@@ -26,11 +32,13 @@ def add_bench_parser(sub) -> None:
     """Add ``bench`` (with one sub-subcommand per benchmark) to the ``ktnas`` subparsers ``sub``."""
     p = sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHMARKS),
                        description="Run a benchmark; write results.json, results.md and results.png to --out.")
-    bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    bsub = p.add_subparsers(dest="bench", required=True)
     for name in BENCHMARKS:
         mod = _module(name)
         b = bsub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(b)
+        b.add_argument("--threads", type=int, default=None,
+                       help="torch intra-op threads for the run (default: torch's own choice)")
         b.add_argument("--out", default=None, help=f"results folder (default: runs/bench-{name})")
         b.set_defaults(func=run_bench, bench_parser=b)
 
@@ -51,15 +59,20 @@ def command_line(args) -> str:
 
 def run_bench(args) -> int:
     """Run the benchmark ``args.bench`` chose, write its results to ``args.out``, print the markdown."""
-    from pathlib import Path
-
-    from .report import write_report
-
+    if args.threads is not None and args.threads < 1:
+        raise KtnasError(f"--threads must be >= 1, got {args.threads}: pass a positive number of threads")
     args.out = args.out or f"runs/bench-{args.bench}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = _module(args.bench).report(args, work_dir=out)
-    print(write_report(out, report, command_line(args)), end="")
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        report = _module(args.bench).report(args, work_dir=out)
+        text = write_report(out, report, command_line(args))
+    finally:
+        torch.set_num_threads(threads)
+    print(text, end="")
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}", file=sys.stderr)
     return 0
 

@@ -9,13 +9,16 @@ copied into a store of the other backend, so both are measured on identical data
   features cast to float32 on the device;
 - the raw sequential read rate of the same chunks: one thread calling ``read_chunk``, no loader (the ceiling).
 
-Each runs one warm-up epoch (for in-memory loaders it includes loading the samples; it warms the page cache
-for all), then ``epochs`` timed epochs; the median epoch gives ``samples_per_s`` and ``mb_per_s`` (10^6 bytes of
-features delivered, counted in the stored dtype) and ``vs_ceiling`` is the rate over the raw read rate of the
-same backend.
+Each case runs one warm-up epoch (for in-memory loaders it includes loading the samples; it warms the page
+cache for all), then ``epochs`` rounds run every case's epoch in turn (round robin, so the machine's slow
+moments spread over all cases). The median epoch gives ``samples_per_s`` and ``mb_per_s`` (10^6 bytes of
+features delivered, counted in the stored dtype); ``vs_ceiling`` is the rate over the raw read rate of the same
+backend.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import shutil
 import statistics
 import sys
@@ -79,10 +82,11 @@ def _stores(features, split, samples, tmp: Path, build: dict, notes: list) -> di
     if features is None:
         src = str(tmp / "features.zarr")
         print(f"ktnas bench loader: building a store of {samples} {build['dataset']} {split} samples through "
-              f"{build['stem']} ({build['weights']} weights) at {build['image_size']} px ...", file=sys.stderr)
+              f"{build['stem']} (weights {build['weights']}) at {build['image_size']} px ...", file=sys.stderr)
         made = precompute(PrecomputeConfig(out=src, splits=(split,), limit=samples, progress=False, **build))
-        notes.append(f"store: built here from real stem features: {build['dataset']} {split}[:{made['images']}] through "
-                     f"{build['stem']} ({build['weights']} weights) at {build['image_size']} px, then copied to HDF5")
+        notes.append(f"store: built here from real stem features: {build['dataset']} {split}[:{made['images']}] "
+                     f"through {build['stem']} (weights {build['weights']}) at {build['image_size']} px, "
+                     "then copied to HDF5")
     else:
         src = str(features)
         notes.append(f"store: {src}, copied here to the other backend")
@@ -91,24 +95,48 @@ def _stores(features, split, samples, tmp: Path, build: dict, notes: list) -> di
     return dict(sorted({detect_backend(src): src, other: dst}.items(), key=lambda kv: kv[0] != "zarr"))
 
 
-def _time(epoch_fn, epochs: int) -> tuple[int, float, list[float]]:
-    """(items of an epoch, warm-up seconds, seconds of each timed epoch) of ``epoch_fn(epoch) -> items``."""
-    t0 = time.perf_counter()
-    epoch_fn(0)
-    warm = time.perf_counter() - t0
-    times, n = [], 0
-    for e in range(1, epochs + 1):
+def _measure(cases: list, epochs: int) -> list[dict]:
+    """Time ``cases`` [(row fields, epoch_fn(epoch) -> (samples, bytes))]: each runs one warm-up epoch, then
+    ``epochs`` rounds run every case once (round robin, so the machine's slow moments spread over all cases);
+    the median epoch of each gives its rates."""
+    warm, times, done = [], [[] for _ in cases], [None] * len(cases)
+    for _, fn in cases:
         t0 = time.perf_counter()
-        n = epoch_fn(e)
-        times.append(time.perf_counter() - t0)
-    return n, warm, times
+        fn(0)
+        warm.append(time.perf_counter() - t0)
+    for e in range(1, epochs + 1):
+        for i, (_, fn) in enumerate(cases):
+            t0 = time.perf_counter()
+            done[i] = fn(e)
+            times[i].append(time.perf_counter() - t0)
+    rows = []
+    for (fields, _), w, t, (n, nbytes) in zip(cases, warm, times, done):
+        med = statistics.median(t)
+        rows.append(dict(fields, samples_per_s=n / med, mb_per_s=nbytes / med / 1e6, epoch_s=med, samples=n,
+                         warmup_s=w, epochs_s=t))
+    return rows
 
 
-def _row(source, backend, in_memory, n, nbytes, warm, times, batch_size, device) -> dict:
-    med = statistics.median(times)
-    return dict(source=source, backend=backend, in_memory=in_memory, samples_per_s=n / med,
-                mb_per_s=nbytes / med / 1e6, epoch_s=med, batch_size=batch_size, device=device, samples=n,
-                warmup_s=warm, epochs_s=times)
+def _loader_epoch(loader: FeatureLoader, sp, epoch: int) -> tuple[int, int]:
+    """One epoch of ``loader``: (samples, bytes of their features in the stored dtype, one view each)."""
+    loader.set_epoch(epoch)
+    count = 0
+    for _, labels in loader:
+        count += labels.shape[0]
+    if loader.device.type == "cuda":
+        torch.cuda.synchronize(loader.device)
+    return count, count * int(np.prod(sp.sample_shape[1:])) * sp.dtype.itemsize
+
+
+def _raw_epoch(sp, n: int, epoch: int) -> tuple[int, int]:
+    """read_chunk over the chunks holding the first ``n`` samples, in order: (samples, bytes) of those samples
+    (a partial last chunk is read whole)."""
+    count = nbytes = 0
+    for c in range(-(-n // sp.chunk_size)):
+        feats, _ = sp.read_chunk(c)
+        m = min(n, sp.chunk_range(c)[1]) - sp.chunk_range(c)[0]
+        count, nbytes = count + m, nbytes + feats[:m].nbytes
+    return count, nbytes
 
 
 def bench_loader(features=None, *, split: str = "train", samples: int | None = None, batch_size: int = 256,
@@ -132,50 +160,29 @@ def bench_loader(features=None, *, split: str = "train", samples: int | None = N
     tmp = Path(tempfile.mkdtemp(prefix=".bench-loader-", dir=work_dir))
     build = dict(dataset=dataset, stem=stem, weights=weights, image_size=image_size, device=str(dev),
                  chunk_size=chunk_size)
-    rows = []
+    cases = []
     try:
-        for backend, path in _stores(features, split, samples, tmp, build, notes).items():
-            with open_store(path) as st:
+        with contextlib.ExitStack() as stack:
+            for backend, path in _stores(features, split, samples, tmp, build, notes).items():
+                st = stack.enter_context(open_store(path))
                 sp = st.split(split)
                 n = len(sp) if samples is None else min(samples, len(sp))
-                indices = None if n == len(sp) else np.arange(n)
-                nbytes = n * int(np.prod(sp.sample_shape[1:])) * sp.dtype.itemsize  # one view per sample
                 stored = sp.stored_bytes()
                 notes.append(f"{backend}: features {list(sp.shape)} {sp.dtype}, chunks of {sp.chunk_size} samples "
                              f"({sp.chunk_size * sp.nbytes() / len(sp) / 2**20:.1f} MiB), "
                              f"{st.attrs.get('compressor', '?')}, {sp.nbytes() / 2**20:.1f} MiB raw, "
                              f"{stored / 2**20:.1f} MiB stored ({sp.nbytes() / max(stored, 1):.2f}x)")
                 for in_memory in (False, True):
-                    loader = FeatureLoader(st, split, batch_size=batch_size, shuffle=True, indices=indices,
-                                           device=dev, workers=workers, in_memory=in_memory)
-
-                    def epoch(e, loader=loader):
-                        loader.set_epoch(e)
-                        count = 0
-                        for _, labels in loader:
-                            count += labels.shape[0]
-                        if dev.type == "cuda":
-                            torch.cuda.synchronize(dev)
-                        return count
-
-                    try:
-                        k, warm, times = _time(epoch, epochs)
-                    finally:
-                        loader.close()
-                    rows.append(_row(MEMORY if in_memory else STREAM, backend, in_memory, k, nbytes, warm, times,
-                                     batch_size, str(dev)))
-                chunks = range(-(-n // sp.chunk_size))
-                read = {"bytes": 0}
-
-                def raw(e):
-                    count = read["bytes"] = 0
-                    for c in chunks:
-                        feats, labels = sp.read_chunk(c)
-                        count, read["bytes"] = count + len(labels), read["bytes"] + feats.nbytes
-                    return count
-
-                k, warm, times = _time(raw, epochs)
-                rows.append(_row(CEILING, backend, False, k, read["bytes"], warm, times, sp.chunk_size, "cpu"))
+                    loader = stack.enter_context(FeatureLoader(
+                        st, split, batch_size=batch_size, shuffle=True, device=dev, workers=workers,
+                        indices=None if n == len(sp) else np.arange(n), in_memory=in_memory))
+                    fields = dict(source=MEMORY if in_memory else STREAM, backend=backend, in_memory=in_memory,
+                                  batch_size=batch_size, device=str(dev))
+                    cases.append((fields, functools.partial(_loader_epoch, loader, sp)))
+                fields = dict(source=CEILING, backend=backend, in_memory=False, batch_size=sp.chunk_size,
+                              device="cpu")
+                cases.append((fields, functools.partial(_raw_epoch, sp, n)))
+            rows = _measure(cases, epochs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ceiling = {r["backend"]: r["samples_per_s"] for r in rows if r["source"] == CEILING}
@@ -187,7 +194,8 @@ def bench_loader(features=None, *, split: str = "train", samples: int | None = N
 COLUMNS = [Column("backend", "backend"), Column("source", "source"),
            Column("in_memory", "in_memory", lambda v: "yes" if v else "no"),
            Column("samples_per_s", "samples/s", rate), Column("mb_per_s", "MB/s", lambda v: f"{v:,.1f}"),
-           Column("vs_ceiling", "vs ceiling", lambda v: f"{v:.2f}"), Column("epoch_s", "epoch s", lambda v: f"{v:.3f}"),
+           Column("vs_ceiling", "vs ceiling", lambda v: f"{v:.2f}"),
+           Column("epoch_s", "epoch s", lambda v: f"{v:.3f}"),
            Column("warmup_s", "warm-up s", lambda v: f"{v:.3f}"), Column("batch_size", "batch"),
            Column("device", "device")]
 
@@ -199,8 +207,8 @@ def _chart(ax, rows) -> None:
     bars = ax.barh(y, [r["samples_per_s"] for r in rows], color=[colors[r["source"]] for r in rows])
     ax.set_yticks(y, labels, fontsize=8)
     for b, r in zip(bars, rows):
-        ax.annotate(f" {r['mb_per_s']:,.0f} MB/s", (b.get_width(), b.get_y() + b.get_height() / 2),
-                    va="center", fontsize=8)
+        ax.annotate(f" {rate(r['samples_per_s'])}/s, {r['mb_per_s']:,.0f} MB/s",
+                    (b.get_width(), b.get_y() + b.get_height() / 2), va="center", fontsize=8)
     ax.set_xlabel("samples/s (median epoch after a warm-up)")
     ax.margins(x=0.2)
 
@@ -212,8 +220,8 @@ def report(args, work_dir=None) -> Report:
                         epochs=args.epochs, workers=args.workers, device=args.device, dataset=args.dataset,
                         stem=args.stem, weights=args.weights, image_size=args.image_size,
                         chunk_size=args.chunk_size, work_dir=work_dir, notes=notes)
-    notes += [f"each: one warm-up epoch (in memory: includes loading the samples), then the median of {args.epochs} "
-              "epochs; page cache warm",
+    notes += [f"each: one warm-up epoch (in memory: includes loading the samples), then {args.epochs} timed "
+              "round(s) running every row's epoch in turn; the median epoch counts; page cache warm",
               "MB/s: 10^6 bytes of features delivered, in the stored dtype; vs ceiling: samples/s over the raw "
               "read_chunk rate of the same backend (one thread, chunk by chunk, no loader; its batch is the chunk)",
               f"loader: shuffled, {args.workers} reader threads, features cast to float32 on the device"]

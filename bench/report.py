@@ -19,11 +19,15 @@ import torch
 
 @dataclass
 class Column:
-    """One column of the markdown table: the row key, its header and how a value is printed."""
+    """One column of the markdown table: the row key, its header and how a value is printed (``key`` None:
+    ``fmt`` gets the whole row, for cells made of several values)."""
 
-    key: str
+    key: str | None
     header: str
     fmt: Callable[[object], str] = str
+
+    def cell(self, row: dict) -> str:
+        return self.fmt(row if self.key is None else row[self.key])
 
 
 @dataclass
@@ -61,14 +65,14 @@ def machine_info(device: str = "cpu") -> dict:
     dev = torch.device(device)
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
     return dict(device=str(dev), device_name=gpu or cpu_model(), cpu=cpu_model(), cpu_count=os.cpu_count(),
-                torch=torch.__version__, python=platform.python_version(), platform=platform.platform(),
-                date=datetime.now().astimezone().isoformat(timespec="seconds"))
+                torch_threads=torch.get_num_threads(), torch=torch.__version__, python=platform.python_version(),
+                platform=platform.platform(), date=datetime.now().astimezone().isoformat(timespec="seconds"))
 
 
 def markdown_table(rows: list[dict], columns: list[Column]) -> str:
     lines = ["| " + " | ".join(c.header for c in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(c.fmt(r[c.key]) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(c.cell(r) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -92,7 +96,8 @@ def write_report(out, report: Report, command: str) -> str:
 
     md = [f"# {report.title}", "",
           f"- machine: {machine['device_name']} ({machine['device']}), {machine['cpu_count']} CPUs "
-          f"({machine['cpu']}), torch {machine['torch']}, Python {machine['python']}",
+          f"({machine['cpu']}), torch {machine['torch']} ({machine['torch_threads']} threads), "
+          f"Python {machine['python']}",
           f"- date: {machine['date']}",
           f"- command: `{command}`", "",
           markdown_table(report.rows, report.columns), ""]

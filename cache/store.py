@@ -109,7 +109,7 @@ class _ZarrBackend:
     def create_array(self, name, shape, chunks, dtype, compressor, fill_value):
         from zarr.codecs import ZstdCodec
 
-        compressors = [ZstdCodec(level=3)] if compressor == "zstd" else None
+        compressors = [ZstdCodec(level=1)] if compressor == "zstd" else None
         self.group.create_array(name=name, shape=shape, chunks=chunks, dtype=dtype,
                                 compressors=compressors, fill_value=fill_value)
 
@@ -171,7 +171,7 @@ class _H5Backend:
             yield f
 
     def create_array(self, name, shape, chunks, dtype, compressor, fill_value):
-        kw = dict(self._hdf5plugin.Zstd(clevel=3)) if compressor == "zstd" else {}
+        kw = dict(self._hdf5plugin.Zstd(clevel=1)) if compressor == "zstd" else {}
         with self._open(write=True) as f:
             f.create_dataset(name, shape=shape, chunks=chunks, dtype=dtype, fillvalue=fill_value, **kw)
 
@@ -450,9 +450,11 @@ def inspect_store(path, *, verify: bool = False, repair: bool = False, progress:
             sp = store.split(name)
             w = sp.written()
             stored = sp.stored_bytes()
+            per_sample = sp.nbytes() // max(1, sp.shape[0])
+            written_bytes = sum(per_sample * (b - a) for a, b in map(sp.chunk_range, np.flatnonzero(w)))
             info = dict(shape=list(sp.shape), dtype=str(sp.dtype), chunk_size=sp.chunk_size,
                         chunks=sp.num_chunks, chunks_written=int(w.sum()), nbytes=sp.nbytes(),
-                        stored_bytes=stored, compression_ratio=sp.nbytes() / stored if stored else None)
+                        stored_bytes=stored, compression_ratio=written_bytes / stored if written_bytes else None)
             if verify:
                 bad = {}
                 chunks = range(sp.num_chunks)

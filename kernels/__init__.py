@@ -1,1 +1,4 @@
 """ktnas.kernels: fused mixed operations (Triton kernels, their PyTorch reference, autograd wrappers)."""
+from .reference import edge_relu, mixed_op_reference, mixed_op_reference_gdas, mixed_op_reference_pc
+
+__all__ = ["edge_relu", "mixed_op_reference", "mixed_op_reference_gdas", "mixed_op_reference_pc"]

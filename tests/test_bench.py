@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from ktnas.cache.store import create_store
 from ktnas.engine.cli import main
@@ -53,10 +54,12 @@ def test_bench_loader_on_a_given_hdf5_store(tmp_path, capsys):
             s, e = sp.chunk_range(c)
             sp.write_chunk(c, np.random.default_rng(c).normal(size=(e - s, 1, 4, 3, 3)), np.arange(s, e) % 10)
         st.mark_complete_if_done()
-    out = tmp_path / "given"
+    out, threads = tmp_path / "given", torch.get_num_threads()
     assert main(["bench", "loader", "--features", str(path), "--samples", "200", "--epochs", "2",
-                 "--batch-size", "32", "--device", "cpu", "--out", str(out)]) == 0
+                 "--batch-size", "32", "--device", "cpu", "--threads", "1", "--out", str(out)]) == 0
     rows = check_results(out, LOADER_KEYS, LOADER_NUMBERS, 6, capsys)
+    assert json.loads((out / "results.json").read_text())["machine"]["torch_threads"] == 1
+    assert torch.get_num_threads() == threads  # restored after the run
     assert [r["backend"] for r in rows] == ["zarr"] * 3 + ["hdf5"] * 3
     assert all(r["samples"] == 200 for r in rows)
     assert path.exists()  # the given store is left alone

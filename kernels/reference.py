@@ -1,0 +1,141 @@
+"""PyTorch reference of the fused mixed operation: the specification of the kernel contract, and the CPU path.
+
+An edge computes ``out = sum_k w_k * op_k(x)`` over the op names ``ops``, with ``w`` aligned to ``ops``:
+
+- ``none``: 0 (contributes nothing).
+- ``skip_connect`` at stride 1: ``x``.
+- ``avg_pool_3x3`` (padding 1, count_include_pad=False) and ``max_pool_3x3`` (padding 1), stride 1 or 2, then an
+  affine-free batch norm when ``pool_bn`` (DARTS, whose MixedOp appends BatchNorm2d(affine=False) to pools) and
+  the bare pool when not (NAS-Bench-201: its POOLING op has no BN).
+- every other op (the conv branches, and skip_connect at stride 2, a FactorizedReduce with parameters): the
+  affine-free batch norm of its pre-BN output ``conv_outs[name]``, computed outside by the op's body applied to
+  ``edge_relu(x)`` (one ReLU per edge, shared by all branches).
+
+Batch norm is BatchNorm2d(affine=False) in training mode: batch statistics over (N, H, W), biased variance,
+``eps``; no running statistics. All branches have the output size (N, C, ceil(H/stride), ceil(W/stride)).
+Half inputs (float16, bfloat16) are computed in float32 and the result is returned in the dtype of ``x``.
+Nothing here knows a search space: op names not in the list above are conv branches.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FREE_OPS = ("none", "skip_connect", "avg_pool_3x3", "max_pool_3x3")  # computed from x (skip: at stride 1)
+
+
+def edge_relu(x: torch.Tensor) -> torch.Tensor:
+    """The ReLU every conv branch of an edge starts with; compute it once and feed it to all conv bodies."""
+    return F.relu(x)
+
+
+def is_conv_branch(name: str, stride: int) -> bool:
+    """Whether ``name`` at ``stride`` comes in through ``conv_outs`` rather than being computed from x."""
+    return name not in FREE_OPS or (name == "skip_connect" and stride != 1)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _bn(y: torch.Tensor, eps: float) -> torch.Tensor:
+    """Affine-free batch norm with batch statistics (biased variance)."""
+    mean = y.mean(dim=(0, 2, 3), keepdim=True)
+    var = (y - mean).square().mean(dim=(0, 2, 3), keepdim=True)
+    return (y - mean) * torch.rsqrt(var + eps)
+
+
+def _check(x, weights, ops, stride):
+    if x.dim() != 4:
+        raise ValueError(f"x must be [N, C, H, W], got shape {tuple(x.shape)}")
+    if stride not in (1, 2):
+        raise ValueError(f"stride must be 1 or 2, got {stride}")
+    if weights.dim() != 1 or weights.shape[0] != len(ops):
+        raise ValueError(f"weights must be [{len(ops)}] (one per op in {tuple(ops)}), got {tuple(weights.shape)}")
+
+
+def _branch(name, x, conv_outs, stride, eps, pool_bn, shape, dt):
+    """op ``name`` applied to x (compute dtype ``dt``), its BN included; None for 'none'."""
+    if name == "none":
+        return None
+    if name == "skip_connect" and stride == 1:
+        return x
+    if name in ("avg_pool_3x3", "max_pool_3x3"):
+        y = (F.avg_pool2d(x, 3, stride, 1, count_include_pad=False) if name == "avg_pool_3x3"
+             else F.max_pool2d(x, 3, stride, 1))
+        return _bn(y, eps) if pool_bn else y
+    if name not in conv_outs:
+        raise ValueError(f"conv_outs lacks the pre-BN output of conv branch {name!r} (stride {stride})")
+    y = conv_outs[name]
+    if tuple(y.shape) != shape:
+        raise ValueError(f"conv_outs[{name!r}] has shape {tuple(y.shape)}, expected {shape}")
+    return _bn(y.to(dt), eps)
+
+
+def _out_shape(x, stride):
+    N, C, H, W = x.shape
+    return (N, C, -(-H // stride), -(-W // stride))
+
+
+def mixed_op_reference(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, ops, stride: int,
+                       eps: float = 1e-5, *, pool_bn: bool = True) -> torch.Tensor:
+    """``sum_k weights[k] * op_k(x)`` (see the module docstring); [N, C, ceil(H/stride), ceil(W/stride)].
+
+    x: [N, C, H, W] edge input. weights: [len(ops)] (softmax(alpha) for DARTS). conv_outs: {op name: pre-BN
+    output} for every conv branch in ``ops`` (skip_connect too at stride 2). pool_bn: BN after pools (DARTS True,
+    NAS-Bench-201 False).
+    """
+    _check(x, weights, ops, stride)
+    dt, shape = _compute_dtype(x), _out_shape(x, stride)
+    xc, w = x.to(dt), weights.to(dt)
+    out = None
+    for k, name in enumerate(ops):
+        y = _branch(name, xc, conv_outs, stride, eps, pool_bn, shape, dt)
+        if y is not None:
+            out = w[k] * y if out is None else out + w[k] * y
+    if out is None:  # only 'none': zeros, still connected to the weights (zero gradient)
+        out = w.sum() * xc.new_zeros(shape)
+    return out.to(x.dtype)
+
+
+def mixed_op_reference_gdas(x: torch.Tensor, weights: torch.Tensor, index: int, conv_outs: dict, ops, stride: int,
+                            eps: float = 1e-5, *, pool_bn: bool = True) -> torch.Tensor:
+    """GDAS: only op ``index`` is computed; ``weights[index] * op_index(x)``.
+
+    ``weights`` is the hard straight-through Gumbel-softmax vector (``one_hot - p.detach() + p``), so the gradient
+    reaches every logit through ``weights[index]``. conv_outs needs only the sampled op's entry (if a conv branch).
+    AutoDL's GDAS also adds the other (numerically zero) entries of ``weights`` as scalars; that is left out here.
+    """
+    _check(x, weights, ops, stride)
+    index = int(index)
+    if not 0 <= index < len(ops):
+        raise ValueError(f"index {index} out of range for {len(ops)} ops")
+    dt, shape = _compute_dtype(x), _out_shape(x, stride)
+    xc = x.to(dt)
+    y = _branch(ops[index], xc, conv_outs, stride, eps, pool_bn, shape, dt)
+    if y is None:
+        y = xc.new_zeros(shape)
+    return (weights[index].to(dt) * y).to(x.dtype)
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """PC-DARTS' channel shuffle: [N, g*c, H, W] viewed as [N, g, c, H, W], transposed to [N, c, g, H, W]."""
+    N, C, H, W = x.shape
+    return x.view(N, groups, C // groups, H, W).transpose(1, 2).reshape(N, C, H, W)
+
+
+def mixed_op_reference_pc(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, ops, stride: int, k: int = 4,
+                          eps: float = 1e-5, *, pool_bn: bool = True) -> torch.Tensor:
+    """PC-DARTS partial channels: the first C/k channels go through the mixed op (conv_outs built for C/k
+    channels, from ``edge_relu(x[:, :C//k])``), the rest bypass it (identity at stride 1; 2x2 max pool at stride
+    2, ceil_mode so odd sizes give ceil(H/2) like the mixed op); both are concatenated and channel-shuffled with
+    ``k`` groups."""
+    C = x.shape[1]
+    if k < 1 or C % k:
+        raise ValueError(f"channels ({C}) must be divisible by the partial-channel factor k ({k})")
+    c = C // k
+    head = mixed_op_reference(x[:, :c], weights, conv_outs, ops, stride, eps, pool_bn=pool_bn)
+    rest = x[:, c:]
+    if stride == 2:
+        rest = F.max_pool2d(rest.to(_compute_dtype(x)), 2, 2, ceil_mode=True).to(x.dtype)
+    return channel_shuffle(torch.cat([head, rest], dim=1), k)
