@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    fmt = warnings.formatwarning
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.formatwarning = lambda msg, cat, *a, **k: f"ktnas: warning: {msg}\n"
@@ -165,6 +166,8 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             print("ktnas: interrupted", file=sys.stderr)
             return 130
+        finally:
+            warnings.formatwarning = fmt
 
 
 if __name__ == "__main__":
