@@ -157,17 +157,22 @@ class _H5Backend:
         self.path = str(path)
         self.mode = mode
         if mode == "w":
-            with h5py.File(self.path, "w"):
+            with self._h5file("w"):
                 pass
             self.mode = "a"
-        self._file = h5py.File(self.path, "r") if self.mode == "r" else None
+        self._file = self._h5file("r") if self.mode == "r" else None
+
+    def _h5file(self, mode):
+        # HDF5's own file locking would make a reader (`ktnas inspect`, a loader) break a running writer, and
+        # one writer shard break another: writers take turns through store_lock instead
+        return self._h5py.File(self.path, mode, locking=False)
 
     @contextlib.contextmanager
     def _open(self, write=False):
         if self._file is not None:
             yield self._file
             return
-        with store_lock(self.path), self._h5py.File(self.path, "r+" if write else "r") as f:
+        with store_lock(self.path), self._h5file("r+" if write else "r") as f:
             yield f
 
     def create_array(self, name, shape, chunks, dtype, compressor, fill_value):
@@ -296,7 +301,8 @@ class StoreSplit:
         except OSError as e:
             if is_disk_full(e):
                 raise disk_full_error(self.store.path, e, what) from None
-            raise
+            raise KtnasError(f"cannot write {what} to {self.store.path} ({type(e).__name__}: {e}): fix the cause, "
+                             "then rerun the same command with --resume (chunks already written are kept)") from None
 
     def mark_unwritten(self, chunks) -> None:
         for i in chunks:

@@ -106,7 +106,8 @@ def _wait_for_chunks(path, n, proc, timeout=120):
 @pytest.mark.parametrize("name, sig", [("k.zarr", signal.SIGKILL), ("k.h5", signal.SIGINT),
                                        ("i.zarr", signal.SIGINT)])
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, name, sig):
-    kw = dict(chunk_size=8, batch_size=8, views=2)
+    """The poll below reads the store while it is written: that must not disturb the writer either."""
+    kw = dict(dataset="synthetic:1600/400", chunk_size=8, batch_size=8, views=2)  # 250 chunks: >1 s of writing
     _pre(tmp_path / ("ref" + name[1:]), **kw)
     out = tmp_path / name
     env = dict(os.environ, PYTHONWARNINGS="ignore")
