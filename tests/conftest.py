@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 # a small, fast stem and data set: most tests only need real stem outputs of a few hundred images
 TINY = dict(dataset="synthetic:400/160", stem="mobilenet_v2:features.1", weights="none", image_size=32,
@@ -63,3 +64,12 @@ def assert_same_store(a, b, ignore_attrs=("backend",)):
 def _offline(monkeypatch):
     """No test reaches for the network: ImageNet weights come from the hub cache or offline copies only."""
     monkeypatch.setenv("KTNAS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add overhead (and stall on a loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -13,13 +13,7 @@ from ktnas.kernels.reference import is_conv_branch
 SPACE_OPS = {"darts": (DARTS_OPS, True), "nb201": (NB201_OPS, False)}  # ops, pool_bn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead here (and stall on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def classic_ops(ops, C, stride, pool_bn):
