@@ -134,6 +134,8 @@ def test_resume_equals_uninterrupted(work, tmp_path):
         return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
 
     assert strip(full["history"]) == strip(rest["history"])
+    one_line_error(lambda: train(TrainConfig(out=str(tmp_path / "b"), resume=True, **dict(base, epochs=3))),
+                   "same --epochs")
 
 
 def test_export_matches_cached_features(work):
@@ -148,9 +150,8 @@ def test_export_matches_cached_features(work):
         live = model(test.images)
         as_float = model(test.images.float() / 255)
         resized = model(torch.nn.functional.interpolate(test.images[:4].float() / 255, size=48))
-    scale = cached.abs().max()
-    print("max |live - cached| / max |cached|:", float((live - cached).abs().max() / scale))
-    assert (live - cached).abs().max() <= 0.02 * scale  # float16 storage of the cached features only
+    # the cached features are float16: the raw-image path differs by their rounding only (~2e-5 relative here)
+    assert (live - cached).abs().max() <= 1e-3 * cached.abs().max()
     assert torch.allclose(as_float, live, atol=1e-5) and resized.shape == (4, 10)
     cached_acc = 100 * float((cached.argmax(1) == test.labels).float().mean())
     assert cached_acc == pytest.approx(s["test_acc"], abs=1e-9)
