@@ -36,6 +36,7 @@ from ktnas.cache.stems import get_stem
 from ktnas.cache.store import open_store
 from ktnas.cache.stream import FeatureLoader
 
+from .runs import atomic_save, atomic_write_text, rng_state, set_rng_state
 from .network import build_network, load_model, save_model
 from .spaces import load_genotype
 
@@ -137,31 +138,6 @@ def _loaders(cfg, store, stem, device):
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def _atomic_save(obj, path: Path):
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, text: str):
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _rng_state(device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict, device):
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def plot_curves(history: list[dict], path: Path):
     """Train/test accuracy and loss over epochs, as a PNG."""
     import matplotlib
@@ -263,7 +239,7 @@ def _train(cfg, out, ckpt_path, device, genotype, store) -> dict:
         if ck["config"]["epochs"] != cfg.epochs:
             raise KtnasError(f"{ckpt_path} was trained for --epochs {ck['config']['epochs']}, not {cfg.epochs}: "
                              "resume with the same --epochs")
-        _set_rng_state(ck["rng"], device)
+        set_rng_state(ck["rng"])
         start, history = int(ck["epoch"]), list(ck["history"])
 
     out.mkdir(parents=True, exist_ok=True)
@@ -273,7 +249,7 @@ def _train(cfg, out, ckpt_path, device, genotype, store) -> dict:
                                                            fingerprint=stem.fingerprint,
                                                            preprocessing=stem.preprocessing.to_dict()),
                     dataset=attrs.get("dataset"), parameters=sum(p.numel() for p in net.parameters()))
-    _atomic_write(out / "config.json", json.dumps(resolved, indent=1) + "\n")
+    atomic_write_text(out / "config.json", json.dumps(resolved, indent=1) + "\n")
 
     end = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
     bar = tqdm(range(start, end), initial=start, total=cfg.epochs, desc="train", unit="epoch",
@@ -291,9 +267,9 @@ def _train(cfg, out, ckpt_path, device, genotype, store) -> dict:
                                 train_acc=tr_acc, test_loss=te_loss, test_acc=te_acc,
                                 seconds=time.perf_counter() - t0))
             bar.set_postfix(train=f"{tr_acc:.1f}", test=f"{te_acc:.1f}")
-            _atomic_write(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-            _atomic_save(dict(model=net.state_dict(), optimizer=optimizer.state_dict(),
-                              scheduler=scheduler.state_dict(), rng=_rng_state(device), epoch=epoch + 1,
+            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+            atomic_save(dict(model=net.state_dict(), optimizer=optimizer.state_dict(),
+                              scheduler=scheduler.state_dict(), rng=rng_state(), epoch=epoch + 1,
                               history=history, config=asdict(cfg)), ckpt_path)
             if epoch + 1 == end or (epoch + 1) % 10 == 0:  # matplotlib costs a good part of a small epoch
                 plot_curves(history, out / "curves.png")

@@ -1,7 +1,6 @@
 """The feature store: both backends round-trip, and every broken store is refused with a one-line fix."""
 import errno
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,0 +1,167 @@
+"""Search algorithms end to end on a tiny store, DARTS' second-order gradient, resume, refusals, the CLI parser."""
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from ktnas.cache.errors import KtnasError
+from ktnas.engine.search import SearchConfig, add_search_parser, resolve_config, search, unrolled_arch_grad
+from ktnas.engine.spaces import load_genotype
+from ktnas.engine.supernet import Supernet
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    from ktnas.cache.precompute import precompute
+
+    out = tmp_path_factory.mktemp("store") / "s.zarr"
+    with pytest.warns(UserWarning):
+        precompute(dataset="synthetic:200/80", stem="mobilenet_v2:features.1", weights="none", image_size=32,
+                   out=str(out), limit=64, splits=("train",), progress=False)
+    return str(out)
+
+
+def cfg(store, out, **kw):
+    base = dict(features=store, out=str(out), epochs=1, batch_size=16, layers=2, channels=4, reductions=(1,),
+                limit=48, candidates=4, progress=False)
+    return SearchConfig(**dict(base, **kw))
+
+
+def check_run(out, space, epochs):
+    names = {"config.json", "genotype.json", "alphas.npz", "metrics.jsonl", "alphas.png", "checkpoint.pt"}
+    names |= {"normal.png", "reduce.png"} if space == "darts" else {"cell.png"}
+    assert names <= {p.name for p in out.iterdir()}
+    g = load_genotype(out / "genotype.json")
+    assert g.to_json()["space"] == space
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1))
+    for r in rows:
+        for k in ("train_loss", "train_acc", "val_loss", "val_acc", "seconds", "peak_memory_bytes"):
+            assert math.isfinite(r[k]), k
+        assert all(math.isfinite(v) for v in r["entropy"].values())
+    assert rows[-1]["genotype"] and rows[-1]["skips"] is not None
+    types = ("normal", "reduce") if space == "darts" else ("cell",)
+    with np.load(out / "alphas.npz") as z:
+        assert set(z.files) == {f"{t}_e{e:03d}" for t in types for e in range(epochs)}
+    assert json.loads((out / "config.json").read_text())["layout"]["layers"] == 2
+    return rows
+
+
+@pytest.mark.parametrize("space,algo,order", [("darts", "darts", 1), ("darts", "darts", 2), ("darts", "pcdarts", 1),
+                                              ("darts", "gdas", 1), ("darts", "random", 1), ("nb201", "darts", 1),
+                                              ("nb201", "gdas", 1), ("nb201", "random", 1)])
+def test_algorithms_end_to_end(store, tmp_path, space, algo, order):
+    s = search(cfg(store, tmp_path / "run", space=space, algo=algo, order=order))
+    rows = check_run(tmp_path / "run", space, 1)
+    assert s["genotype_str"] == rows[-1]["genotype"]
+    if algo == "random":
+        cands = json.loads((tmp_path / "run" / "candidates.json").read_text())
+        assert len(cands) == 4 and rows[-1]["candidates"] == 4
+        best = max(cands, key=lambda c: (c["val_acc"], -c["val_loss"]))
+        assert best["genotype_str"] == s["genotype_str"]
+
+
+def test_paper_defaults():
+    d = resolve_config(SearchConfig(features="x"))
+    assert (d.epochs, d.batch_size, d.lr, d.lr_min, d.weight_decay, d.arch_lr, d.grad_clip) == \
+        (50, 64, 0.025, 0.001, 3e-4, 3e-4, 5.0)
+    p = resolve_config(SearchConfig(features="x", algo="pcdarts"))
+    assert (p.lr, p.batch_size, p.arch_lr, p.warmup) == (0.1, 256, 6e-4, 15)
+    assert resolve_config(SearchConfig(features="x", algo="pcdarts", epochs=10)).warmup == 3
+    g = resolve_config(SearchConfig(features="x", algo="gdas"))
+    assert (g.epochs, g.weight_decay, g.nesterov, g.tau_max, g.tau_min) == (250, 5e-4, True, 10.0, 0.1)
+    with pytest.raises(KtnasError, match="order 2"):
+        resolve_config(SearchConfig(features="x", algo="gdas", order=2))
+
+
+def test_pcdarts_epochs_small_warmup_freezes_alphas(store, tmp_path):
+    search(cfg(store, tmp_path / "run", algo="pcdarts", warmup=1, epochs=1))
+    with np.load(tmp_path / "run" / "alphas.npz") as z:
+        a = z["normal_e000"]
+    torch.manual_seed(0)  # the seeded initial alphas are unchanged while warming up
+    m = Supernet("darts", 10, 16, layers=2, channels=4, reductions=(1,), k=4, edge_norm=True)
+    np.testing.assert_array_equal(a, m.alpha_normal.detach().numpy())
+
+
+def test_classic_stem_on_images(tmp_path):
+    s = search(SearchConfig(stem="none", dataset="synthetic:40/8", out=str(tmp_path / "run"), epochs=1, batch_size=8,
+                            layers=2, channels=4, reductions=(1,), limit=16, progress=False))
+    check_run(tmp_path / "run", "darts", 1)
+    assert s["layout"] == dict(layers=2, channels=4, reductions=[1])
+
+
+@pytest.mark.parametrize("algo", ["darts", "pcdarts", "gdas", "random"])
+def test_resume_equals_uninterrupted(store, tmp_path, monkeypatch, algo):
+    from ktnas.engine import search as S
+
+    c = dict(algo=algo, epochs=2)
+    search(cfg(store, tmp_path / "full", **c))
+
+    real = S._Run.train_epoch
+
+    def killed(self, epoch, *a):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(self, epoch, *a)
+
+    monkeypatch.setattr(S._Run, "train_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        search(cfg(store, tmp_path / "cut", **c))
+    monkeypatch.setattr(S._Run, "train_epoch", real)
+    with pytest.raises(KtnasError, match="--resume"):
+        search(cfg(store, tmp_path / "cut", **c))
+    search(cfg(store, tmp_path / "cut", resume=True, **c))
+    with np.load(tmp_path / "full" / "alphas.npz") as a, np.load(tmp_path / "cut" / "alphas.npz") as b:
+        assert a.files == b.files
+        for k in a.files:
+            np.testing.assert_array_equal(a[k], b[k])
+    assert (tmp_path / "full" / "genotype.json").read_text() == (tmp_path / "cut" / "genotype.json").read_text()
+
+
+def test_triton_kernels_refused(store, tmp_path):
+    with pytest.raises(KtnasError, match="use --kernels torch") as e:
+        search(cfg(store, tmp_path / "run", kernels="triton"))
+    assert "\n" not in str(e.value)
+
+
+def test_second_order_gradient_matches_double_backward():
+    """DARTS' finite-difference Architect == the exact gradient of the unrolled objective (float64)."""
+    torch.manual_seed(0)
+    m = Supernet("nb201", 3, 2, layers=1, channels=2, reductions=()).double()
+    with torch.no_grad():
+        m.alpha_cell.normal_()
+    xt, xv = torch.randn(6, 2, 5, 5, dtype=torch.float64), torch.randn(6, 2, 5, 5, dtype=torch.float64)
+    yt, yv = torch.randint(0, 3, (6,)), torch.randint(0, 3, (6,))
+    eta, wd = 0.5, 3e-4
+    loss = lambda x, y: F.cross_entropy(m(x), y)
+    before = [p.detach().clone() for p in m.weight_parameters()]
+    # DARTS uses r = 1e-2; on this 2-channel net that step is outside the linear range, so check the formula with
+    # a small r (its default is exercised by the end-to-end order-2 run)
+    approx = unrolled_arch_grad(m, loss, xt, yt, xv, yv, eta, None, 0.9, wd, r=1e-5)[0]
+    for p, q in zip(m.weight_parameters(), before):
+        assert torch.equal(p, q)  # the weights are restored
+
+    names = [n for n, p in m.named_parameters() if not n.startswith("alpha")]
+    W = [dict(m.named_parameters())[n] for n in names]
+    g = torch.autograd.grad(loss(xt, yt), W, create_graph=True)
+    unrolled = {n: p - eta * (gi + wd * p) for n, p, gi in zip(names, W, g)}
+    exact = torch.autograd.grad(F.cross_entropy(functional_call(m, unrolled, (xv,)), yv), m.alpha_cell)[0]
+    first = torch.autograd.grad(loss(xv, yv), m.alpha_cell)[0]
+    torch.testing.assert_close(approx, exact, rtol=1e-6, atol=1e-10)
+    assert (approx - first).abs().max() > 1e-3 * first.abs().max()
+
+
+def test_cli_parser_maps_flags(store, tmp_path):
+    p = argparse.ArgumentParser()
+    add_search_parser(p.add_subparsers(dest="command"))
+    args = p.parse_args(["search", "--features", store, "--out", str(tmp_path / "run"), "--algo", "gdas",
+                         "--epochs", "1", "--batch-size", "16", "--layers", "2", "--channels", "4", "--reductions",
+                         "1", "--limit", "32", "--quiet"])
+    assert args.func(args) == 0
+    conf = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (conf["algo"], conf["epochs"], conf["reductions"], conf["weight_decay"]) == ("gdas", 1, [1], 5e-4)
