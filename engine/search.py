@@ -33,13 +33,38 @@ Per epoch the run directory gets ``metrics.jsonl`` (losses, accuracies, seconds,
 genotype), ``alphas.npz`` (``<cell type>_eNNN``), ``genotype.json`` and ``checkpoint.pt`` (atomic); at the end
 ``alphas.png`` and the cell pictures (``normal.png``/``reduce.png`` or ``cell.png``). ``config.json`` holds the
 resolved configuration.
+
+Data parallel (``torchrun --nproc-per-node=N -m ktnas.engine.cli search ...``): with RANK, WORLD_SIZE and
+LOCAL_RANK in the environment, :func:`search` initialises the default process group (nccl on CUDA, each rank on
+cuda:LOCAL_RANK; gloo on the CPU) and destroys it at the end. Every rank streams its partition of the
+search-train and search-validation indices (``FeatureLoader`` rank/world_size; the image path slices its
+permutation the same way), so ``batch_size`` is per rank and the effective batch is batch_size x world_size
+(the learning rates are not rescaled). After every backward the gradients of the weights and of the
+architecture parameters (alphas, PC-DARTS betas) are averaged over the ranks by :func:`all_reduce_grads`; the
+unrolled second-order step averages each of its gradients (:func:`all_reduce_mean`). The initial weights are
+broadcast from rank 0; every random draw (Gumbel noise, random architectures, candidates) comes from
+generators seeded by (seed, epoch) alone, so all ranks draw the same. Losses and accuracies are summed over the
+ranks before they are divided (``peak_memory_bytes`` is the largest rank's). Only rank 0 writes the run
+directory; with ``--resume`` rank 0 reads the checkpoint and broadcasts it. After every epoch the ranks
+compare hashes of their architecture parameters, weights and genotype (a KtnasError if they differ); each
+metrics record holds ``world_size`` and ``rank_alpha_hashes`` (one per rank).
+
+``--max-memory SIZE`` (CUDA only): before the search, the largest batch size in [1, batch_size] whose trial
+step (the algorithm's architecture and weight steps on random inputs of the data's shape) keeps
+``torch.cuda.max_memory_allocated`` within SIZE is found by binary search (out of memory counts as too big;
+under torchrun the smallest choice of the ranks); it is printed and recorded as ``batch_size_chosen`` in
+``config.json``. A resumed run keeps its checkpoint's batch size.
 """
 from __future__ import annotations
 
 import dataclasses
+import gc
+import hashlib
 import json
 import math
+import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -86,7 +111,7 @@ class SearchConfig:
     data_root: str | None = None
     image_size: int = 32               # stem 'none', imagefolder sets only
     epochs: int | None = None
-    batch_size: int | None = None
+    batch_size: int | None = None      # per rank under torchrun (effective batch: batch_size x world_size)
     lr: float | None = None
     lr_min: float | None = None
     momentum: float = 0.9
@@ -112,10 +137,33 @@ class SearchConfig:
     tau_max: float = 10.0
     tau_min: float = 0.1
     candidates: int = 100
+    max_memory: int | str | None = None  # CUDA: largest batch size <= batch_size whose step fits (bytes or '2GiB')
     progress: bool = True
 
 
-_NOT_COMPARED = ("resume", "progress", "device", "kernels", "out")
+_NOT_COMPARED = ("resume", "progress", "device", "kernels", "out", "max_memory")
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "kib": 1 << 10, "mib": 1 << 20,
+          "gib": 1 << 30, "tib": 1 << 40, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12}
+
+
+def parse_size(text) -> int:
+    """Bytes of a size: an int, or a number with an optional unit (case-insensitive): B; KiB/MiB/GiB/TiB and
+    K/M/G/T binary (powers of 1024); KB/MB/GB/TB decimal. ``parse_size("2GiB") == 2 << 30``. KtnasError unless
+    the result is a positive number of bytes."""
+    if isinstance(text, (int, np.integer)) and not isinstance(text, bool):
+        value = int(text)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise KtnasError(f"bad size {text!r}: pass bytes or a number with a unit, e.g. 2GiB, 1500MiB, 8GB")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value < 1:
+        raise KtnasError(f"bad size {text!r}: it must be at least 1 byte")
+    return value
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
 
 
 def resolve_config(cfg: SearchConfig) -> SearchConfig:
@@ -148,6 +196,8 @@ def resolve_config(cfg: SearchConfig) -> SearchConfig:
         raise KtnasError(f"--train-portion must lie strictly between 0 and 1, got {cfg.train_portion}")
     if cfg.reductions is not None:
         cfg.reductions = tuple(int(r) for r in cfg.reductions)
+    if cfg.max_memory is not None:
+        cfg.max_memory = parse_size(cfg.max_memory)
     cfg.arch_betas = tuple(cfg.arch_betas)
     return cfg
 
@@ -161,20 +211,26 @@ def _config_json(cfg: SearchConfig) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ data
 class ImageBatches:
-    """In-memory batches of (normalised float images, labels) at ``indices``; order seeded by (seed, epoch)."""
+    """In-memory batches of (normalised float images, labels) at ``indices``; order seeded by (seed, epoch).
+    Rank ``rank`` of ``world_size`` takes the slice [rank*L, (rank+1)*L) of the epoch's permutation, L =
+    ceil(n / world_size), wrapping around at the end (as ``FeatureLoader``)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices, batch_size: int, seed: int, device):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices, batch_size: int, seed: int, device,
+                 rank: int = 0, world_size: int = 1):
         self.images, self.labels, self.indices = images, labels, np.asarray(indices)
         self.batch_size, self.seed, self.device, self.epoch = batch_size, seed, device, 0
+        self.rank, self.per_rank = rank, math.ceil(len(self.indices) / world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.indices) / self.batch_size)
+        return math.ceil(self.per_rank / self.batch_size)
 
     def __iter__(self):
-        order = torch.from_numpy(np.random.default_rng([self.seed, self.epoch, 0]).permutation(self.indices))
+        order = np.random.default_rng([self.seed, self.epoch, 0]).permutation(self.indices)
+        L = self.per_rank
+        order = torch.from_numpy(order[np.arange(self.rank * L, (self.rank + 1) * L) % len(order)])
         for s in range(0, len(order), self.batch_size):
             idx = order[s:s + self.batch_size]
             yield self.images[idx].to(self.device), self.labels[idx].to(self.device)
@@ -189,8 +245,9 @@ def _split_indices(n: int, cfg: SearchConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[:cut]), np.sort(perm[cut:])
 
 
-def _data(cfg: SearchConfig, device):
-    """(train batches, validation batches, info) for the configured stem."""
+def _data(cfg: SearchConfig, device, rank: int = 0, world_size: int = 1):
+    """(info, make) for the configured stem: ``make(batch_size)`` gives (train batches, validation batches) of
+    this rank's partition; info: channels, resolution, shape [C, H, W], classes, stem, split sizes."""
     if cfg.stem == "features":
         from ktnas.cache.store import open_store
         from ktnas.cache.stream import FeatureLoader
@@ -201,10 +258,14 @@ def _data(cfg: SearchConfig, device):
         tr, va = _split_indices(n, cfg)
         C, H, W = sp.shape[2:]
         ncls = store.attrs.get("num_classes") or int(sp.read_labels().max()) + 1
-        kw = dict(batch_size=cfg.batch_size, shuffle=True, device=device, seed=cfg.seed)
-        info = dict(in_channels=int(C), resolution=int(min(H, W)), num_classes=int(ncls), stem=store.attrs.get("stem"),
-                    train=len(tr), val=len(va))
-        return FeatureLoader(store, "train", indices=tr, **kw), FeatureLoader(store, "train", indices=va, **kw), info
+        info = dict(in_channels=int(C), resolution=int(min(H, W)), shape=[int(C), int(H), int(W)],
+                    num_classes=int(ncls), stem=store.attrs.get("stem"), train=len(tr), val=len(va))
+
+        def make(batch_size):
+            kw = dict(batch_size=batch_size, shuffle=True, device=device, seed=cfg.seed, rank=rank,
+                      world_size=world_size)
+            return FeatureLoader(store, "train", indices=tr, **kw), FeatureLoader(store, "train", indices=va, **kw)
+        return info, make
     from ktnas.cache.datasets import load_split
 
     split = load_split(cfg.dataset, "train", root=cfg.data_root, image_size=cfg.image_size, seed=cfg.seed)
@@ -216,15 +277,139 @@ def _data(cfg: SearchConfig, device):
     images = (images - mean) / std
     labels = split.labels[:n].long()
     tr, va = _split_indices(n, cfg)
-    info = dict(in_channels=3, resolution=int(min(images.shape[2:])), num_classes=int(split.num_classes), stem=None,
-                train=len(tr), val=len(va))
-    return (ImageBatches(images, labels, tr, cfg.batch_size, cfg.seed, device),
-            ImageBatches(images, labels, va, cfg.batch_size, cfg.seed + 1, device), info)
+    info = dict(in_channels=3, resolution=int(min(images.shape[2:])), shape=list(images.shape[1:]),
+                num_classes=int(split.num_classes), stem=None, train=len(tr), val=len(va))
+
+    def make(batch_size):
+        return (ImageBatches(images, labels, tr, batch_size, cfg.seed, device, rank, world_size),
+                ImageBatches(images, labels, va, batch_size, cfg.seed + 1, device, rank, world_size))
+    return info, make
 
 
 def _cycle(loader):
     while True:
         yield from loader
+
+
+# ------------------------------------------------------------------------------------------- distributed
+def _dist():
+    """``torch.distributed`` when a process group of more than one rank is initialised, else None."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def init_distributed(device: torch.device) -> tuple[torch.device, int, int, bool]:
+    """Under torchrun (RANK, WORLD_SIZE and LOCAL_RANK in the environment) initialise the default process group,
+    nccl with ``device`` cuda:LOCAL_RANK on CUDA, gloo on the CPU, unless one is initialised already. Returns
+    (device, rank, world_size, whether this call created the group: then the caller destroys it)."""
+    import torch.distributed as dist
+
+    launched = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if not (launched or (dist.is_available() and dist.is_initialized())):
+        return device, 0, 1, False
+    if not dist.is_available():
+        raise KtnasError("launched by torchrun, but this PyTorch build has no torch.distributed: run one process")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, dist.get_rank(), dist.get_world_size(), created
+
+
+def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Average ``tensors`` over the ranks in place with one ``all_reduce`` of a flattened bucket (a sum, then
+    divided by the world size); returns them. A no-op outside a process group of several ranks."""
+    dist = _dist()
+    if dist is None or not tensors:
+        return tensors
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.detach().copy_(chunk.view_as(t))
+    return tensors
+
+
+def all_reduce_grads(params) -> None:
+    """Average the ``.grad`` of ``params`` over the ranks in place (one all_reduce; DDP's semantics: each rank's
+    loss is the mean over its batch, the step follows the mean over the ranks). A gradient missing on some rank
+    counts as zero there; a parameter without one on every rank keeps ``grad=None``."""
+    params = list(params)
+    if _dist() is None or not params:
+        return
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    present = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=grads[0].device)
+    all_reduce_mean(grads + [present])
+    for p, g, used in zip(params, grads, present.tolist()):
+        if p.grad is None and used > 0:
+            p.grad = g
+
+
+def _sum_over_ranks(values, device) -> list[float]:
+    """``values`` summed over the ranks (float64; themselves outside a process group)."""
+    dist = _dist()
+    if dist is None:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _from_rank0(fn):
+    """``fn()`` evaluated on rank 0 and broadcast to every rank; a KtnasError raised there is raised on every
+    rank (so no rank waits for a failed one). Plain ``fn()`` outside a process group."""
+    dist = _dist()
+    if dist is None:
+        return fn()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = (True, fn())
+        except KtnasError as e:
+            box[0] = (False, str(e))
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise KtnasError(value)
+    return value
+
+
+def _broadcast_model(model: nn.Module) -> None:
+    """Rank 0's parameters and buffers onto every rank (as DDP's construction)."""
+    dist = _dist()
+    if dist is not None:
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                dist.broadcast(t, src=0)
+
+
+def _hash(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _check_ranks_agree(model: Supernet, genotype, epoch: int) -> list[str]:
+    """Hash of the architecture parameters per rank (gathered); KtnasError unless every rank holds the same
+    architecture parameters, weights and genotype."""
+    mine = (_hash(model.arch_parameters()), _hash(model.weight_parameters()),
+            None if genotype is None else genotype_str(genotype))
+    dist = _dist()
+    every = [mine]
+    if dist is not None:
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+    bad = [r for r, e in enumerate(every) if e != every[0]]
+    if bad:
+        raise KtnasError(f"the ranks disagree after epoch {epoch + 1}: rank {bad[0]} holds alphas {every[bad[0]][0]}, "
+                         f"weights {every[bad[0]][1]}, rank 0 alphas {every[0][0]}, weights {every[0][1]}"
+                         f"{'' if every[bad[0]][2] == every[0][2] else ' and another genotype'}: their gradients "
+                         f"were not synchronised")
+    return [e[0] for e in every]
 
 
 # ------------------------------------------------------------------------------------------- architectures
@@ -309,29 +494,32 @@ def _grads(loss, params):
 
 
 def unrolled_arch_grad(model: Supernet, loss_fn, xt, yt, xv, yv, eta: float, w_opt=None, momentum: float = 0.9,
-                       weight_decay: float = 3e-4, r: float = 1e-2) -> list[torch.Tensor]:
+                       weight_decay: float = 3e-4, r: float = 1e-2, reduce=None) -> list[torch.Tensor]:
     """DARTS' second-order architecture gradient (``Architect._backward_step_unrolled``), returned per
     ``model.arch_parameters()``; ``loss_fn(x, y)`` is the model's loss on a batch. The weights are left as they
-    were (restored from a copy, not by adding the perturbations back)."""
+    were (restored from a copy, not by adding the perturbations back). ``reduce`` (e.g. :func:`all_reduce_mean`)
+    is applied to each gradient list as soon as it is computed, so under DDP the unrolled weights, R and the
+    finite differences use the gradients averaged over the ranks."""
+    reduce = reduce or (lambda grads: grads)
     W, A = model.weight_parameters(), model.arch_parameters()
     theta = [p.detach().clone() for p in W]
-    dtheta = _grads(loss_fn(xt, yt), W)
+    dtheta = reduce(_grads(loss_fn(xt, yt), W))
     with torch.no_grad():
         for p, g in zip(W, dtheta):
             buf = None if w_opt is None else w_opt.state.get(p, {}).get("momentum_buffer")
             m = 0 if buf is None else buf * momentum
             p.sub_(eta * (m + g + weight_decay * p))
-    g = _grads(loss_fn(xv, yv), A + W)
+    g = reduce(_grads(loss_fn(xv, yv), A + W))
     dalpha, vector = g[:len(A)], g[len(A):]
     R = r / torch.cat([v.flatten() for v in vector]).norm()
     with torch.no_grad():
         for p, t, v in zip(W, theta, vector):
             p.copy_(t + R * v)
-    grads_p = _grads(loss_fn(xt, yt), A)
+    grads_p = reduce(_grads(loss_fn(xt, yt), A))
     with torch.no_grad():
         for p, t, v in zip(W, theta, vector):
             p.copy_(t - R * v)
-    grads_n = _grads(loss_fn(xt, yt), A)
+    grads_n = reduce(_grads(loss_fn(xt, yt), A))
     with torch.no_grad():
         for p, t in zip(W, theta):
             p.copy_(t)
@@ -344,10 +532,11 @@ def _tau(cfg: SearchConfig, epoch: int) -> float:
 
 
 class _Run:
-    """One search: model, optimisers, data and the per-epoch loop (see :func:`search`)."""
+    """One search: model, optimisers, data and the per-epoch loop (see :func:`search`). ``ddp``: average the
+    gradients and the metrics over the ranks of the process group."""
 
-    def __init__(self, cfg: SearchConfig, device, info: dict):
-        self.cfg, self.device, self.info = cfg, device, info
+    def __init__(self, cfg: SearchConfig, device, info: dict, ddp: bool = False):
+        self.cfg, self.device, self.info, self.ddp = cfg, device, info, ddp
         space = cfg.space
         if cfg.stem == "none":
             layers, channels, reductions = classic_layout(space)
@@ -378,6 +567,8 @@ class _Run:
         self.w_opt.zero_grad(set_to_none=True)
         loss, logits = self.loss(x, y, arch)
         loss.backward()
+        if self.ddp:
+            all_reduce_grads(self.model.weight_parameters())
         nn.utils.clip_grad_norm_(self.model.weight_parameters(), self.cfg.grad_clip)
         self.w_opt.step()
         return loss.detach(), logits.detach()
@@ -387,13 +578,16 @@ class _Run:
         if self.cfg.order == 2:
             eta = self.w_opt.param_groups[0]["lr"]
             grads = unrolled_arch_grad(self.model, lambda x, y: self.loss(x, y)[0], xt, yt, xv, yv, eta, self.w_opt,
-                                       self.cfg.momentum, self.cfg.weight_decay, self.cfg.unrolled_r)
+                                       self.cfg.momentum, self.cfg.weight_decay, self.cfg.unrolled_r,
+                                       reduce=all_reduce_mean if self.ddp else None)
             for p, g in zip(self.model.arch_parameters(), grads):
                 p.grad = g
         else:
             self.loss(xv, yv, arch)[0].backward()
             for p in self.model.weight_parameters():  # the weight step must not see the validation gradient
                 p.grad = None
+            if self.ddp:
+                all_reduce_grads(self.model.arch_parameters())
         self.a_opt.step()
 
     def train_epoch(self, epoch: int, train, val) -> dict:
@@ -419,6 +613,8 @@ class _Run:
             correct += int((logits.argmax(-1) == yt).sum())
             seen += len(yt)
             bar.set_postfix(loss=f"{tot_loss / seen:.3f}", acc=f"{correct / seen:.3f}")
+        if self.ddp:
+            tot_loss, correct, seen = _sum_over_ranks((tot_loss, correct, seen), self.device)
         return dict(train_loss=tot_loss / seen, train_acc=correct / seen)
 
     @torch.no_grad()
@@ -430,6 +626,8 @@ class _Run:
             tot_loss += float(loss) * len(y)
             correct += int((logits.argmax(-1) == y).sum())
             seen += len(y)
+        if self.ddp:
+            tot_loss, correct, seen = _sum_over_ranks((tot_loss, correct, seen), self.device)
         return dict(val_loss=tot_loss / seen, val_acc=correct / seen)
 
     def eval_arch_fn(self, epoch: int):
@@ -470,12 +668,16 @@ def _save_checkpoint(path: Path, run: _Run, epoch: int, history, alpha_hist) -> 
     atomic_save(state, path)
 
 
-def _load_checkpoint(path: Path, run: _Run):
+def _read_checkpoint(path: Path) -> dict:
     try:
-        state = torch.load(path, map_location=run.device, weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise KtnasError(f"{path}: unreadable checkpoint ({type(e).__name__}): remove the run directory and start "
                          f"again") from None
+
+
+def _load_checkpoint(state: dict, run: _Run):
+    """Restore ``run`` from a checkpoint's ``state`` (read by rank 0); returns (epoch, history, alpha_hist)."""
     old, new = state["config"], _config_json(run.cfg)
     diff = [k for k in new if k not in _NOT_COMPARED and old.get(k) != new[k]]
     if diff:
@@ -492,7 +694,11 @@ def _load_checkpoint(path: Path, run: _Run):
 
 def _write_epoch_files(out: Path, history, alpha_hist, genotype) -> None:
     atomic_write(out / "metrics.jsonl", lambda p: p.write_text("".join(json.dumps(h) + "\n" for h in history)))
-    atomic_write(out / "alphas.npz", lambda p: np.savez(open(p, "wb"), **alpha_hist))
+    def save_alphas(p):
+        with open(p, "wb") as f:  # a file object: np.savez would append ".npz" to the temporary name
+            np.savez(f, **alpha_hist)
+
+    atomic_write(out / "alphas.npz", save_alphas)
     if genotype is not None:
         atomic_write(out / "genotype.json", lambda p: genotype.save(p))
 
@@ -575,34 +781,130 @@ def plot_cell(genotype, cell: str, path) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------------------- memory budget
+def _trial_peak(cfg: SearchConfig, device, info: dict, batch_size: int) -> int | None:
+    """``torch.cuda.max_memory_allocated`` over one search step (a fresh network, the algorithm's architecture
+    and weight steps on random inputs of the data's shape) at ``batch_size``; None when it runs out of memory."""
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        run = _Run(dataclasses.replace(cfg, batch_size=batch_size, progress=False), device, info)
+        batch = lambda: (torch.randn(batch_size, *info["shape"], device=device),
+                         torch.randint(info["num_classes"], (batch_size,), device=device))
+        run.train_epoch(cfg.warmup, [batch()], [batch()])  # at epoch `warmup` the alphas train (pcdarts too)
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    except torch.cuda.OutOfMemoryError:
+        return None
+
+
+def choose_batch_size(cfg: SearchConfig, device, info: dict) -> int:
+    """The largest batch size in [1, cfg.batch_size] whose trial step (:func:`_trial_peak`) peaks within
+    ``cfg.max_memory`` bytes, by binary search (out of memory counts as too big); under torchrun the smallest
+    choice of the ranks. KtnasError if not even batch size 1 fits."""
+    peaks = {}
+
+    def fits(b: int) -> bool:
+        peaks[b] = _trial_peak(cfg, device, info, b)
+        gc.collect()
+        torch.cuda.empty_cache()
+        return peaks[b] is not None and peaks[b] <= cfg.max_memory
+
+    lo, hi = 0, cfg.batch_size  # invariant: lo fits (0 trivially), hi does not (unless it is the request)
+    if fits(hi):
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    lo = _min_over_ranks(lo, device)
+    if lo == 0:
+        need = "runs out of memory" if peaks.get(1) is None else f"needs {_fmt_bytes(peaks[1])}"
+        raise KtnasError(f"--max-memory {_fmt_bytes(cfg.max_memory)}: even batch size 1 {need}: allow more memory, "
+                         f"or search a smaller network (--channels, --layers)")
+    return lo
+
+
+def _min_over_ranks(value: int, device) -> int:
+    """The smallest ``value`` of the ranks (itself outside a process group)."""
+    dist = _dist()
+    if dist is None:
+        return int(value)
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 # ---------------------------------------------------------------------------------------------------- search
 def search(cfg: SearchConfig | None = None, **overrides) -> dict:
     """Run the configured search (see the module docstring); returns a summary: out, genotype (JSON form),
-    genotype_str, epochs, the last epoch's metrics, layout and parameter counts."""
+    genotype_str, epochs, the last epoch's metrics, layout and parameter counts. Under torchrun every rank
+    calls it (see "Data parallel" in the module docstring) and gets the same summary; only rank 0 writes."""
     from ktnas.cache.precompute import resolve_device
 
     cfg = dataclasses.replace(cfg or SearchConfig(), **overrides)
     cfg = resolve_config(cfg)
+    device, rank, world_size, created = init_distributed(resolve_device(cfg.device))
+    try:
+        return _search(cfg, device, rank, world_size)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _search(cfg: SearchConfig, device, rank: int, world_size: int) -> dict:
+    if cfg.max_memory is not None and device.type != "cuda":
+        raise KtnasError(f"--max-memory needs a CUDA device: this search runs on {device}; drop --max-memory or "
+                         f"use --device cuda")
+    if rank:
+        cfg = dataclasses.replace(cfg, progress=False)
+    main = rank == 0
     out = Path(cfg.out)
     ckpt = out / "checkpoint.pt"
-    if ckpt.exists() and not cfg.resume:
-        raise KtnasError(f"{out} already holds a search (checkpoint.pt): pass --resume to continue it, or another "
-                         f"--out")
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
-    train, val, info = _data(cfg, device)
+
+    def read_state():
+        if not ckpt.exists():
+            return None
+        if not cfg.resume:
+            raise KtnasError(f"{out} already holds a search (checkpoint.pt): pass --resume to continue it, or "
+                             f"another --out")
+        return _read_checkpoint(ckpt)
+
+    state = _from_rank0(read_state)
+    _seed_all(cfg.seed)
+    info, make_loaders = _data(cfg, device, rank, world_size)
+    chosen = None
+    if cfg.max_memory is not None:
+        if state is not None:
+            chosen, how = int(state["config"]["batch_size"]), "the resumed run's"
+        else:
+            chosen, how = choose_batch_size(cfg, device, info), "largest fitting"
+            _seed_all(cfg.seed)  # the trials drew from the global generators
+        if main:
+            print(f"ktnas search: --max-memory {_fmt_bytes(cfg.max_memory)}: batch size {chosen} per rank ({how}; "
+                  f"asked for {cfg.batch_size})", file=sys.stderr)
+        cfg = dataclasses.replace(cfg, batch_size=chosen)
+    train, val = make_loaders(cfg.batch_size)
     try:
-        run = _Run(cfg, device, info)
+        run = _Run(cfg, device, info, ddp=world_size > 1)
         start, history, alpha_hist = 0, [], {}
-        if cfg.resume and ckpt.exists():
-            start, history, alpha_hist = _load_checkpoint(ckpt, run)
-        out.mkdir(parents=True, exist_ok=True)
-        resolved = dict(_config_json(cfg), layout=run.layout, data=info,
-                        params=count_parameters(run.model), arch_params=sum(p.numel() for p in
-                                                                            run.model.arch_parameters()))
-        (out / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
+        if state is not None:
+            start, history, alpha_hist = _load_checkpoint(state, run)
+        _broadcast_model(run.model)
+        resolved = dict(_config_json(cfg), layout=run.layout, data=info, world_size=world_size,
+                        effective_batch_size=cfg.batch_size * world_size, params=count_parameters(run.model),
+                        arch_params=sum(p.numel() for p in run.model.arch_parameters()))
+        if chosen is not None:
+            resolved["batch_size_chosen"] = chosen
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
         model, genotype = run.model, None
         for epoch in range(start, cfg.epochs):
             train.set_epoch(epoch)
@@ -620,33 +922,38 @@ def search(cfg: SearchConfig | None = None, **overrides) -> dict:
             if cfg.algo == "random":
                 if epoch == cfg.epochs - 1:
                     genotype, rows = run.select_candidate(val)
-                    atomic_write(out / "candidates.json", lambda p: p.write_text(json.dumps(rows, indent=1)))
+                    if main:
+                        atomic_write(out / "candidates.json", lambda p: p.write_text(json.dumps(rows, indent=1)))
                     rec["candidates"] = len(rows)
             else:
                 genotype = derive(model)
             rec["seconds"] = time.perf_counter() - t0
-            rec["peak_memory_bytes"] = peak_memory(device)
+            rec["peak_memory_bytes"] = -_min_over_ranks(-peak_memory(device), device)  # the largest rank's
             rec["entropy"] = {t: alpha_entropy(a) for t, a in model.alphas().items()}
             rec["skips"] = None if genotype is None else count_skips(genotype)
             rec["genotype"] = None if genotype is None else genotype_str(genotype)
+            rec["world_size"] = world_size
+            rec["rank_alpha_hashes"] = _check_ranks_agree(model, genotype, epoch)
             history.append(rec)
             for t, a in model.alphas().items():
                 alpha_hist[f"{t}_e{epoch:03d}"] = a.detach().float().cpu().numpy().copy()
-            _write_epoch_files(out, history, alpha_hist, genotype)
-            _save_checkpoint(ckpt, run, epoch + 1, history, alpha_hist)
+            if main:
+                _write_epoch_files(out, history, alpha_hist, genotype)
+                _save_checkpoint(ckpt, run, epoch + 1, history, alpha_hist)
             if cfg.progress:
                 tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: train {rec['train_loss']:.3f}/{rec['train_acc']:.3f} "
                            f"val {rec['val_loss']:.3f}/{rec['val_acc']:.3f} skips {rec['skips']} "
                            f"entropy {' '.join(f'{v:.3f}' for v in rec['entropy'].values())}\n  "
                            f"{rec['genotype']}", file=sys.stderr)
         if genotype is None:  # resumed after the last epoch: the files are there already
-            genotype = load_genotype(out / "genotype.json")
-        plot_alphas(alpha_hist, model.space.ops, out / "alphas.png")
-        for cell in (("normal", "reduce") if isinstance(genotype, DartsGenotype) else ("cell",)):
-            plot_cell(genotype, cell, out / f"{cell}.png")
+            genotype = _from_rank0(lambda: load_genotype(out / "genotype.json"))
+        if main:
+            plot_alphas(alpha_hist, model.space.ops, out / "alphas.png")
+            for cell in (("normal", "reduce") if isinstance(genotype, DartsGenotype) else ("cell",)):
+                plot_cell(genotype, cell, out / f"{cell}.png")
         return dict(out=str(out), genotype=genotype.to_json(), genotype_str=genotype_str(genotype),
-                    epochs=cfg.epochs, last=history[-1] if history else None, layout=run.layout,
-                    params=resolved["params"], arch_params=resolved["arch_params"])
+                    rank=rank, world_size=world_size, epochs=cfg.epochs, last=history[-1] if history else None,
+                    layout=run.layout, params=resolved["params"], arch_params=resolved["arch_params"])
     finally:
         train.close()
         val.close()
@@ -670,8 +977,9 @@ def cmd_search(args) -> int:
     kw["progress"] = not args.quiet
     s = search(SearchConfig(**kw))
     last = s["last"] or {}
-    print(f"{s['out']}: {s['epochs']} epochs, val acc {last.get('val_acc', float('nan')):.4f}, "
-          f"{s['params'] / 1e6:.3f} M params; genotype {s['genotype_str']}")
+    if s["rank"] == 0:
+            print(f"{s['out']}: {s['epochs']} epochs, val acc {last.get('val_acc', float('nan')):.4f}, "
+              f"{s['params'] / 1e6:.3f} M params; genotype {s['genotype_str']}")
     return 0
 
 
@@ -691,7 +999,10 @@ def add_search_parser(subparsers) -> None:
     s.add_argument("--dataset", help="with --stem none: fashion-mnist, cifar10, synthetic:TRAIN/TEST, ...")
     s.add_argument("--data-root", help="folder with the data set's files")
     s.add_argument("--epochs", type=int, help="default: 50 (gdas: 250)")
-    s.add_argument("--batch-size", type=int, help="default: 64 (pcdarts: 256)")
+    s.add_argument("--batch-size", type=int, help="per rank under torchrun; default: 64 (pcdarts: 256)")
+    s.add_argument("--max-memory", metavar="SIZE",
+                   help="CUDA: the largest batch size up to --batch-size whose search step peaks within SIZE "
+                        "(e.g. 2GiB, 1500MiB, 8GB, bytes)")
     s.add_argument("--layers", type=int, help="cells (NB201: cells + reduction blocks); default: see docs")
     s.add_argument("--channels", type=int, help="channels of the first cells")
     s.add_argument("--reductions", help="comma-separated reduction positions ('' for none)")

@@ -165,3 +165,47 @@ def test_cli_parser_maps_flags(store, tmp_path):
     assert args.func(args) == 0
     conf = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (conf["algo"], conf["epochs"], conf["reductions"], conf["weight_decay"]) == ("gdas", 1, [1], 5e-4)
+
+
+def test_parse_size():
+    from ktnas.engine.search import parse_size
+
+    assert parse_size("2GiB") == 2 << 30
+    assert parse_size("1500MiB") == 1500 << 20
+    assert parse_size("8GB") == 8 * 10 ** 9 and parse_size("512 mb") == 512 * 10 ** 6
+    assert parse_size("1.5G") == 3 << 29 and parse_size("64M") == 64 << 20 and parse_size("4k") == 4096
+    assert parse_size("123456") == 123456 and parse_size(4096) == 4096 and parse_size("100B") == 100
+    for bad in ("", "lots", "2 GiBs", "-1GiB", "0", "1e9", True):
+        with pytest.raises(KtnasError, match="bad size"):
+            parse_size(bad)
+    assert resolve_config(SearchConfig(features="x", max_memory="1MiB")).max_memory == 1 << 20
+
+
+def test_max_memory_refused_on_cpu(store, tmp_path):
+    with pytest.raises(KtnasError, match="--max-memory needs a CUDA device") as e:
+        search(cfg(store, tmp_path / "run", device="cpu", max_memory="1GiB"))
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+    p = argparse.ArgumentParser()
+    add_search_parser(p.add_subparsers(dest="command"))
+    args = p.parse_args(["search", "--features", store, "--out", str(tmp_path / "run"), "--device", "cpu",
+                         "--max-memory", "2GiB"])
+    with pytest.raises(KtnasError, match="--max-memory needs a CUDA device"):
+        args.func(args)
+
+
+def test_image_batches_partition_ranks():
+    from ktnas.engine.search import ImageBatches
+
+    images, labels = torch.arange(20.0)[:, None], torch.arange(20)
+    idx = np.arange(3, 18)  # 15 samples over 2 ranks: 8 each, the last position wraps around
+    seen = []
+    for rank in range(2):
+        b = ImageBatches(images, labels, idx, 3, seed=1, device="cpu", rank=rank, world_size=2)
+        b.set_epoch(4)
+        ys = torch.cat([y for _, y in b]).tolist()
+        assert len(ys) == 8 and len(b) == 3
+        seen += ys
+    assert sorted(set(seen)) == idx.tolist() and len(seen) == 16
+    single = ImageBatches(images, labels, idx, 3, seed=1, device="cpu")
+    single.set_epoch(4)
+    assert torch.cat([y for _, y in single]).tolist()[:8] == seen[:8]
