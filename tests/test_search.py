@@ -209,3 +209,31 @@ def test_image_batches_partition_ranks():
     single = ImageBatches(images, labels, idx, 3, seed=1, device="cpu")
     single.set_epoch(4)
     assert torch.cat([y for _, y in single]).tolist()[:8] == seen[:8]
+
+
+@pytest.mark.parametrize("budget, oom_above, want", [(5_000, None, 40), (3_050, None, 20), (10**9, 33, 33),
+                                                      (10**9, None, 64)])
+def test_max_memory_picks_the_largest_batch_that_fits(monkeypatch, budget, oom_above, want):
+    """The batch picker's search over trial peaks (the trial step itself needs CUDA: faked here)."""
+    from ktnas.engine import search as S
+
+    tried = []
+
+    def fake_peak(cfg, device, info, b):
+        tried.append(b)
+        return None if oom_above is not None and b > oom_above else 1_000 + 100 * b
+
+    monkeypatch.setattr(S, "_trial_peak", fake_peak)
+    monkeypatch.setattr(S.torch.cuda, "empty_cache", lambda: None)
+    cfg = S.SearchConfig(batch_size=64, max_memory=budget)
+    assert S.choose_batch_size(cfg, torch.device("cpu"), {}) == want
+    assert len(tried) <= 8  # binary search, not a scan
+
+
+def test_max_memory_refuses_when_not_even_one_sample_fits(monkeypatch):
+    from ktnas.engine import search as S
+
+    monkeypatch.setattr(S, "_trial_peak", lambda cfg, device, info, b: 10_000 + b)
+    monkeypatch.setattr(S.torch.cuda, "empty_cache", lambda: None)
+    with pytest.raises(KtnasError, match="even batch size 1 needs"):
+        S.choose_batch_size(S.SearchConfig(batch_size=16, max_memory=5_000), torch.device("cpu"), {})

@@ -1,0 +1,430 @@
+"""Fused Triton kernels for the 'full' mixed operation (DARTS / NAS-Bench-201), forward and backward.
+
+Same semantics as :func:`ktnas.kernels.reference.mixed_op_reference` (the specification): ``out = sum_k w_k op_k(x)``
+with the parameter-free ops (none, skip_connect at stride 1, 3x3 avg pool with count_include_pad=False, 3x3 max
+pool; padding 1; stride 1 or 2) computed inside the kernels from ``x``, the affine-free batch norm (batch
+statistics, biased variance) after pools when ``pool_bn`` and after every conv branch (pre-BN output given in
+``conv_outs``), and the weighted sum. Inputs float32, bfloat16 or float16; arithmetic in float32; the output in
+the dtype of ``x``.
+
+Passes (each kernel runs one program per (channel, tile of BLOCK flat positions)):
+
+forward
+  1. ``_fwd_stats_kernel``: per (channel, tile) partial sums and sums of squares (shifted by the channel's first
+     value, for a stable variance) of the pooled values (when pool_bn) and of every conv output, into an fp32
+     buffer [C, T, 2*(2+K)]; torch then sums the T tiles and turns them into per-channel mean / rstd [2+K, C].
+  2. ``_fwd_out_kernel``: recomputes the pools, normalises, weights and sums; writes only ``out``.
+  Saved for backward: x, the conv outputs, the weights, mean/rstd (per channel).
+backward
+  1. ``_bwd_reduce_kernel``: per (channel, tile) partial sums of g, g*x (skip) and g*yhat for every branch
+     (yhat: the branch's normalised output, recomputed) -> the BN-backward means and dweights.
+  2. ``_bwd_grad_kernel``: one elementwise pass computing, per tile, dx at input positions (identity, plus a
+     gather over the <= 9 output windows that contain the position: avg pool's share, and max pool's gradient
+     where the recomputed argmax -- the first maximum in row-major order, as PyTorch -- is this position) and
+     d conv_out_k = w_k rstd_k (g - mean(g) - yhat_k mean(g yhat_k)) at output positions.
+
+Nothing here is tuned for speed yet (the max-pool gather recomputes 9 windows per input element).
+
+Import this module only after setting ``TRITON_INTERPRET=1`` if you want the interpreter (CPU tensors).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .reference import _check, _out_shape, is_conv_branch
+
+try:  # the module imports without triton; available() then says False
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_POISON = False  # tests set True: every buffer the kernels must fill starts as NaN
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+
+
+def available(device: torch.device | str | None = None) -> bool:
+    """Whether the Triton kernels can run: triton importable, and a CUDA device (``device``, or any CUDA device
+    when None) or the interpreter (TRITON_INTERPRET=1, set before triton was imported)."""
+    if triton is None:
+        return False
+    if _interpret():
+        return True
+    if device is None:
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda"
+
+
+def _empty(shape, dtype, device):
+    if _POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+_MAX_BLOCK = 1024  # positions per program (tests lower it to get several tiles per channel)
+
+
+def _block(m: int) -> int:
+    return max(16, min(_MAX_BLOCK, triton.next_power_of_2(m)))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _window(x_ptr, plane, oh, ow, H, W, STRIDE: tl.constexpr, mask):
+        """3x3 window (padding 1) at output (oh, ow) of the plane starting at ``plane``: (avg, max, argmax)
+        with avg over the valid positions only and argmax the first maximum in row-major order (kh*3+kw)."""
+        s = tl.zeros(oh.shape, dtype=tl.float32)
+        cnt = tl.zeros(oh.shape, dtype=tl.float32)
+        mx = tl.full(oh.shape, float("-inf"), dtype=tl.float32)
+        idx = tl.zeros(oh.shape, dtype=tl.int32)
+        for kh in tl.static_range(3):
+            ih = oh * STRIDE - 1 + kh
+            okh = (ih >= 0) & (ih < H)
+            for kw in tl.static_range(3):
+                iw = ow * STRIDE - 1 + kw
+                ok = mask & okh & (iw >= 0) & (iw < W)
+                v = tl.load(x_ptr + plane + ih * W + iw, mask=ok, other=0.0).to(tl.float32)
+                s += v
+                cnt += ok.to(tl.float32)
+                better = ok & (v > mx)
+                mx = tl.where(better, v, mx)
+                idx = tl.where(better, kh * 3 + kw, idx)
+        avg = s / tl.maximum(cnt, 1.0)
+        mx = tl.where(mask, mx, 0.0)
+        return avg, mx, idx
+
+    @triton.jit
+    def _fwd_stats_kernel(x_ptr, conv_ptr, part_ptr, shift_ptr, C, H, W, Ho, Wo, M, T,
+                          HAS_AVG: tl.constexpr, HAS_MAX: tl.constexpr, POOL_BN: tl.constexpr,
+                          K: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
+        c = tl.program_id(0)
+        t = tl.program_id(1)
+        offs = t * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < M
+        n = (offs // (Ho * Wo)).to(tl.int64)
+        r = offs % (Ho * Wo)
+        oh = r // Wo
+        ow = r % Wo
+        Q: tl.constexpr = 2 * (2 + K)
+        base = part_ptr + (c * T + t) * Q
+        if POOL_BN:
+            if HAS_AVG or HAS_MAX:
+                plane = (n * C + c) * H * W
+                avg, mx, _ = _window(x_ptr, plane, oh, ow, H, W, STRIDE, mask)
+                if HAS_AVG:
+                    d = tl.where(mask, avg - tl.load(shift_ptr + 0 * C + c), 0.0)
+                    tl.store(base + 0, tl.sum(d, axis=0))
+                    tl.store(base + 1, tl.sum(d * d, axis=0))
+                if HAS_MAX:
+                    d = tl.where(mask, mx - tl.load(shift_ptr + 1 * C + c), 0.0)
+                    tl.store(base + 2, tl.sum(d, axis=0))
+                    tl.store(base + 3, tl.sum(d * d, axis=0))
+        oplane = (n * C + c) * Ho * Wo + oh * Wo + ow
+        NCHW = M * C
+        for k in tl.static_range(K):
+            y = tl.load(conv_ptr + k * NCHW + oplane, mask=mask, other=0.0).to(tl.float32)
+            d = tl.where(mask, y - tl.load(shift_ptr + (2 + k) * C + c), 0.0)
+            tl.store(base + 4 + 2 * k, tl.sum(d, axis=0))
+            tl.store(base + 5 + 2 * k, tl.sum(d * d, axis=0))
+
+    @triton.jit
+    def _fwd_out_kernel(x_ptr, conv_ptr, w_ptr, mean_ptr, rstd_ptr, out_ptr, C, H, W, Ho, Wo, M,
+                        HAS_SKIP: tl.constexpr, HAS_AVG: tl.constexpr, HAS_MAX: tl.constexpr,
+                        POOL_BN: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
+        c = tl.program_id(0)
+        t = tl.program_id(1)
+        offs = t * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < M
+        n = (offs // (Ho * Wo)).to(tl.int64)
+        r = offs % (Ho * Wo)
+        oh = r // Wo
+        ow = r % Wo
+        oplane = (n * C + c) * Ho * Wo + oh * Wo + ow
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        if HAS_SKIP:  # stride 1: output and input positions coincide
+            acc += tl.load(w_ptr + 0) * tl.load(x_ptr + oplane, mask=mask, other=0.0).to(tl.float32)
+        if HAS_AVG or HAS_MAX:
+            plane = (n * C + c) * H * W
+            avg, mx, _ = _window(x_ptr, plane, oh, ow, H, W, STRIDE, mask)
+            if HAS_AVG:
+                if POOL_BN:
+                    avg = (avg - tl.load(mean_ptr + 0 * C + c)) * tl.load(rstd_ptr + 0 * C + c)
+                acc += tl.load(w_ptr + 1) * avg
+            if HAS_MAX:
+                if POOL_BN:
+                    mx = (mx - tl.load(mean_ptr + 1 * C + c)) * tl.load(rstd_ptr + 1 * C + c)
+                acc += tl.load(w_ptr + 2) * mx
+        NCHW = M * C
+        for k in tl.static_range(K):
+            y = tl.load(conv_ptr + k * NCHW + oplane, mask=mask, other=0.0).to(tl.float32)
+            y = (y - tl.load(mean_ptr + (2 + k) * C + c)) * tl.load(rstd_ptr + (2 + k) * C + c)
+            acc += tl.load(w_ptr + 3 + k) * y
+        tl.store(out_ptr + oplane, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _bwd_reduce_kernel(x_ptr, conv_ptr, g_ptr, mean_ptr, rstd_ptr, part_ptr, C, H, W, Ho, Wo, M, T,
+                           HAS_SKIP: tl.constexpr, HAS_AVG: tl.constexpr, HAS_MAX: tl.constexpr,
+                           POOL_BN: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
+        # partials [C, T, 4+K]: sum g, sum g*x (skip), sum g*yhat_avg, sum g*yhat_max, sum g*yhat_conv_k
+        c = tl.program_id(0)
+        t = tl.program_id(1)
+        offs = t * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < M
+        n = (offs // (Ho * Wo)).to(tl.int64)
+        r = offs % (Ho * Wo)
+        oh = r // Wo
+        ow = r % Wo
+        oplane = (n * C + c) * Ho * Wo + oh * Wo + ow
+        Q: tl.constexpr = 4 + K
+        base = part_ptr + (c * T + t) * Q
+        g = tl.load(g_ptr + oplane, mask=mask, other=0.0).to(tl.float32)
+        tl.store(base + 0, tl.sum(g, axis=0))
+        if HAS_SKIP:
+            xv = tl.load(x_ptr + oplane, mask=mask, other=0.0).to(tl.float32)
+            tl.store(base + 1, tl.sum(g * xv, axis=0))
+        if HAS_AVG or HAS_MAX:
+            plane = (n * C + c) * H * W
+            avg, mx, _ = _window(x_ptr, plane, oh, ow, H, W, STRIDE, mask)
+            if HAS_AVG:
+                if POOL_BN:
+                    avg = (avg - tl.load(mean_ptr + 0 * C + c)) * tl.load(rstd_ptr + 0 * C + c)
+                tl.store(base + 2, tl.sum(g * avg, axis=0))
+            if HAS_MAX:
+                if POOL_BN:
+                    mx = (mx - tl.load(mean_ptr + 1 * C + c)) * tl.load(rstd_ptr + 1 * C + c)
+                tl.store(base + 3, tl.sum(g * mx, axis=0))
+        NCHW = M * C
+        for k in tl.static_range(K):
+            y = tl.load(conv_ptr + k * NCHW + oplane, mask=mask, other=0.0).to(tl.float32)
+            y = (y - tl.load(mean_ptr + (2 + k) * C + c)) * tl.load(rstd_ptr + (2 + k) * C + c)
+            tl.store(base + 4 + k, tl.sum(g * y, axis=0))
+
+    @triton.jit
+    def _bwd_grad_kernel(x_ptr, conv_ptr, g_ptr, w_ptr, mean_ptr, rstd_ptr, mg_ptr, mgy_ptr, dx_ptr, dconv_ptr,
+                         C, H, W, Ho, Wo, M, MI,
+                         HAS_SKIP: tl.constexpr, HAS_AVG: tl.constexpr, HAS_MAX: tl.constexpr,
+                         POOL_BN: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
+        # mg[c] = mean over (N, Ho, Wo) of g; mgy[s, c] = mean of g * yhat_s (s: avg, max, conv_0..K-1)
+        c = tl.program_id(0)
+        t = tl.program_id(1)
+        offs = t * BLOCK + tl.arange(0, BLOCK)
+        mg = tl.load(mg_ptr + c)
+        # -- d conv_out_k at output positions
+        if K > 0:
+            mask = offs < M
+            n = (offs // (Ho * Wo)).to(tl.int64)
+            r = offs % (Ho * Wo)
+            oplane = (n * C + c) * Ho * Wo + (r // Wo) * Wo + r % Wo
+            g = tl.load(g_ptr + oplane, mask=mask, other=0.0).to(tl.float32)
+            NCHW = M * C
+            for k in tl.static_range(K):
+                mean = tl.load(mean_ptr + (2 + k) * C + c)
+                rstd = tl.load(rstd_ptr + (2 + k) * C + c)
+                y = tl.load(conv_ptr + k * NCHW + oplane, mask=mask, other=0.0).to(tl.float32)
+                yh = (y - mean) * rstd
+                d = tl.load(w_ptr + 3 + k) * rstd * (g - mg - yh * tl.load(mgy_ptr + (2 + k) * C + c))
+                tl.store(dconv_ptr + k * NCHW + oplane, d.to(dconv_ptr.dtype.element_ty), mask=mask)
+        # -- dx at input positions
+        maski = offs < MI
+        ni = (offs // (H * W)).to(tl.int64)
+        ri = offs % (H * W)
+        ih = ri // W
+        iw = ri % W
+        plane = (ni * C + c) * H * W
+        gplane = (ni * C + c) * Ho * Wo
+        dx = tl.zeros((BLOCK,), dtype=tl.float32)
+        if HAS_SKIP:  # stride 1: Ho == H, Wo == W
+            dx += tl.load(w_ptr + 0) * tl.load(g_ptr + gplane + ih * W + iw, mask=maski, other=0.0).to(tl.float32)
+        if HAS_AVG or HAS_MAX:
+            w_a = tl.load(w_ptr + 1)
+            w_m = tl.load(w_ptr + 2)
+            mean_a = tl.load(mean_ptr + 0 * C + c)
+            rstd_a = tl.load(rstd_ptr + 0 * C + c)
+            mgy_a = tl.load(mgy_ptr + 0 * C + c)
+            mean_m = tl.load(mean_ptr + 1 * C + c)
+            rstd_m = tl.load(rstd_ptr + 1 * C + c)
+            mgy_m = tl.load(mgy_ptr + 1 * C + c)
+            # output (oh, ow) covers input (ih, iw) at window offset (kh, kw) when ih = oh*STRIDE - 1 + kh
+            for kh in tl.static_range(3):
+                nh = ih + 1 - kh
+                oh = tl.maximum(nh, 0) // STRIDE
+                okh = (nh >= 0) & (oh < Ho) & ((tl.maximum(nh, 0) % STRIDE) == 0)
+                for kw in tl.static_range(3):
+                    nw = iw + 1 - kw
+                    ow = tl.maximum(nw, 0) // STRIDE
+                    ok = maski & okh & (nw >= 0) & (ow < Wo) & ((tl.maximum(nw, 0) % STRIDE) == 0)
+                    go = tl.load(g_ptr + gplane + oh * Wo + ow, mask=ok, other=0.0).to(tl.float32)
+                    avg, mx, idx = _window(x_ptr, plane, oh, ow, H, W, STRIDE, ok)
+                    if HAS_AVG:
+                        if POOL_BN:
+                            yh = (avg - mean_a) * rstd_a
+                            da = w_a * rstd_a * (go - mg - yh * mgy_a)
+                        else:
+                            da = w_a * go
+                        # count of valid window positions (count_include_pad=False)
+                        h0 = tl.maximum(oh * STRIDE - 1, 0)
+                        h1 = tl.minimum(oh * STRIDE + 1, H - 1)
+                        w0 = tl.maximum(ow * STRIDE - 1, 0)
+                        w1 = tl.minimum(ow * STRIDE + 1, W - 1)
+                        cnt = ((h1 - h0 + 1) * (w1 - w0 + 1)).to(tl.float32)
+                        dx += tl.where(ok, da / tl.maximum(cnt, 1.0), 0.0)
+                    if HAS_MAX:
+                        if POOL_BN:
+                            yh = (mx - mean_m) * rstd_m
+                            dm = w_m * rstd_m * (go - mg - yh * mgy_m)
+                        else:
+                            dm = w_m * go
+                        dx += tl.where(ok & (idx == kh * 3 + kw), dm, 0.0)
+        tl.store(dx_ptr + plane + ih * W + iw, dx.to(dx_ptr.dtype.element_ty), mask=maski)
+
+
+def _layout(ops, stride, device):
+    """(HAS_SKIP, HAS_AVG, HAS_MAX, conv op names, index map of ops into the weight slots).
+
+    Weight slots: 0 skip (stride 1), 1 avg pool, 2 max pool, 3+k conv branch k, 3+K 'none' (unused)."""
+    conv_names = []
+    for name in ops:
+        if is_conv_branch(name, stride) and name not in conv_names:
+            conv_names.append(name)
+    K = len(conv_names)
+    slot = []
+    for name in ops:
+        if name == "none":
+            slot.append(3 + K)
+        elif name == "skip_connect" and stride == 1:
+            slot.append(0)
+        elif name == "avg_pool_3x3":
+            slot.append(1)
+        elif name == "max_pool_3x3":
+            slot.append(2)
+        else:
+            slot.append(3 + conv_names.index(name))
+    return (0 in slot, 1 in slot, 2 in slot, conv_names,
+            torch.tensor(slot, dtype=torch.long, device=device))
+
+
+def _stack(convs, like):
+    if not convs:
+        return like.new_empty(0), like.dtype
+    dt = convs[0].dtype if all(c.dtype == convs[0].dtype for c in convs) else torch.float32
+    return torch.stack([c.to(dt) for c in convs]).contiguous(), dt
+
+
+class MixedOpTriton(torch.autograd.Function):
+    """Autograd wrapper: apply(x, weights, ops, stride, eps, pool_bn, *conv tensors in conv_names order)."""
+
+    @staticmethod
+    def forward(ctx, x, weights, ops, stride, eps, pool_bn, *convs):
+        x = x.contiguous()
+        N, C, H, W = x.shape
+        _, _, Ho, Wo = _out_shape(x, stride)
+        M = N * Ho * Wo
+        has_skip, has_avg, has_max, conv_names, slot = _layout(ops, stride, x.device)
+        K = len(conv_names)
+        wvec = torch.zeros(4 + K, dtype=torch.float32, device=x.device)
+        wvec.index_add_(0, slot, weights.detach().to(torch.float32))
+        conv, _ = _stack(convs, x)
+        BLOCK = _block(M)
+        T = triton.cdiv(M, BLOCK)
+        S = 2 + K
+        mean = torch.zeros(S, C, dtype=torch.float32, device=x.device)
+        rstd = torch.ones(S, C, dtype=torch.float32, device=x.device)
+        need_pool_stats = pool_bn and (has_avg or has_max)
+        if need_pool_stats or K:
+            shift = torch.zeros(S, C, dtype=torch.float32, device=x.device)
+            if need_pool_stats:
+                shift[:2] = x[0, :, 0, 0].to(torch.float32)
+            if K:
+                shift[2:] = conv[:, 0, :, 0, 0].to(torch.float32)
+            part = _empty((C, T, 2 * S), torch.float32, x.device)
+            if not (pool_bn and has_avg):  # slots the kernel leaves alone
+                part[:, :, 0:2] = 0
+            if not (pool_bn and has_max):
+                part[:, :, 2:4] = 0
+            _fwd_stats_kernel[(C, T)](x, conv if K else x, part, shift, C, H, W, Ho, Wo, M, T,
+                                      HAS_AVG=has_avg, HAS_MAX=has_max, POOL_BN=bool(pool_bn), K=K,
+                                      STRIDE=stride, BLOCK=BLOCK)
+            sums = part.sum(dim=1).view(C, S, 2)
+            m1 = sums[:, :, 0].t() / M  # [S, C]: mean of (y - shift)
+            var = (sums[:, :, 1].t() / M - m1 * m1).clamp_min(0.0)
+            mean = (shift + m1).contiguous()
+            rstd = torch.rsqrt(var + eps).contiguous()
+        out = _empty((N, C, Ho, Wo), x.dtype, x.device)
+        _fwd_out_kernel[(C, T)](x, conv if K else x, wvec, mean, rstd, out, C, H, W, Ho, Wo, M,
+                                HAS_SKIP=has_skip, HAS_AVG=has_avg, HAS_MAX=has_max, POOL_BN=bool(pool_bn),
+                                K=K, STRIDE=stride, BLOCK=BLOCK)
+        ctx.save_for_backward(x, weights, wvec, slot, mean, rstd, *convs)
+        ctx.meta = (ops, stride, bool(pool_bn), has_skip, has_avg, has_max, K)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weights, wvec, slot, mean, rstd, *convs = ctx.saved_tensors
+        ops, stride, pool_bn, has_skip, has_avg, has_max, K = ctx.meta
+        N, C, H, W = x.shape
+        Ho, Wo = grad_out.shape[2], grad_out.shape[3]
+        M, MI = N * Ho * Wo, N * H * W
+        g = grad_out.contiguous()
+        conv, cdt = _stack(convs, x)
+        BLOCK = _block(M)
+        T = triton.cdiv(M, BLOCK)
+        Q = 4 + K
+        part = _empty((C, T, Q), torch.float32, x.device)
+        if not has_skip:
+            part[:, :, 1] = 0
+        if not has_avg:
+            part[:, :, 2] = 0
+        if not has_max:
+            part[:, :, 3] = 0
+        _bwd_reduce_kernel[(C, T)](x, conv if K else x, g, mean, rstd, part, C, H, W, Ho, Wo, M, T,
+                                   HAS_SKIP=has_skip, HAS_AVG=has_avg, HAS_MAX=has_max, POOL_BN=pool_bn, K=K,
+                                   STRIDE=stride, BLOCK=BLOCK)
+        sums = part.sum(dim=1)  # [C, Q]
+        dwvec = torch.zeros(4 + K, dtype=torch.float32, device=x.device)
+        dwvec[:3 + K] = sums[:, 1:].sum(dim=0)
+        dweights = dwvec[slot].to(weights.dtype)
+        mg = (sums[:, 0] / M).contiguous()
+        mgy = (sums[:, 2:].t() / M).contiguous()  # [2+K, C]
+        dx = _empty((N, C, H, W), x.dtype, x.device)
+        dconv = _empty((K, N, C, Ho, Wo), cdt, x.device) if K else x.new_empty(0)
+        BLOCK2 = _block(max(M, MI))
+        _bwd_grad_kernel[(C, triton.cdiv(max(M, MI), BLOCK2))](
+            x, conv if K else x, g, wvec, mean, rstd, mg, mgy, dx, dconv if K else dx, C, H, W, Ho, Wo, M, MI,
+            HAS_SKIP=has_skip, HAS_AVG=has_avg, HAS_MAX=has_max, POOL_BN=pool_bn, K=K, STRIDE=stride,
+            BLOCK=BLOCK2)
+        dconvs = [dconv[k].to(convs[k].dtype) for k in range(K)]
+        return (dx, dweights, None, None, None, None, *dconvs)
+
+
+def mixed_op_triton(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, ops, stride: int,
+                    eps: float = 1e-5, *, pool_bn: bool = True) -> torch.Tensor:
+    """Fused 'full' mixed op: same semantics, arguments and errors as ``mixed_op_reference`` (see reference.py).
+
+    x: [N, C, H, W] float32 / float16 / bfloat16 (CUDA, or CPU under TRITON_INTERPRET=1). weights: [len(ops)].
+    conv_outs: {op name: pre-BN output [N, C, ceil(H/stride), ceil(W/stride)]} for every conv branch in ops.
+    Differentiable in x, weights and every conv_outs entry.
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed: use the torch kernels")
+    _check(x, weights, ops, stride)
+    if x.dtype not in DTYPES:
+        raise ValueError(f"the Triton mixed op takes float32, float16 or bfloat16 inputs, got {x.dtype}")
+    shape = _out_shape(x, stride)
+    _, _, _, conv_names, _ = _layout(ops, stride, "cpu")
+    convs = []
+    for name in conv_names:
+        if name not in conv_outs:
+            raise ValueError(f"conv_outs lacks the pre-BN output of conv branch {name!r} (stride {stride})")
+        y = conv_outs[name]
+        if tuple(y.shape) != shape:
+            raise ValueError(f"conv_outs[{name!r}] has shape {tuple(y.shape)}, expected {shape}")
+        convs.append(y)
+    return MixedOpTriton.apply(x, weights, tuple(ops), int(stride), float(eps), bool(pool_bn), *convs)

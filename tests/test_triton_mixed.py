@@ -1,0 +1,157 @@
+"""The fused Triton 'full' mixed op against the PyTorch reference (float64), values and gradients, through the
+Triton interpreter on CPU tensors (TRITON_INTERPRET=1 is set here, before triton is imported)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # noqa: E402 (must precede any triton import)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed: the fused kernels cannot be tested")
+
+from ktnas.kernels import triton_mixed as tm  # noqa: E402
+from ktnas.kernels.reference import is_conv_branch, mixed_op_reference  # noqa: E402
+
+if not tm.available():
+    pytest.skip("Triton kernels unavailable (no CUDA and TRITON_INTERPRET not set before triton was imported)",
+                allow_module_level=True)
+
+DARTS = ["none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
+         "dil_conv_3x3", "dil_conv_5x5"]
+NB201 = ["none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3"]
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") in (None, "", "0") else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(tm, "_POISON", True)  # every kernel-written buffer starts as NaN
+
+
+def _nonzero(t):
+    return torch.where(t == 0, torch.full_like(t, 0.25), t)
+
+
+def _inputs(shape, ops, stride, dtype, gen, wdtype=torch.float32, ties=False):
+    N, C, H, W = shape
+    Ho, Wo = -(-H // stride), -(-W // stride)
+    if ties:  # small integers: many equal maxima in the pooling windows
+        x = torch.randint(1, 4, shape, generator=gen).to(dtype)
+    else:
+        x = _nonzero(torch.randn(shape, generator=gen)).to(dtype)
+    w = torch.softmax(torch.randn(len(ops), generator=gen), 0).to(wdtype)
+    conv = {}
+    for name in ops:
+        if is_conv_branch(name, stride) and name not in conv:
+            scale = 0.5 + 2 * torch.rand((), generator=gen)
+            shift = torch.randn((), generator=gen)
+            conv[name] = _nonzero(torch.randn(N, C, Ho, Wo, generator=gen) * scale + shift).to(dtype)
+    g = _nonzero(torch.randn(N, C, Ho, Wo, generator=gen)).to(dtype)
+    return x, w, conv, g
+
+
+def _close(got, ref, tol, what):
+    got = got.detach().double()
+    ref = torch.zeros_like(got) if ref is None else ref.detach()  # None: the reference does not use the input
+    assert torch.isfinite(got).all(), f"{what}: non-finite values (an element left unwritten?)"
+    scale = max(ref.abs().max().item(), 1e-6)
+    err = (got - ref).abs().max().item()
+    assert err <= tol * scale + tol * ref.abs().mean().item(), f"{what}: max error {err:.3g} (scale {scale:.3g})"
+
+
+def _check(shape, ops, stride, dtype, pool_bn=True, seed=0, wdtype=torch.float32, ties=False):
+    gen = torch.Generator().manual_seed(seed)
+    x, w, conv, g = _inputs(shape, ops, stride, dtype, gen, wdtype, ties)
+    x, w, g = x.to(DEVICE), w.to(DEVICE), g.to(DEVICE)
+    conv = {k: v.to(DEVICE) for k, v in conv.items()}
+    # reference in float64 on upcast copies of the very same values
+    x64 = x.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    c64 = {k: v.double().requires_grad_() for k, v in conv.items()}
+    ref = mixed_op_reference(x64, w64, c64, ops, stride, pool_bn=pool_bn)
+    ref.backward(g.double())
+    # triton
+    xt = x.clone().requires_grad_()
+    wt = w.clone().requires_grad_()
+    ct = {k: v.clone().requires_grad_() for k, v in conv.items()}
+    out = tm.mixed_op_triton(xt, wt, ct, ops, stride, pool_bn=pool_bn)
+    assert out.dtype == dtype and tuple(out.shape) == tuple(ref.shape)
+    out.backward(g)
+    tol = TOL[dtype]
+    _close(out, ref, tol, "out")
+    _close(xt.grad, x64.grad, tol, "dx")
+    assert xt.grad.dtype == dtype and wt.grad.dtype == wdtype
+    _close(wt.grad, w64.grad, tol, "dweights")
+    for k in ct:
+        assert ct[k].grad.dtype == dtype
+        _close(ct[k].grad, c64[k].grad, tol, f"d conv_outs[{k}]")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 5, 7, 5), (2, 3, 6, 6)])
+def test_darts_full_float32(shape, stride):
+    _check(shape, DARTS, stride, torch.float32, seed=hash((shape, stride)) % 1000)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_nb201_no_pool_bn_float32(stride):
+    _check((2, 3, 7, 5), NB201, stride, torch.float32, pool_bn=False, seed=11 + stride)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_darts_pools_without_bn(stride):
+    _check((2, 3, 5, 5), DARTS, stride, torch.float32, pool_bn=False, seed=21 + stride)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_op_subsets(seed):
+    gen = torch.Generator().manual_seed(100 + seed)
+    names = DARTS + ["nor_conv_1x1"]
+    perm = torch.randperm(len(names), generator=gen)[: 1 + seed * 2].tolist()
+    ops = [names[i] for i in perm]
+    _check((2, 3, 5, 7), ops, 1 + seed % 2, torch.float32, pool_bn=bool(seed % 2 == 0), seed=seed)
+
+
+@pytest.mark.parametrize("ops", [["max_pool_3x3"], ["avg_pool_3x3"], ["skip_connect"], ["none"],
+                                 ["sep_conv_3x3"], ["max_pool_3x3", "avg_pool_3x3", "max_pool_3x3"]])
+def test_single_and_repeated_ops(ops):
+    for stride in (1, 2):
+        _check((2, 3, 5, 5), ops, stride, torch.float32, seed=len(ops) + stride)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_several_tiles_per_channel(stride, monkeypatch):
+    monkeypatch.setattr(tm, "_MAX_BLOCK", 16)  # 16 positions per program: the per-tile partials must add up
+    _check((2, 3, 7, 9), DARTS, stride, torch.float32, seed=51 + stride)
+    _check((3, 5, 5, 7), NB201, stride, torch.float32, pool_bn=False, seed=61 + stride)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_max_pool_ties_first_max(stride):
+    _check((2, 3, 7, 7), ["max_pool_3x3", "avg_pool_3x3"], stride, torch.float32, pool_bn=False, seed=5,
+           ties=True)
+    _check((1, 3, 5, 5), ["max_pool_3x3"], stride, torch.float32, pool_bn=True, seed=6, ties=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_half_inputs(dtype, stride):
+    _check((2, 3, 5, 7), DARTS, stride, dtype, seed=31 + stride)
+    _check((1, 3, 7, 5), NB201, stride, dtype, pool_bn=False, seed=41 + stride, wdtype=dtype)
+
+
+def test_errors_match_reference():
+    x = torch.randn(1, 3, 5, 5)
+    w = torch.ones(2) / 2
+    with pytest.raises(ValueError, match="lacks"):
+        tm.mixed_op_triton(x, w, {}, ["none", "sep_conv_3x3"], 1)
+    with pytest.raises(ValueError, match="shape"):
+        tm.mixed_op_triton(x, w, {"sep_conv_3x3": torch.randn(1, 3, 5, 5)}, ["none", "sep_conv_3x3"], 2)
+    with pytest.raises(ValueError, match="stride"):
+        tm.mixed_op_triton(x, w, {}, ["none", "skip_connect"], 3)
+    with pytest.raises(ValueError, match="float32"):
+        tm.mixed_op_triton(x.double(), w, {}, ["none", "avg_pool_3x3"], 1)
+
+
+def test_available():
+    assert tm.available() and tm.available("cpu")
