@@ -1,10 +1,10 @@
 """``mixed_op``: the one call every supernet edge makes. It validates its arguments and dispatches to an
 implementation of the kernel contract (``reference.py`` holds the specification).
 
-Implementations: ``'torch'`` (the PyTorch reference, any device) and ``'triton'`` (the fused kernels, not built
-yet: asking for them is a one-line :class:`KtnasError`). ``'auto'`` picks the environment variable
-``KTNAS_KERNELS`` when it is set, else ``'torch'`` (the only implementation there is today, and the CPU path in
-any case).
+Implementations: ``'torch'`` (the PyTorch reference, any device, any dtype) and ``'triton'`` (the fused
+kernels of ``triton_mixed.py``: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; float32, bfloat16,
+float16; the ``'full'`` variant so far). ``'auto'`` picks the environment variable ``KTNAS_KERNELS`` when it
+is set, else ``'torch'``: Triton becomes the CUDA default once the kernels have been verified on a GPU.
 
 Variants: ``'full'`` (DARTS: ``sum_k w_k op_k(x)``), ``'gdas'`` (only op ``index`` is computed) and ``'pc'``
 (PC-DARTS partial channels: the first ``C/k`` channels through the mixed op, the rest bypass, channel shuffle).
@@ -32,7 +32,11 @@ def resolve_impl(impl: str = "auto", device: torch.device | str | None = None) -
     if impl not in IMPLS[1:]:
         raise KtnasError(f"unknown kernels {impl!r} (from --kernels or KTNAS_KERNELS): use auto, torch or triton")
     if impl == "triton":
-        raise KtnasError("fused Triton kernels are not built yet: use --kernels torch")
+        from . import triton_mixed  # imported late: TRITON_INTERPRET is read when triton is first imported
+
+        if not triton_mixed.available(device):
+            raise KtnasError("--kernels triton needs a CUDA device (or TRITON_INTERPRET=1 to interpret the kernels "
+                             "on the CPU): use --kernels torch")
     return impl
 
 
@@ -53,7 +57,13 @@ def mixed_op(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, ops, strid
     if variant == "pc" and (not isinstance(k, int) or k < 1 or x.shape[1] % k):
         raise KtnasError(f"partial-channel factor k={k!r} must be a positive divisor of the edge's {x.shape[1]} "
                          f"channels: pass --channels divisible by k")
-    resolve_impl(impl, x.device)
+    if resolve_impl(impl, x.device) == "triton":
+        if variant != "full" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise KtnasError(f"the fused Triton kernels cover the full mixed op in float32/bfloat16/float16 so far, "
+                             f"not variant {variant!r} in {x.dtype}: use --kernels torch")
+        from .triton_mixed import mixed_op_triton
+
+        return mixed_op_triton(x, weights, conv_outs, ops, stride, eps, pool_bn=pool_bn)
     if variant == "gdas":
         return mixed_op_reference_gdas(x, weights, index, conv_outs, ops, stride, eps, pool_bn=pool_bn)
     if variant == "pc":

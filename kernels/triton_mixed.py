@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .reference import _check, _out_shape, is_conv_branch
 
@@ -115,18 +116,17 @@ if triton is not None:
         ow = r % Wo
         Q: tl.constexpr = 2 * (2 + K)
         base = part_ptr + (c * T + t) * Q
-        if POOL_BN:
-            if HAS_AVG or HAS_MAX:
-                plane = (n * C + c) * H * W
-                avg, mx, _ = _window(x_ptr, plane, oh, ow, H, W, STRIDE, mask)
-                if HAS_AVG:
-                    d = tl.where(mask, avg - tl.load(shift_ptr + 0 * C + c), 0.0)
-                    tl.store(base + 0, tl.sum(d, axis=0))
-                    tl.store(base + 1, tl.sum(d * d, axis=0))
-                if HAS_MAX:
-                    d = tl.where(mask, mx - tl.load(shift_ptr + 1 * C + c), 0.0)
-                    tl.store(base + 2, tl.sum(d, axis=0))
-                    tl.store(base + 3, tl.sum(d * d, axis=0))
+        if POOL_BN and (HAS_AVG or HAS_MAX):
+            plane = (n * C + c) * H * W
+            avg, mx, _ = _window(x_ptr, plane, oh, ow, H, W, STRIDE, mask)
+            if HAS_AVG:
+                d = tl.where(mask, avg - tl.load(shift_ptr + 0 * C + c), 0.0)
+                tl.store(base + 0, tl.sum(d, axis=0))
+                tl.store(base + 1, tl.sum(d * d, axis=0))
+            if HAS_MAX:
+                d = tl.where(mask, mx - tl.load(shift_ptr + 1 * C + c), 0.0)
+                tl.store(base + 2, tl.sum(d, axis=0))
+                tl.store(base + 3, tl.sum(d * d, axis=0))
         oplane = (n * C + c) * Ho * Wo + oh * Wo + ow
         NCHW = M * C
         for k in tl.static_range(K):
@@ -362,13 +362,14 @@ class MixedOpTriton(torch.autograd.Function):
                                 HAS_SKIP=has_skip, HAS_AVG=has_avg, HAS_MAX=has_max, POOL_BN=bool(pool_bn),
                                 K=K, STRIDE=stride, BLOCK=BLOCK)
         ctx.save_for_backward(x, weights, wvec, slot, mean, rstd, *convs)
-        ctx.meta = (ops, stride, bool(pool_bn), has_skip, has_avg, has_max, K)
+        ctx.meta = (stride, bool(pool_bn), has_skip, has_avg, has_max, K)
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         x, weights, wvec, slot, mean, rstd, *convs = ctx.saved_tensors
-        ops, stride, pool_bn, has_skip, has_avg, has_max, K = ctx.meta
+        stride, pool_bn, has_skip, has_avg, has_max, K = ctx.meta
         N, C, H, W = x.shape
         Ho, Wo = grad_out.shape[2], grad_out.shape[3]
         M, MI = N * Ho * Wo, N * H * W

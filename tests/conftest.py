@@ -3,9 +3,17 @@ import os
 import subprocess
 import sys
 
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    # the fused Triton kernels run on CPU tensors through Triton's interpreter (read when triton is imported)
+    os.environ["TRITON_INTERPRET"] = "1"
+# fix the mode now (triton reads it at import, its kernels when they are defined): a test that flips
+# TRITON_INTERPRET later must not decide it for the whole session
+import ktnas.kernels.triton_mixed  # noqa: E402,F401
+
 import numpy as np
 import pytest
-import torch
 
 # a small, fast stem and data set: most tests only need real stem outputs of a few hundred images
 TINY = dict(dataset="synthetic:400/160", stem="mobilenet_v2:features.1", weights="none", image_size=32,

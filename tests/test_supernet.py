@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ktnas.cache.errors import KtnasError
 from ktnas.engine.ops import OPS
@@ -158,11 +159,39 @@ def test_mixed_op_dispatch(monkeypatch):
     x, w = torch.randn(2, 4, 5, 5), torch.softmax(torch.randn(3), 0)
     ops = ("none", "skip_connect", "avg_pool_3x3")
     assert mixed_op(x, w, {}, ops, 1, False, impl="torch").shape == x.shape
-    with pytest.raises(KtnasError, match="use --kernels torch") as e:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors and no interpreter: the kernels cannot run
+    with pytest.raises(KtnasError, match="needs a CUDA device.*use --kernels torch") as e:
         mixed_op(x, w, {}, ops, 1, False, impl="triton")
     assert "\n" not in str(e.value)
     monkeypatch.setenv("KTNAS_KERNELS", "triton")
-    with pytest.raises(KtnasError, match="not built yet"):
+    with pytest.raises(KtnasError, match="needs a CUDA device"):
         mixed_op(x, w, {}, ops, 1, False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(KtnasError, match="not variant 'gdas'"):
+        mixed_op(x, w, {}, ops, 1, False, variant="gdas", index=1)
     with pytest.raises(KtnasError, match="variant"):
         mixed_op(x, w, {}, ops, 1, False, variant="fast", impl="torch")
+
+
+@pytest.mark.parametrize("space", ["darts", "nb201"])
+def test_search_step_with_triton_kernels_equals_torch(space):
+    """One supernet step with the fused kernels (interpreted on the CPU) gives the reference's loss and
+    gradients (weights and alphas)."""
+    from ktnas.kernels import triton_mixed
+
+    if not triton_mixed.available("cpu"):
+        pytest.skip("triton interpreter not active in this process")
+    torch.manual_seed(0)
+    nets = {k: Supernet(space, 3, 5, stem="cached", layers=1, channels=4, reductions=(0,) if space == "darts" else (),
+                        kernels=k) for k in ("torch", "triton")}  # DARTS: one reduction cell (strides 1 and 2)
+    nets["triton"].load_state_dict(nets["torch"].state_dict())
+    x, y = torch.randn(2, 5, 7, 7), torch.tensor([0, 2])
+    grads = {}
+    for k, net in nets.items():
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        grads[k] = (loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(grads["triton"][0], grads["torch"][0], rtol=1e-4, atol=1e-5)
+    assert grads["triton"][1].keys() == grads["torch"][1].keys()
+    for n, g in grads["torch"][1].items():
+        torch.testing.assert_close(grads["triton"][1][n], g, rtol=1e-3, atol=1e-4, msg=n)
