@@ -103,17 +103,38 @@ if triton is not None:
         return avg, mx, idx
 
     @triton.jit
-    def _fwd_stats_kernel(x_ptr, conv_ptr, part_ptr, shift_ptr, C, H, W, Ho, Wo, M, T,
-                          HAS_AVG: tl.constexpr, HAS_MAX: tl.constexpr, POOL_BN: tl.constexpr,
-                          K: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
-        c = tl.program_id(0)
-        t = tl.program_id(1)
+    def _out_positions(t, M, C, c, Ho, Wo, BLOCK: tl.constexpr):
+        """Tile ``t`` of channel ``c``'s N*Ho*Wo output positions: (mask, n, oh, ow, flat NCHW offset)."""
         offs = t * BLOCK + tl.arange(0, BLOCK)
         mask = offs < M
         n = (offs // (Ho * Wo)).to(tl.int64)
         r = offs % (Ho * Wo)
         oh = r // Wo
         ow = r % Wo
+        return mask, n, oh, ow, (n * C + c) * Ho * Wo + oh * Wo + ow
+
+    @triton.jit
+    def _hat(v, mean_ptr, rstd_ptr, s, C, c):
+        """Affine-free batch norm of stream ``s`` (0 avg pool, 1 max pool, 2+k conv k) of channel ``c``."""
+        return (v - tl.load(mean_ptr + s * C + c)) * tl.load(rstd_ptr + s * C + c)
+
+    @triton.jit
+    def _pools_hat(x_ptr, plane, oh, ow, H, W, STRIDE: tl.constexpr, mask, mean_ptr, rstd_ptr, C, c,
+                   POOL_BN: tl.constexpr):
+        """The two pools of the window at (oh, ow), batch-normalised with the saved statistics when POOL_BN."""
+        avg, mx, _ = _window(x_ptr, plane, oh, ow, H, W, STRIDE, mask)
+        if POOL_BN:
+            avg = _hat(avg, mean_ptr, rstd_ptr, 0, C, c)
+            mx = _hat(mx, mean_ptr, rstd_ptr, 1, C, c)
+        return avg, mx
+
+    @triton.jit
+    def _fwd_stats_kernel(x_ptr, conv_ptr, part_ptr, shift_ptr, C, H, W, Ho, Wo, M, T,
+                          HAS_AVG: tl.constexpr, HAS_MAX: tl.constexpr, POOL_BN: tl.constexpr,
+                          K: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
+        c = tl.program_id(0)
+        t = tl.program_id(1)
+        mask, n, oh, ow, oplane = _out_positions(t, M, C, c, Ho, Wo, BLOCK)
         Q: tl.constexpr = 2 * (2 + K)
         base = part_ptr + (c * T + t) * Q
         if POOL_BN and (HAS_AVG or HAS_MAX):
@@ -127,7 +148,6 @@ if triton is not None:
                 d = tl.where(mask, mx - tl.load(shift_ptr + 1 * C + c), 0.0)
                 tl.store(base + 2, tl.sum(d, axis=0))
                 tl.store(base + 3, tl.sum(d * d, axis=0))
-        oplane = (n * C + c) * Ho * Wo + oh * Wo + ow
         NCHW = M * C
         for k in tl.static_range(K):
             y = tl.load(conv_ptr + k * NCHW + oplane, mask=mask, other=0.0).to(tl.float32)
@@ -141,31 +161,21 @@ if triton is not None:
                         POOL_BN: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
         c = tl.program_id(0)
         t = tl.program_id(1)
-        offs = t * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < M
-        n = (offs // (Ho * Wo)).to(tl.int64)
-        r = offs % (Ho * Wo)
-        oh = r // Wo
-        ow = r % Wo
-        oplane = (n * C + c) * Ho * Wo + oh * Wo + ow
+        mask, n, oh, ow, oplane = _out_positions(t, M, C, c, Ho, Wo, BLOCK)
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         if HAS_SKIP:  # stride 1: output and input positions coincide
             acc += tl.load(w_ptr + 0) * tl.load(x_ptr + oplane, mask=mask, other=0.0).to(tl.float32)
         if HAS_AVG or HAS_MAX:
-            plane = (n * C + c) * H * W
-            avg, mx, _ = _window(x_ptr, plane, oh, ow, H, W, STRIDE, mask)
+            avg, mx = _pools_hat(x_ptr, (n * C + c) * H * W, oh, ow, H, W, STRIDE, mask, mean_ptr, rstd_ptr, C, c,
+                                 POOL_BN)
             if HAS_AVG:
-                if POOL_BN:
-                    avg = (avg - tl.load(mean_ptr + 0 * C + c)) * tl.load(rstd_ptr + 0 * C + c)
                 acc += tl.load(w_ptr + 1) * avg
             if HAS_MAX:
-                if POOL_BN:
-                    mx = (mx - tl.load(mean_ptr + 1 * C + c)) * tl.load(rstd_ptr + 1 * C + c)
                 acc += tl.load(w_ptr + 2) * mx
         NCHW = M * C
         for k in tl.static_range(K):
             y = tl.load(conv_ptr + k * NCHW + oplane, mask=mask, other=0.0).to(tl.float32)
-            y = (y - tl.load(mean_ptr + (2 + k) * C + c)) * tl.load(rstd_ptr + (2 + k) * C + c)
+            y = _hat(y, mean_ptr, rstd_ptr, 2 + k, C, c)
             acc += tl.load(w_ptr + 3 + k) * y
         tl.store(out_ptr + oplane, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -176,13 +186,7 @@ if triton is not None:
         # partials [C, T, 4+K]: sum g, sum g*x (skip), sum g*yhat_avg, sum g*yhat_max, sum g*yhat_conv_k
         c = tl.program_id(0)
         t = tl.program_id(1)
-        offs = t * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < M
-        n = (offs // (Ho * Wo)).to(tl.int64)
-        r = offs % (Ho * Wo)
-        oh = r // Wo
-        ow = r % Wo
-        oplane = (n * C + c) * Ho * Wo + oh * Wo + ow
+        mask, n, oh, ow, oplane = _out_positions(t, M, C, c, Ho, Wo, BLOCK)
         Q: tl.constexpr = 4 + K
         base = part_ptr + (c * T + t) * Q
         g = tl.load(g_ptr + oplane, mask=mask, other=0.0).to(tl.float32)
@@ -191,20 +195,16 @@ if triton is not None:
             xv = tl.load(x_ptr + oplane, mask=mask, other=0.0).to(tl.float32)
             tl.store(base + 1, tl.sum(g * xv, axis=0))
         if HAS_AVG or HAS_MAX:
-            plane = (n * C + c) * H * W
-            avg, mx, _ = _window(x_ptr, plane, oh, ow, H, W, STRIDE, mask)
+            avg, mx = _pools_hat(x_ptr, (n * C + c) * H * W, oh, ow, H, W, STRIDE, mask, mean_ptr, rstd_ptr, C, c,
+                                 POOL_BN)
             if HAS_AVG:
-                if POOL_BN:
-                    avg = (avg - tl.load(mean_ptr + 0 * C + c)) * tl.load(rstd_ptr + 0 * C + c)
                 tl.store(base + 2, tl.sum(g * avg, axis=0))
             if HAS_MAX:
-                if POOL_BN:
-                    mx = (mx - tl.load(mean_ptr + 1 * C + c)) * tl.load(rstd_ptr + 1 * C + c)
                 tl.store(base + 3, tl.sum(g * mx, axis=0))
         NCHW = M * C
         for k in tl.static_range(K):
             y = tl.load(conv_ptr + k * NCHW + oplane, mask=mask, other=0.0).to(tl.float32)
-            y = (y - tl.load(mean_ptr + (2 + k) * C + c)) * tl.load(rstd_ptr + (2 + k) * C + c)
+            y = _hat(y, mean_ptr, rstd_ptr, 2 + k, C, c)
             tl.store(base + 4 + k, tl.sum(g * y, axis=0))
 
     @triton.jit
@@ -219,10 +219,7 @@ if triton is not None:
         mg = tl.load(mg_ptr + c)
         # -- d conv_out_k at output positions
         if K > 0:
-            mask = offs < M
-            n = (offs // (Ho * Wo)).to(tl.int64)
-            r = offs % (Ho * Wo)
-            oplane = (n * C + c) * Ho * Wo + (r // Wo) * Wo + r % Wo
+            mask, n, oh, ow, oplane = _out_positions(t, M, C, c, Ho, Wo, BLOCK)
             g = tl.load(g_ptr + oplane, mask=mask, other=0.0).to(tl.float32)
             NCHW = M * C
             for k in tl.static_range(K):
