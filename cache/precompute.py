@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import signal
 import sys
 import threading
 import time
@@ -107,6 +108,28 @@ def _versions() -> dict:
 
     return dict(torch=torch.__version__, torchvision=torchvision.__version__, zarr=zarr.__version__,
                 h5py=h5py.__version__, numpy=np.__version__)
+
+
+class _StopOnSigint:
+    """Ctrl-C (SIGINT) only sets a flag that the chunk loop checks, so the interrupt never lands inside a lock
+    or a queue operation shared with the writer thread (which could hang the shutdown); a second Ctrl-C
+    interrupts at once. Only the main thread can install signal handlers; elsewhere this does nothing."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
 
 
 class _Writer(threading.Thread):
@@ -261,9 +284,12 @@ def precompute(cfg: PrecomputeConfig | None = None, **overrides) -> dict:
         return splits[s].get_batch(slice(a, b)), splits[s].labels[a:b]
 
     interrupted = False
+    stop = _StopOnSigint()
     try:
         nxt = pool.submit(load, todo[0]) if todo else None
         for k, (s, i) in enumerate(todo):
+            if stop.requested:
+                raise KeyboardInterrupt
             images, labels = nxt.result()
             nxt = pool.submit(load, todo[k + 1]) if k + 1 < len(todo) else None
             a, _ = split_handles[s].chunk_range(i)
@@ -279,6 +305,7 @@ def precompute(cfg: PrecomputeConfig | None = None, **overrides) -> dict:
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        stop.restore()
         pool.shutdown(wait=True, cancel_futures=True)
         try:
             writer.finish()  # whatever was computed is written, also on Ctrl-C

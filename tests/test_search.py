@@ -123,8 +123,9 @@ def test_resume_equals_uninterrupted(store, tmp_path, monkeypatch, algo):
     assert (tmp_path / "full" / "genotype.json").read_text() == (tmp_path / "cut" / "genotype.json").read_text()
 
 
-def test_triton_kernels_refused(store, tmp_path):
-    with pytest.raises(KtnasError, match="use --kernels torch") as e:
+def test_triton_kernels_refused_where_they_cannot_run(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter
+    with pytest.raises(KtnasError, match="needs a CUDA device.*use --kernels torch") as e:
         search(cfg(store, tmp_path / "run", kernels="triton"))
     assert "\n" not in str(e.value)
 
