@@ -260,14 +260,14 @@ def precompute(cfg: PrecomputeConfig | None = None, **overrides) -> dict:
     shapes = {s: (n, cfg.views, *feat_shape) for s, n in counts.items()}
     store = _open_or_create(cfg, attrs, shapes, chunk_size)
 
+    split_handles = {s: store.split(s) for s in cfg.splits}
     todo = []
-    for s in cfg.splits:
-        sp = store.split(s)
+    for s, sp in split_handles.items():
         written = sp.written()
         todo += [(s, i) for i in range(sp.num_chunks) if i % n_shards == shard_i and not written[i]]
-    n_images = sum(store.split(s).chunk_range(i)[1] - store.split(s).chunk_range(i)[0] for s, i in todo)
-    summary = dict(out=cfg.out, device=str(device), chunks_total=sum(store.split(s).num_chunks for s in cfg.splits),
-                   chunks_written=0, chunks_skipped=0, images=n_images, seconds=0.0)
+    n_images = sum(b - a for a, b in (split_handles[s].chunk_range(i) for s, i in todo))
+    summary = dict(out=cfg.out, device=str(device), chunks_total=sum(sp.num_chunks for sp in split_handles.values()),
+                   chunks_written=0, chunks_skipped=0, images=int(n_images), seconds=0.0)
     summary["chunks_skipped"] = summary["chunks_total"] - len(todo) if n_shards == 1 else 0
 
     bar = tqdm(total=n_images, unit="img", unit_scale=True, desc=f"precompute {stem.spec}",
@@ -275,7 +275,6 @@ def precompute(cfg: PrecomputeConfig | None = None, **overrides) -> dict:
     writer = _Writer(store)
     writer.start()
     t0 = time.perf_counter()
-    split_handles = {s: store.split(s) for s in cfg.splits}
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ktnas-images")
 
     def load(item):
