@@ -957,6 +957,8 @@ def _search(cfg: SearchConfig, device, rank: int, world_size: int) -> dict:
     finally:
         train.close()
         val.close()
+        if getattr(train, "store", None) is not None:  # both loaders share the store _data opened
+            train.store.close()
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
