@@ -32,6 +32,8 @@ op's BN has none, and this keeps evaluation consistent with it and the state fre
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -190,7 +192,9 @@ class Supernet(nn.Module):
             raise KtnasError("an nb201 supernet needs at least one search cell: pass fewer --reductions")
         if stem not in ("cached", "conv"):
             raise KtnasError(f"unknown stem {stem!r}: use 'cached' or 'conv'")
-        impl = resolve_impl(kernels)
+        if kernels != "auto" or os.environ.get("KTNAS_KERNELS", "").strip():
+            resolve_impl(kernels)  # refuse kernels that cannot run here now, not at the first step
+        impl = kernels  # resolved per call, on the tensors' device and dtype
         self.layout = dict(layers=layers, channels=channels, reductions=list(reductions), stem=stem, k=k)
         C_stem = STEM_MULTIPLIER[self.space.name] * channels
         conv = (nn.Conv2d(in_channels, C_stem, 1, bias=False) if stem == "cached"

@@ -3,8 +3,11 @@ implementation of the kernel contract (``reference.py`` holds the specification)
 
 Implementations: ``'torch'`` (the PyTorch reference, any device, any dtype) and ``'triton'`` (the fused
 kernels of ``triton_mixed.py``: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; float32, bfloat16,
-float16; the ``'full'`` variant so far). ``'auto'`` picks the environment variable ``KTNAS_KERNELS`` when it
-is set, else ``'torch'``: Triton becomes the CUDA default once the kernels have been verified on a GPU.
+float16; every variant). ``'auto'`` takes the environment variable ``KTNAS_KERNELS`` when it is set, else
+Triton for CUDA tensors in those dtypes and the reference for everything else. Before 'auto' first uses the
+kernels on a device and dtype it runs them once on a tiny edge against the reference (``_probe``): should they
+not build there (an old triton, an unsupported GPU) or disagree, it warns once and keeps to the reference; an
+explicit ``'triton'`` is used as asked.
 
 Variants: ``'full'`` (DARTS: ``sum_k w_k op_k(x)``), ``'gdas'`` (only op ``index`` is computed) and ``'pc'``
 (PC-DARTS partial channels: the first ``C/k`` channels through the mixed op, the rest bypass, channel shuffle).
@@ -12,32 +15,109 @@ Variants: ``'full'`` (DARTS: ``sum_k w_k op_k(x)``), ``'gdas'`` (only op ``index
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
 from ktnas.cache.errors import KtnasError
 
-from .reference import mixed_op_reference, mixed_op_reference_gdas, mixed_op_reference_pc
+from .reference import is_conv_branch, mixed_op_reference, mixed_op_reference_gdas, mixed_op_reference_pc
 
 IMPLS = ("auto", "torch", "triton")
 VARIANTS = ("full", "gdas", "pc")
 
 
-def resolve_impl(impl: str = "auto", device: torch.device | str | None = None) -> str:
-    """The implementation ``impl`` means here: 'torch' or 'triton' (refused while the kernels are not built)."""
-    if impl == "auto":
-        impl = os.environ.get("KTNAS_KERNELS", "").strip() or "torch"
-        if impl == "auto":
-            impl = "torch"
-    if impl not in IMPLS[1:]:
-        raise KtnasError(f"unknown kernels {impl!r} (from --kernels or KTNAS_KERNELS): use auto, torch or triton")
-    if impl == "triton":
-        from . import triton_mixed  # imported late: TRITON_INTERPRET is read when triton is first imported
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_probed: dict = {}  # (device, dtype) -> None when the fused kernels ran right there, else why not
 
-        if not triton_mixed.available(device):
-            raise KtnasError("--kernels triton needs a CUDA device (or TRITON_INTERPRET=1 to interpret the kernels "
-                             "on the CPU): use --kernels torch")
+
+def _probe(device, dtype) -> bool:
+    """Whether the fused kernels build, run and agree with the reference on ``device`` in ``dtype`` (checked once,
+    on a tiny edge with every kind of op, strides 1 and 2, full and partial channels, forward and backward).
+    On failure 'auto' warns once and keeps to the reference."""
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (str(device), dtype or torch.float32)
+    if key not in _probed:
+        try:
+            _probed[key] = _probe_run(device, key[1])
+        except Exception as e:  # noqa: BLE001 - whatever breaks here, the reference still works
+            _probed[key] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        if _probed[key] is not None:
+            warnings.warn(f"the fused Triton kernels do not work on {device} in {key[1]} ({_probed[key]}); "
+                          f"using the PyTorch reference (--kernels triton shows the error)", stacklevel=3)
+    return _probed[key] is None
+
+
+def _probe_run(device, dtype) -> str | None:
+    ops = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3")
+    gen = torch.Generator().manual_seed(0)
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        for stride in (1, 2):
+            for variant, k in (("full", 1), ("pc", 2)):
+                x = torch.randn(2, 4, 5, 5, generator=gen).to(device, dtype)
+                w = torch.softmax(torch.randn(len(ops), generator=gen), 0).to(device)
+                ho = -(-5 // stride)
+                conv = {n: torch.randn(2, 4 // k, ho, ho, generator=gen).to(device, dtype)
+                        for n in ops if is_conv_branch(n, stride)}
+                res = []
+                for fn in (_fused, _reference):
+                    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+                    out = fn(xs, ws, conv, ops, stride, True, variant, None, k, 1e-5)
+                    out.float().square().sum().backward()
+                    res.append((out.float(), xs.grad.float(), ws.grad.float()))
+                for a, b in zip(*res):
+                    if not torch.isfinite(a).all() or (a - b).abs().max() > tol * (1 + b.abs().max()):
+                        return f"results differ from the reference ({variant}, stride {stride})"
+    return None
+
+
+def resolve_impl(impl: str = "auto", device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> str:
+    """The implementation ``impl`` means for tensors on ``device`` of ``dtype``: 'torch' or 'triton'.
+
+    'auto': ``KTNAS_KERNELS`` if set, else 'triton' for CUDA tensors (any CUDA device when ``device`` is None)
+    in float32/bfloat16/float16 where triton is installed, else 'torch'. An explicit 'triton' that cannot run
+    here is refused with a one-line error."""
+    if impl == "auto":
+        impl = os.environ.get("KTNAS_KERNELS", "").strip() or "auto"
+    if impl not in IMPLS:
+        raise KtnasError(f"unknown kernels {impl!r} (from --kernels or KTNAS_KERNELS): use auto, torch or triton")
+    if impl == "torch":
+        return impl
+    from . import triton_mixed  # imported late: TRITON_INTERPRET is read when triton is first imported
+
+    if impl == "auto":
+        on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+        ok = (on_cuda and triton_mixed.available(device) and (dtype is None or dtype in _TRITON_DTYPES)
+              and _probe(device, dtype))
+        return "triton" if ok else "torch"
+    if not triton_mixed.available(device):
+        raise KtnasError("--kernels triton needs a CUDA device (or TRITON_INTERPRET=1 to interpret the kernels "
+                         "on the CPU): use --kernels torch")
+    if dtype is not None and dtype not in _TRITON_DTYPES:
+        raise KtnasError(f"the fused Triton kernels take float32, bfloat16 or float16 inputs, not {dtype}: "
+                         f"use --kernels torch")
     return impl
+
+
+def _reference(x, weights, conv_outs, ops, stride, pool_bn, variant, index, k, eps):
+    if variant == "gdas":
+        return mixed_op_reference_gdas(x, weights, index, conv_outs, ops, stride, eps, pool_bn=pool_bn)
+    if variant == "pc":
+        return mixed_op_reference_pc(x, weights, conv_outs, ops, stride, k, eps, pool_bn=pool_bn)
+    return mixed_op_reference(x, weights, conv_outs, ops, stride, eps, pool_bn=pool_bn)
+
+
+def _fused(x, weights, conv_outs, ops, stride, pool_bn, variant, index, k, eps):
+    from . import triton_mixed as tm
+
+    if variant == "gdas":
+        return tm.mixed_op_triton_gdas(x, weights, index, conv_outs, ops, stride, eps, pool_bn=pool_bn)
+    if variant == "pc":
+        return tm.mixed_op_triton_pc(x, weights, conv_outs, ops, stride, k, eps, pool_bn=pool_bn)
+    return tm.mixed_op_triton(x, weights, conv_outs, ops, stride, eps, pool_bn=pool_bn)
 
 
 def mixed_op(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, ops, stride: int, pool_bn: bool, *,
@@ -57,15 +137,7 @@ def mixed_op(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, ops, strid
     if variant == "pc" and (not isinstance(k, int) or k < 1 or x.shape[1] % k):
         raise KtnasError(f"partial-channel factor k={k!r} must be a positive divisor of the edge's {x.shape[1]} "
                          f"channels: pass --channels divisible by k")
-    if resolve_impl(impl, x.device) == "triton":
-        if variant != "full" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise KtnasError(f"the fused Triton kernels cover the full mixed op in float32/bfloat16/float16 so far, "
-                             f"not variant {variant!r} in {x.dtype}: use --kernels torch")
-        from .triton_mixed import mixed_op_triton
-
-        return mixed_op_triton(x, weights, conv_outs, ops, stride, eps, pool_bn=pool_bn)
-    if variant == "gdas":
-        return mixed_op_reference_gdas(x, weights, index, conv_outs, ops, stride, eps, pool_bn=pool_bn)
-    if variant == "pc":
-        return mixed_op_reference_pc(x, weights, conv_outs, ops, stride, k, eps, pool_bn=pool_bn)
-    return mixed_op_reference(x, weights, conv_outs, ops, stride, eps, pool_bn=pool_bn)
+    args = (x, weights, conv_outs, ops, stride, pool_bn, variant, index, k, eps)
+    if resolve_impl(impl, x.device, x.dtype) == "torch":
+        return _reference(*args)
+    return _fused(*args)

@@ -114,6 +114,11 @@ if triton is not None:
         return mask, n, oh, ow, (n * C + c) * Ho * Wo + oh * Wo + ow
 
     @triton.jit
+    def _out_offset(n, oh, ow, Ho, Wo, OC, oc):
+        """Flat offset of (n, channel oc, oh, ow) in an [N, OC, Ho, Wo] output (or its gradient)."""
+        return (n * OC + oc) * Ho * Wo + oh * Wo + ow
+
+    @triton.jit
     def _hat(v, mean_ptr, rstd_ptr, s, C, c):
         """Affine-free batch norm of stream ``s`` (0 avg pool, 1 max pool, 2+k conv k) of channel ``c``."""
         return (v - tl.load(mean_ptr + s * C + c)) * tl.load(rstd_ptr + s * C + c)
@@ -129,7 +134,7 @@ if triton is not None:
         return avg, mx
 
     @triton.jit
-    def _fwd_stats_kernel(x_ptr, conv_ptr, part_ptr, shift_ptr, C, H, W, Ho, Wo, M, T,
+    def _fwd_stats_kernel(x_ptr, conv_ptr, part_ptr, shift_ptr, C, XC, H, W, Ho, Wo, M, T,
                           HAS_AVG: tl.constexpr, HAS_MAX: tl.constexpr, POOL_BN: tl.constexpr,
                           K: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
         c = tl.program_id(0)
@@ -138,8 +143,7 @@ if triton is not None:
         Q: tl.constexpr = 2 * (2 + K)
         base = part_ptr + (c * T + t) * Q
         if POOL_BN and (HAS_AVG or HAS_MAX):
-            plane = (n * C + c) * H * W
-            avg, mx, _ = _window(x_ptr, plane, oh, ow, H, W, STRIDE, mask)
+            avg, mx, _ = _window(x_ptr, (n * XC + c) * H * W, oh, ow, H, W, STRIDE, mask)
             if HAS_AVG:
                 d = tl.where(mask, avg - tl.load(shift_ptr + 0 * C + c), 0.0)
                 tl.store(base + 0, tl.sum(d, axis=0))
@@ -156,18 +160,18 @@ if triton is not None:
             tl.store(base + 5 + 2 * k, tl.sum(d * d, axis=0))
 
     @triton.jit
-    def _fwd_out_kernel(x_ptr, conv_ptr, w_ptr, mean_ptr, rstd_ptr, out_ptr, C, H, W, Ho, Wo, M,
+    def _fwd_out_kernel(x_ptr, conv_ptr, w_ptr, mean_ptr, rstd_ptr, out_ptr, C, XC, OC, OMUL, H, W, Ho, Wo, M,
                         HAS_SKIP: tl.constexpr, HAS_AVG: tl.constexpr, HAS_MAX: tl.constexpr,
                         POOL_BN: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
         c = tl.program_id(0)
         t = tl.program_id(1)
         mask, n, oh, ow, oplane = _out_positions(t, M, C, c, Ho, Wo, BLOCK)
+        xplane = (n * XC + c) * H * W
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         if HAS_SKIP:  # stride 1: output and input positions coincide
-            acc += tl.load(w_ptr + 0) * tl.load(x_ptr + oplane, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.load(w_ptr + 0) * tl.load(x_ptr + xplane + oh * W + ow, mask=mask, other=0.0).to(tl.float32)
         if HAS_AVG or HAS_MAX:
-            avg, mx = _pools_hat(x_ptr, (n * C + c) * H * W, oh, ow, H, W, STRIDE, mask, mean_ptr, rstd_ptr, C, c,
-                                 POOL_BN)
+            avg, mx = _pools_hat(x_ptr, xplane, oh, ow, H, W, STRIDE, mask, mean_ptr, rstd_ptr, C, c, POOL_BN)
             if HAS_AVG:
                 acc += tl.load(w_ptr + 1) * avg
             if HAS_MAX:
@@ -177,10 +181,11 @@ if triton is not None:
             y = tl.load(conv_ptr + k * NCHW + oplane, mask=mask, other=0.0).to(tl.float32)
             y = _hat(y, mean_ptr, rstd_ptr, 2 + k, C, c)
             acc += tl.load(w_ptr + 3 + k) * y
-        tl.store(out_ptr + oplane, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + _out_offset(n, oh, ow, Ho, Wo, OC, c * OMUL), acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _bwd_reduce_kernel(x_ptr, conv_ptr, g_ptr, mean_ptr, rstd_ptr, part_ptr, C, H, W, Ho, Wo, M, T,
+    def _bwd_reduce_kernel(x_ptr, conv_ptr, g_ptr, mean_ptr, rstd_ptr, part_ptr, C, XC, OC, OMUL, H, W, Ho, Wo, M,
+                           T,
                            HAS_SKIP: tl.constexpr, HAS_AVG: tl.constexpr, HAS_MAX: tl.constexpr,
                            POOL_BN: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
         # partials [C, T, 4+K]: sum g, sum g*x (skip), sum g*yhat_avg, sum g*yhat_max, sum g*yhat_conv_k
@@ -189,14 +194,14 @@ if triton is not None:
         mask, n, oh, ow, oplane = _out_positions(t, M, C, c, Ho, Wo, BLOCK)
         Q: tl.constexpr = 4 + K
         base = part_ptr + (c * T + t) * Q
-        g = tl.load(g_ptr + oplane, mask=mask, other=0.0).to(tl.float32)
+        xplane = (n * XC + c) * H * W
+        g = tl.load(g_ptr + _out_offset(n, oh, ow, Ho, Wo, OC, c * OMUL), mask=mask, other=0.0).to(tl.float32)
         tl.store(base + 0, tl.sum(g, axis=0))
         if HAS_SKIP:
-            xv = tl.load(x_ptr + oplane, mask=mask, other=0.0).to(tl.float32)
+            xv = tl.load(x_ptr + xplane + oh * W + ow, mask=mask, other=0.0).to(tl.float32)
             tl.store(base + 1, tl.sum(g * xv, axis=0))
         if HAS_AVG or HAS_MAX:
-            avg, mx = _pools_hat(x_ptr, (n * C + c) * H * W, oh, ow, H, W, STRIDE, mask, mean_ptr, rstd_ptr, C, c,
-                                 POOL_BN)
+            avg, mx = _pools_hat(x_ptr, xplane, oh, ow, H, W, STRIDE, mask, mean_ptr, rstd_ptr, C, c, POOL_BN)
             if HAS_AVG:
                 tl.store(base + 2, tl.sum(g * avg, axis=0))
             if HAS_MAX:
@@ -209,7 +214,7 @@ if triton is not None:
 
     @triton.jit
     def _bwd_grad_kernel(x_ptr, conv_ptr, g_ptr, w_ptr, mean_ptr, rstd_ptr, mg_ptr, mgy_ptr, dx_ptr, dconv_ptr,
-                         C, H, W, Ho, Wo, M, MI,
+                         C, XC, OC, OMUL, H, W, Ho, Wo, M, MI,
                          HAS_SKIP: tl.constexpr, HAS_AVG: tl.constexpr, HAS_MAX: tl.constexpr,
                          POOL_BN: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
         # mg[c] = mean over (N, Ho, Wo) of g; mgy[s, c] = mean of g * yhat_s (s: avg, max, conv_0..K-1)
@@ -220,7 +225,7 @@ if triton is not None:
         # -- d conv_out_k at output positions
         if K > 0:
             mask, n, oh, ow, oplane = _out_positions(t, M, C, c, Ho, Wo, BLOCK)
-            g = tl.load(g_ptr + oplane, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + _out_offset(n, oh, ow, Ho, Wo, OC, c * OMUL), mask=mask, other=0.0).to(tl.float32)
             NCHW = M * C
             for k in tl.static_range(K):
                 mean = tl.load(mean_ptr + (2 + k) * C + c)
@@ -235,8 +240,8 @@ if triton is not None:
         ri = offs % (H * W)
         ih = ri // W
         iw = ri % W
-        plane = (ni * C + c) * H * W
-        gplane = (ni * C + c) * Ho * Wo
+        plane = (ni * XC + c) * H * W
+        gplane = (ni * OC + c * OMUL) * Ho * Wo
         dx = tl.zeros((BLOCK,), dtype=tl.float32)
         if HAS_SKIP:  # stride 1: Ho == H, Wo == W
             dx += tl.load(w_ptr + 0) * tl.load(g_ptr + gplane + ih * W + iw, mask=maski, other=0.0).to(tl.float32)
@@ -282,6 +287,64 @@ if triton is not None:
                         dx += tl.where(ok & (idx == kh * 3 + kw), dm, 0.0)
         tl.store(dx_ptr + plane + ih * W + iw, dx.to(dx_ptr.dtype.element_ty), mask=maski)
 
+    @triton.jit
+    def _pc_positions(t, MM, HH, WW, BLOCK: tl.constexpr):
+        """Tile ``t`` of the N*HH*WW positions of one channel: (mask, n, h, w)."""
+        offs = t * BLOCK + tl.arange(0, BLOCK)
+        n = (offs // (HH * WW)).to(tl.int64)
+        r = offs % (HH * WW)
+        return offs < MM, n, r // WW, r % WW
+
+    @triton.jit
+    def _pc_pool2(x_ptr, xplane, oh, ow, H, W, mask):
+        """2x2 max pool, stride 2, ceil mode, at output (oh, ow): (max, argmax a*2+b, the first maximum)."""
+        best = tl.full(oh.shape, float("-inf"), dtype=tl.float32)
+        idx = tl.zeros(oh.shape, dtype=tl.int32)
+        for a in tl.static_range(2):
+            for b in tl.static_range(2):
+                ih = oh * 2 + a
+                iw = ow * 2 + b
+                ok = mask & (ih < H) & (iw < W)
+                v = tl.load(x_ptr + xplane + ih * W + iw, mask=ok, other=float("-inf")).to(tl.float32)
+                better = ok & (v > best)
+                best = tl.where(better, v, best)
+                idx = tl.where(better, a * 2 + b, idx)
+        return best, idx
+
+    @triton.jit
+    def _pc_bypass_fwd_kernel(x_ptr, out_ptr, c0, XC, KG, H, W, Ho, Wo, M, STRIDE: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        # channel j >= c0 of x bypasses the mixed op (identity, or 2x2 max pool at stride 2) and lands at its
+        # channel-shuffled place: concat channel j = g*c0 + i goes to output channel i*KG + g
+        j = c0 + tl.program_id(0)
+        mask, n, oh, ow = _pc_positions(tl.program_id(1), M, Ho, Wo, BLOCK)
+        xplane = (n * XC + j) * H * W
+        if STRIDE == 1:
+            v = tl.load(x_ptr + xplane + oh * W + ow, mask=mask, other=0.0)
+        else:
+            v, _ = _pc_pool2(x_ptr, xplane, oh, ow, H, W, mask)
+        oc = (j % c0) * KG + j // c0
+        tl.store(out_ptr + _out_offset(n, oh, ow, Ho, Wo, XC, oc), v.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _pc_bypass_bwd_kernel(x_ptr, g_ptr, dx_ptr, c0, XC, KG, H, W, Ho, Wo, MI, STRIDE: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        # dx of a bypass channel: the gradient of its shuffled output (stride 1), or, at stride 2, that of the
+        # window holding the position when the position is the window's (recomputed) first maximum
+        j = c0 + tl.program_id(0)
+        mask, n, ih, iw = _pc_positions(tl.program_id(1), MI, H, W, BLOCK)
+        oc = (j % c0) * KG + j // c0
+        xplane = (n * XC + j) * H * W
+        if STRIDE == 1:
+            d = tl.load(g_ptr + _out_offset(n, ih, iw, Ho, Wo, XC, oc), mask=mask, other=0.0).to(tl.float32)
+        else:
+            oh = ih // 2
+            ow = iw // 2
+            _, idx = _pc_pool2(x_ptr, xplane, oh, ow, H, W, mask)
+            go = tl.load(g_ptr + _out_offset(n, oh, ow, Ho, Wo, XC, oc), mask=mask, other=0.0).to(tl.float32)
+            d = tl.where(idx == (ih % 2) * 2 + iw % 2, go, 0.0)
+        tl.store(dx_ptr + xplane + ih * W + iw, d.to(dx_ptr.dtype.element_ty), mask=mask)
+
 
 def _layout(ops, stride, device):
     """(HAS_SKIP, HAS_AVG, HAS_MAX, conv op names, index map of ops into the weight slots).
@@ -316,12 +379,16 @@ def _stack(convs, like):
 
 
 class MixedOpTriton(torch.autograd.Function):
-    """Autograd wrapper: apply(x, weights, ops, stride, eps, pool_bn, *conv tensors in conv_names order)."""
+    """Autograd wrapper: apply(x, weights, ops, stride, eps, pool_bn, k, *conv tensors in conv_names order).
+
+    k == 1: the full mixed op. k > 1: PC-DARTS, the mixed op on the first C/k channels of x (the conv tensors
+    have C/k channels), the other channels bypassing it, all written to their channel-shuffled places."""
 
     @staticmethod
-    def forward(ctx, x, weights, ops, stride, eps, pool_bn, *convs):
+    def forward(ctx, x, weights, ops, stride, eps, pool_bn, k, *convs):
         x = x.contiguous()
-        N, C, H, W = x.shape
+        N, XC, H, W = x.shape
+        C = XC // k  # channels through the mixed op
         _, _, Ho, Wo = _out_shape(x, stride)
         M = N * Ho * Wo
         has_skip, has_avg, has_max, conv_names, slot = _layout(ops, stride, x.device)
@@ -338,7 +405,7 @@ class MixedOpTriton(torch.autograd.Function):
         if need_pool_stats or K:
             shift = torch.zeros(S, C, dtype=torch.float32, device=x.device)
             if need_pool_stats:
-                shift[:2] = x[0, :, 0, 0].to(torch.float32)
+                shift[:2] = x[0, :C, 0, 0].to(torch.float32)
             if K:
                 shift[2:] = conv[:, 0, :, 0, 0].to(torch.float32)
             part = _empty((C, T, 2 * S), torch.float32, x.device)
@@ -346,7 +413,7 @@ class MixedOpTriton(torch.autograd.Function):
                 part[:, :, 0:2] = 0
             if not (pool_bn and has_max):
                 part[:, :, 2:4] = 0
-            _fwd_stats_kernel[(C, T)](x, conv if K else x, part, shift, C, H, W, Ho, Wo, M, T,
+            _fwd_stats_kernel[(C, T)](x, conv if K else x, part, shift, C, XC, H, W, Ho, Wo, M, T,
                                       HAS_AVG=has_avg, HAS_MAX=has_max, POOL_BN=bool(pool_bn), K=K,
                                       STRIDE=stride, BLOCK=BLOCK)
             sums = part.sum(dim=1).view(C, S, 2)
@@ -354,20 +421,23 @@ class MixedOpTriton(torch.autograd.Function):
             var = (sums[:, :, 1].t() / M - m1 * m1).clamp_min(0.0)
             mean = (shift + m1).contiguous()
             rstd = torch.rsqrt(var + eps).contiguous()
-        out = _empty((N, C, Ho, Wo), x.dtype, x.device)
-        _fwd_out_kernel[(C, T)](x, conv if K else x, wvec, mean, rstd, out, C, H, W, Ho, Wo, M,
+        out = _empty((N, XC, Ho, Wo), x.dtype, x.device)
+        _fwd_out_kernel[(C, T)](x, conv if K else x, wvec, mean, rstd, out, C, XC, XC, k, H, W, Ho, Wo, M,
                                 HAS_SKIP=has_skip, HAS_AVG=has_avg, HAS_MAX=has_max, POOL_BN=bool(pool_bn),
                                 K=K, STRIDE=stride, BLOCK=BLOCK)
+        if k > 1:
+            _pc_bypass_fwd_kernel[(XC - C, T)](x, out, C, XC, k, H, W, Ho, Wo, M, STRIDE=stride, BLOCK=BLOCK)
         ctx.save_for_backward(x, weights, wvec, slot, mean, rstd, *convs)
-        ctx.meta = (stride, bool(pool_bn), has_skip, has_avg, has_max, K)
+        ctx.meta = (stride, bool(pool_bn), has_skip, has_avg, has_max, K, k)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, weights, wvec, slot, mean, rstd, *convs = ctx.saved_tensors
-        stride, pool_bn, has_skip, has_avg, has_max, K = ctx.meta
-        N, C, H, W = x.shape
+        stride, pool_bn, has_skip, has_avg, has_max, K, k = ctx.meta
+        N, XC, H, W = x.shape
+        C = XC // k
         Ho, Wo = grad_out.shape[2], grad_out.shape[3]
         M, MI = N * Ho * Wo, N * H * W
         g = grad_out.contiguous()
@@ -382,7 +452,7 @@ class MixedOpTriton(torch.autograd.Function):
             part[:, :, 2] = 0
         if not has_max:
             part[:, :, 3] = 0
-        _bwd_reduce_kernel[(C, T)](x, conv if K else x, g, mean, rstd, part, C, H, W, Ho, Wo, M, T,
+        _bwd_reduce_kernel[(C, T)](x, conv if K else x, g, mean, rstd, part, C, XC, XC, k, H, W, Ho, Wo, M, T,
                                    HAS_SKIP=has_skip, HAS_AVG=has_avg, HAS_MAX=has_max, POOL_BN=pool_bn, K=K,
                                    STRIDE=stride, BLOCK=BLOCK)
         sums = part.sum(dim=1)  # [C, Q]
@@ -391,15 +461,41 @@ class MixedOpTriton(torch.autograd.Function):
         dweights = dwvec[slot].to(weights.dtype)
         mg = (sums[:, 0] / M).contiguous()
         mgy = (sums[:, 2:].t() / M).contiguous()  # [2+K, C]
-        dx = _empty((N, C, H, W), x.dtype, x.device)
+        dx = _empty((N, XC, H, W), x.dtype, x.device)
         dconv = _empty((K, N, C, Ho, Wo), cdt, x.device) if K else x.new_empty(0)
         BLOCK2 = _block(max(M, MI))
         _bwd_grad_kernel[(C, triton.cdiv(max(M, MI), BLOCK2))](
-            x, conv if K else x, g, wvec, mean, rstd, mg, mgy, dx, dconv if K else dx, C, H, W, Ho, Wo, M, MI,
-            HAS_SKIP=has_skip, HAS_AVG=has_avg, HAS_MAX=has_max, POOL_BN=pool_bn, K=K, STRIDE=stride,
+            x, conv if K else x, g, wvec, mean, rstd, mg, mgy, dx, dconv if K else dx, C, XC, XC, k, H, W, Ho, Wo,
+            M, MI, HAS_SKIP=has_skip, HAS_AVG=has_avg, HAS_MAX=has_max, POOL_BN=pool_bn, K=K, STRIDE=stride,
             BLOCK=BLOCK2)
-        dconvs = [dconv[k].to(convs[k].dtype) for k in range(K)]
-        return (dx, dweights, None, None, None, None, *dconvs)
+        if k > 1:
+            BLOCK3 = _block(MI)
+            _pc_bypass_bwd_kernel[(XC - C, triton.cdiv(MI, BLOCK3))](x, g, dx, C, XC, k, H, W, Ho, Wo, MI,
+                                                                     STRIDE=stride, BLOCK=BLOCK3)
+        dconvs = [dconv[i].to(convs[i].dtype) for i in range(K)]
+        return (dx, dweights, None, None, None, None, None, *dconvs)
+
+
+def _conv_list(conv_outs: dict, ops, stride: int, shape) -> list:
+    """The conv branches' pre-BN outputs in the kernels' order, checked like the reference checks them."""
+    _, _, _, conv_names, _ = _layout(ops, stride, "cpu")
+    convs = []
+    for name in conv_names:
+        if name not in conv_outs:
+            raise ValueError(f"conv_outs lacks the pre-BN output of conv branch {name!r} (stride {stride})")
+        y = conv_outs[name]
+        if tuple(y.shape) != shape:
+            raise ValueError(f"conv_outs[{name!r}] has shape {tuple(y.shape)}, expected {shape}")
+        convs.append(y)
+    return convs
+
+
+def _check_triton(x, weights, ops, stride):
+    if triton is None:
+        raise RuntimeError("triton is not installed: use the torch kernels")
+    _check(x, weights, ops, stride)
+    if x.dtype not in DTYPES:
+        raise ValueError(f"the Triton mixed op takes float32, float16 or bfloat16 inputs, got {x.dtype}")
 
 
 def mixed_op_triton(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, ops, stride: int,
@@ -410,19 +506,38 @@ def mixed_op_triton(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, ops
     conv_outs: {op name: pre-BN output [N, C, ceil(H/stride), ceil(W/stride)]} for every conv branch in ops.
     Differentiable in x, weights and every conv_outs entry.
     """
-    if triton is None:
-        raise RuntimeError("triton is not installed: use the torch kernels")
-    _check(x, weights, ops, stride)
-    if x.dtype not in DTYPES:
-        raise ValueError(f"the Triton mixed op takes float32, float16 or bfloat16 inputs, got {x.dtype}")
-    shape = _out_shape(x, stride)
-    _, _, _, conv_names, _ = _layout(ops, stride, "cpu")
-    convs = []
-    for name in conv_names:
-        if name not in conv_outs:
-            raise ValueError(f"conv_outs lacks the pre-BN output of conv branch {name!r} (stride {stride})")
-        y = conv_outs[name]
-        if tuple(y.shape) != shape:
-            raise ValueError(f"conv_outs[{name!r}] has shape {tuple(y.shape)}, expected {shape}")
-        convs.append(y)
-    return MixedOpTriton.apply(x, weights, tuple(ops), int(stride), float(eps), bool(pool_bn), *convs)
+    _check_triton(x, weights, ops, stride)
+    convs = _conv_list(conv_outs, ops, stride, _out_shape(x, stride))
+    return MixedOpTriton.apply(x, weights, tuple(ops), int(stride), float(eps), bool(pool_bn), 1, *convs)
+
+
+def mixed_op_triton_gdas(x: torch.Tensor, weights: torch.Tensor, index: int, conv_outs: dict, ops, stride: int,
+                         eps: float = 1e-5, *, pool_bn: bool = True) -> torch.Tensor:
+    """Fused GDAS edge, as ``mixed_op_reference_gdas``: ``weights[index] * op_index(x)``, only the sampled op
+    computed (the kernels run with that one op: a pool costs one window pass, a conv branch its BN; 'none' is a
+    zero tensor, not connected to ``x``, as in the reference). The gradient reaches ``weights[index]`` alone, and
+    through the straight-through Gumbel vector every logit."""
+    _check_triton(x, weights, ops, stride)
+    index = int(index)
+    if not 0 <= index < len(ops):
+        raise ValueError(f"index {index} out of range for {len(ops)} ops")
+    op, shape = (ops[index],), _out_shape(x, stride)
+    if op[0] == "none":
+        return weights[index] * x.new_zeros(shape)
+    convs = _conv_list(conv_outs, op, stride, shape)
+    return MixedOpTriton.apply(x, weights[index:index + 1], op, int(stride), float(eps), bool(pool_bn), 1, *convs)
+
+
+def mixed_op_triton_pc(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, ops, stride: int, k: int = 4,
+                       eps: float = 1e-5, *, pool_bn: bool = True) -> torch.Tensor:
+    """Fused PC-DARTS edge, as ``mixed_op_reference_pc``: the mixed op on the first C/k channels (conv_outs built
+    for C/k channels), the bypass (identity, or 2x2 max pool with ceil mode at stride 2) of the rest, and the
+    channel shuffle, all written by the kernels straight to their final places: no concatenation, no shuffle
+    copy."""
+    _check_triton(x, weights, ops, stride)
+    N, C, H, W = x.shape
+    if k < 1 or C % k:
+        raise ValueError(f"channels ({C}) must be divisible by the partial-channel factor k ({k})")
+    shape = (N, C // k, -(-H // stride), -(-W // stride))
+    convs = _conv_list(conv_outs, ops, stride, shape)
+    return MixedOpTriton.apply(x, weights, tuple(ops), int(stride), float(eps), bool(pool_bn), int(k), *convs)

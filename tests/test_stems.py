@@ -174,7 +174,8 @@ def test_real_imagenet_mobilenet_v2_weights_load_offline(tmp_path, monkeypatch):
 
 def test_missing_imagenet_weights_offline_give_one_line_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
-    with pytest.raises(KtnasError, match=r"ImageNet weights of resnet18 \(resnet18-f37072fd.pth\).*--weights PATH") as e:
+    msg = r"ImageNet weights of resnet18 \(resnet18-f37072fd.pth\).*--weights PATH"
+    with pytest.raises(KtnasError, match=msg) as e:
         get_stem("resnet18:layer1", weights="imagenet")
     assert "\n" not in str(e.value)
 

@@ -8,7 +8,7 @@ from ktnas.cache.errors import KtnasError
 from ktnas.engine.ops import OPS
 from ktnas.engine.spaces import get_space
 from ktnas.engine.supernet import MixedEdge, Supernet, count_parameters, kt_layout
-from ktnas.kernels import mixed_op
+from ktnas.kernels import mixed_op, resolve_impl
 
 
 def tiny(space="darts", stem="cached", **kw):
@@ -167,31 +167,45 @@ def test_mixed_op_dispatch(monkeypatch):
     with pytest.raises(KtnasError, match="needs a CUDA device"):
         mixed_op(x, w, {}, ops, 1, False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with pytest.raises(KtnasError, match="not variant 'gdas'"):
-        mixed_op(x, w, {}, ops, 1, False, variant="gdas", index=1)
+    with pytest.raises(KtnasError, match="not torch.float64.*use --kernels torch"):
+        mixed_op(x.double(), w, {}, ops, 1, False, variant="gdas", index=1)
+    monkeypatch.delenv("KTNAS_KERNELS")
+    # auto: the reference on CPU tensors, whatever the interpreter (Triton is the default on CUDA tensors only)
+    assert resolve_impl("auto", "cpu") == "torch" and resolve_impl("auto", "cpu", torch.float32) == "torch"
+    monkeypatch.setenv("KTNAS_KERNELS", "torch")
+    assert resolve_impl("auto", "cuda") == "torch"
     with pytest.raises(KtnasError, match="variant"):
         mixed_op(x, w, {}, ops, 1, False, variant="fast", impl="torch")
 
 
+@pytest.mark.parametrize("variant", ["full", "pc", "gdas"])
 @pytest.mark.parametrize("space", ["darts", "nb201"])
-def test_search_step_with_triton_kernels_equals_torch(space):
+def test_search_step_with_triton_kernels_equals_torch(space, variant):
     """One supernet step with the fused kernels (interpreted on the CPU) gives the reference's loss and
-    gradients (weights and alphas)."""
+    gradients (weights and alphas): the full mixed op, PC-DARTS' partial channels, GDAS' sampled ops."""
     from ktnas.kernels import triton_mixed
+    from ktnas.engine.search import gumbel_arch
 
     if not triton_mixed.available("cpu"):
         pytest.skip("triton interpreter not active in this process")
     torch.manual_seed(0)
-    nets = {k: Supernet(space, 3, 5, stem="cached", layers=1, channels=4, reductions=(0,) if space == "darts" else (),
-                        kernels=k) for k in ("torch", "triton")}  # DARTS: one reduction cell (strides 1 and 2)
+    k = 2 if variant == "pc" else 1
+    nets = {kn: Supernet(space, 3, 5, stem="cached", layers=1, channels=4, reductions=(0,) if space == "darts" else (),
+                         k=k, edge_norm=variant == "pc", kernels=kn)
+            for kn in ("torch", "triton")}  # DARTS: one reduction cell (strides 1 and 2)
+    with torch.no_grad():  # GDAS: rarely sample 'none', so the loss depends on the alphas
+        for a in nets["torch"].alphas().values():
+            a[:, nets["torch"].space.ops.index("none")] -= 5
     nets["triton"].load_state_dict(nets["torch"].state_dict())
     x, y = torch.randn(2, 5, 7, 7), torch.tensor([0, 2])
     grads = {}
-    for k, net in nets.items():
-        loss = F.cross_entropy(net(x), y)
+    for kn, net in nets.items():
+        arch = gumbel_arch(net, 1.0, torch.Generator().manual_seed(1)) if variant == "gdas" else None
+        loss = F.cross_entropy(net(x, arch), y)
         loss.backward()
-        grads[k] = (loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+        grads[kn] = (loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
     torch.testing.assert_close(grads["triton"][0], grads["torch"][0], rtol=1e-4, atol=1e-5)
     assert grads["triton"][1].keys() == grads["torch"][1].keys()
+    assert any(n.startswith("alpha") and g.abs().sum() > 0 for n, g in grads["torch"][1].items())
     for n, g in grads["torch"][1].items():
         torch.testing.assert_close(grads["triton"][1][n], g, rtol=1e-3, atol=1e-4, msg=n)

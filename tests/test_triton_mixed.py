@@ -16,7 +16,8 @@ if _LATE and not torch.cuda.is_available():
                 "or with TRITON_INTERPRET=1 in the environment", allow_module_level=True)
 
 from ktnas.kernels import triton_mixed as tm
-from ktnas.kernels.reference import is_conv_branch, mixed_op_reference
+from ktnas.kernels.reference import (is_conv_branch, mixed_op_reference, mixed_op_reference_gdas,
+                                     mixed_op_reference_pc)
 
 if not tm.available():
     pytest.skip("Triton kernels unavailable (no CUDA and TRITON_INTERPRET not set before triton was imported)",
@@ -38,9 +39,10 @@ def _nonzero(t):
     return torch.where(t == 0, torch.full_like(t, 0.25), t)
 
 
-def _inputs(shape, ops, stride, dtype, gen, wdtype=torch.float32, ties=False):
+def _inputs(shape, ops, stride, dtype, gen, wdtype=torch.float32, ties=False, k=1):
     N, C, H, W = shape
     Ho, Wo = -(-H // stride), -(-W // stride)
+    Cc = C // k  # channels of the conv branches (PC-DARTS: a fraction)
     if ties:  # small integers: many equal maxima in the pooling windows
         x = torch.randint(1, 4, shape, generator=gen).to(dtype)
     else:
@@ -51,12 +53,15 @@ def _inputs(shape, ops, stride, dtype, gen, wdtype=torch.float32, ties=False):
         if is_conv_branch(name, stride) and name not in conv:
             scale = 0.5 + 2 * torch.rand((), generator=gen)
             shift = torch.randn((), generator=gen)
-            conv[name] = _nonzero(torch.randn(N, C, Ho, Wo, generator=gen) * scale + shift).to(dtype)
+            conv[name] = _nonzero(torch.randn(N, Cc, Ho, Wo, generator=gen) * scale + shift).to(dtype)
     g = _nonzero(torch.randn(N, C, Ho, Wo, generator=gen)).to(dtype)
     return x, w, conv, g
 
 
 def _close(got, ref, tol, what):
+    if got is None and ref is None:  # neither is connected to the input (GDAS' 'none')
+        return
+    assert got is not None, f"{what}: no gradient where the reference has one"
     got = got.detach().double()
     ref = torch.zeros_like(got) if ref is None else ref.detach()  # None: the reference does not use the input
     assert torch.isfinite(got).all(), f"{what}: non-finite values (an element left unwritten?)"
@@ -65,28 +70,46 @@ def _close(got, ref, tol, what):
     assert err <= tol * scale + tol * ref.abs().mean().item(), f"{what}: max error {err:.3g} (scale {scale:.3g})"
 
 
-def _check(shape, ops, stride, dtype, pool_bn=True, seed=0, wdtype=torch.float32, ties=False):
+def _variant(variant, index, k):
+    """(reference, triton) callables of one variant with the signature f(x, w, conv, ops, stride, pool_bn)."""
+    if variant == "gdas":
+        return (lambda x, w, c, ops, s, pool_bn: mixed_op_reference_gdas(x, w, index, c, ops, s, pool_bn=pool_bn),
+                lambda x, w, c, ops, s, pool_bn: tm.mixed_op_triton_gdas(x, w, index, c, ops, s, pool_bn=pool_bn))
+    if variant == "pc":
+        return (lambda x, w, c, ops, s, pool_bn: mixed_op_reference_pc(x, w, c, ops, s, k, pool_bn=pool_bn),
+                lambda x, w, c, ops, s, pool_bn: tm.mixed_op_triton_pc(x, w, c, ops, s, k, pool_bn=pool_bn))
+    return (lambda x, w, c, ops, s, pool_bn: mixed_op_reference(x, w, c, ops, s, pool_bn=pool_bn),
+            lambda x, w, c, ops, s, pool_bn: tm.mixed_op_triton(x, w, c, ops, s, pool_bn=pool_bn))
+
+
+def _check(shape, ops, stride, dtype, pool_bn=True, seed=0, wdtype=torch.float32, ties=False, variant="full",
+           index=None, k=1):
     gen = torch.Generator().manual_seed(seed)
-    x, w, conv, g = _inputs(shape, ops, stride, dtype, gen, wdtype, ties)
+    x, w, conv, g = _inputs(shape, ops, stride, dtype, gen, wdtype, ties, k)
+    reference, fused = _variant(variant, index, k)
+    if variant == "gdas":  # only the sampled op's conv output is given (and needed)
+        conv = {n: t for n, t in conv.items() if n == ops[index]}
     x, w, g = x.to(DEVICE), w.to(DEVICE), g.to(DEVICE)
     conv = {k: v.to(DEVICE) for k, v in conv.items()}
     # reference in float64 on upcast copies of the very same values
     x64 = x.double().requires_grad_()
     w64 = w.double().requires_grad_()
     c64 = {k: v.double().requires_grad_() for k, v in conv.items()}
-    ref = mixed_op_reference(x64, w64, c64, ops, stride, pool_bn=pool_bn)
+    ref = reference(x64, w64, c64, ops, stride, pool_bn)
     ref.backward(g.double())
     # triton
     xt = x.clone().requires_grad_()
     wt = w.clone().requires_grad_()
     ct = {k: v.clone().requires_grad_() for k, v in conv.items()}
-    out = tm.mixed_op_triton(xt, wt, ct, ops, stride, pool_bn=pool_bn)
+    out = fused(xt, wt, ct, ops, stride, pool_bn)
     assert out.dtype == dtype and tuple(out.shape) == tuple(ref.shape)
     out.backward(g)
     tol = TOL[dtype]
     _close(out, ref, tol, "out")
     _close(xt.grad, x64.grad, tol, "dx")
-    assert xt.grad.dtype == dtype and wt.grad.dtype == wdtype
+    if variant == "gdas":  # the one-op kernels give the sampled weight alone a gradient
+        assert (w64.grad != 0).sum() <= 1 and (wt.grad[torch.arange(len(ops)) != index] == 0).all()
+    assert (xt.grad is None or xt.grad.dtype == dtype) and wt.grad.dtype == wdtype
     _close(wt.grad, w64.grad, tol, "dweights")
     for k, t in ct.items():
         assert t.grad.dtype == dtype
@@ -161,3 +184,78 @@ def test_errors_match_reference():
 
 def test_available():
     assert tm.available() and tm.available("cpu")
+
+
+# ------------------------------------------------------------------------------------------ GDAS and PC-DARTS
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("space", ["darts", "nb201"])
+def test_gdas_every_sampled_op(space, stride):
+    ops, pool_bn = (DARTS, True) if space == "darts" else (NB201, False)
+    for index in range(len(ops)):
+        _check((2, 3, 5, 7), ops, stride, torch.float32, pool_bn=pool_bn, seed=71 + index + 10 * stride,
+               variant="gdas", index=index)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gdas_half(dtype):
+    _check((1, 3, 5, 5), DARTS, 2, dtype, seed=81, variant="gdas", index=DARTS.index("max_pool_3x3"))
+    _check((1, 3, 5, 5), DARTS, 1, dtype, seed=82, variant="gdas", index=DARTS.index("sep_conv_5x5"))
+
+
+def test_gdas_straight_through_reaches_every_logit():
+    """Through the hard Gumbel vector (one_hot - p.detach() + p), dL/dalpha is nonzero for every op."""
+    gen = torch.Generator().manual_seed(3)
+    x = _nonzero(torch.randn(2, 3, 5, 5, generator=gen))
+    alpha = torch.randn(len(DARTS), generator=gen, requires_grad=True)
+    p = torch.softmax(alpha, 0)
+    index = DARTS.index("avg_pool_3x3")
+    hard = torch.nn.functional.one_hot(torch.tensor(index), len(DARTS)).float() - p.detach() + p
+    out = tm.mixed_op_triton_gdas(x, hard, index, {}, DARTS, 1)
+    (out * _nonzero(torch.randn(out.shape, generator=gen))).sum().backward()
+    assert (alpha.grad != 0).all()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape,k", [((2, 8, 5, 7), 4), ((1, 12, 7, 5), 4), ((2, 6, 5, 5), 2), ((2, 3, 5, 5), 3)])
+def test_pc_darts(shape, k, stride):
+    _check(shape, DARTS, stride, torch.float32, seed=91 + k + stride, variant="pc", k=k)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pc_nb201_and_ties(stride):
+    _check((2, 8, 7, 7), NB201, stride, torch.float32, pool_bn=False, seed=101 + stride, variant="pc", k=4)
+    # equal maxima in the bypass' 2x2 windows: the gradient goes to the first one, as PyTorch's max pool
+    _check((2, 8, 7, 5), ["max_pool_3x3", "skip_connect"], stride, torch.float32, seed=111 + stride, ties=True,
+           variant="pc", k=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pc_half(dtype, stride):
+    _check((2, 8, 5, 7), DARTS, stride, dtype, seed=121 + stride, variant="pc", k=4)
+
+
+def test_pc_k1_is_full():
+    _check((2, 4, 5, 5), DARTS, 1, torch.float32, seed=131, variant="pc", k=1)
+
+
+def test_pc_several_tiles(monkeypatch):
+    monkeypatch.setattr(tm, "_MAX_BLOCK", 32)
+    for stride in (1, 2):
+        _check((3, 8, 7, 9), DARTS, stride, torch.float32, seed=141 + stride, variant="pc", k=4)
+
+
+def test_auto_probe(monkeypatch):
+    """'auto' trusts the kernels on a device only after they built, ran and matched the reference there once."""
+    from ktnas.kernels import mixed
+
+    monkeypatch.setattr(mixed, "_probed", {})
+    assert mixed._probe("cpu", torch.float32) and mixed._probed == {("cpu", torch.float32): None}
+    for broken, why, dtype in ((lambda *a: (_ for _ in ()).throw(RuntimeError("no sm_50 support")), "no sm_50",
+                                torch.bfloat16),
+                               (lambda *a: mixed._reference(*a) * 1.01, "differ from the reference", torch.float32)):
+        monkeypatch.setattr(mixed, "_probed", {})
+        monkeypatch.setattr(mixed, "_fused", broken)
+        with pytest.warns(UserWarning, match=why):
+            assert not mixed._probe("cpu", dtype)
+        assert not mixed._probe("cpu", dtype)  # decided once: no second warning, no second try
