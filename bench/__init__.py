@@ -1,10 +1,11 @@
 """ktnas.bench: benchmarks behind ``ktnas bench NAME``.
 
 Each benchmark is a module with ``HELP``, ``add_arguments(parser)`` and ``report(args, work_dir) -> Report``,
-plus a plain Python function returning its rows (:func:`bench_loader`, :func:`bench_precompute`). ``ktnas bench
-NAME --out DIR`` (default ``runs/bench-NAME``) writes ``results.json``, ``results.md`` and ``results.png`` there
-and prints the markdown. Numbers are measured in one run on one machine: compare ratios within a report, not
-absolute rates across machines. A new benchmark is one module and one entry in :data:`BENCHMARKS`.
+plus a plain Python function returning its rows (:func:`bench_loader`, :func:`bench_precompute`,
+:func:`bench_search`). ``ktnas bench NAME --out DIR`` (default ``runs/bench-NAME``) writes ``results.json``,
+``results.md`` and ``results.png`` there and prints the markdown. Numbers are measured in one run on one
+machine: compare ratios within a report, not absolute rates across machines. A new benchmark is one module and
+one entry in :data:`BENCHMARKS`.
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from ktnas.cache.errors import KtnasError
 from .loader import bench_loader
 from .precompute import bench_precompute
 from .report import write_report
+from .search import bench_search
 
-BENCHMARKS = {"loader": "ktnas.bench.loader", "precompute": "ktnas.bench.precompute"}
+BENCHMARKS = {"loader": "ktnas.bench.loader", "precompute": "ktnas.bench.precompute", "kernels": "ktnas.bench.kernels",
+              "search": "ktnas.bench.search"}
 
 
 def _module(name: str):
@@ -77,4 +80,5 @@ def run_bench(args) -> int:
     return 0
 
 
-__all__ = ["BENCHMARKS", "add_bench_parser", "run_bench", "command_line", "bench_loader", "bench_precompute"]
+__all__ = ["BENCHMARKS", "add_bench_parser", "run_bench", "command_line", "bench_loader", "bench_precompute",
+           "bench_search"]
