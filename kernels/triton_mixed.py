@@ -346,10 +346,22 @@ if triton is not None:
         tl.store(dx_ptr + xplane + ih * W + iw, d.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _layout(ops, stride, device):
-    """(HAS_SKIP, HAS_AVG, HAS_MAX, conv op names, index map of ops into the weight slots).
+_LAYOUTS: dict = {}
 
-    Weight slots: 0 skip (stride 1), 1 avg pool, 2 max pool, 3+k conv branch k, 3+K 'none' (unused)."""
+
+def _layout(ops, stride, device):
+    """(HAS_SKIP, HAS_AVG, HAS_MAX, conv op names, index map of ops into the weight slots on ``device``).
+
+    Weight slots: 0 skip (stride 1), 1 avg pool, 2 max pool, 3+k conv branch k, 3+K 'none' (unused).
+    Cached: building the index tensor is a host-to-device copy, which would stall every step (and cannot be
+    captured in a CUDA graph)."""
+    key = (tuple(ops), int(stride), str(torch.device(device)))
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = _build_layout(ops, stride, device)
+    return _LAYOUTS[key]
+
+
+def _build_layout(ops, stride, device):
     conv_names = []
     for name in ops:
         if is_conv_branch(name, stride) and name not in conv_names:
@@ -367,7 +379,7 @@ def _layout(ops, stride, device):
             slot.append(2)
         else:
             slot.append(3 + conv_names.index(name))
-    return (0 in slot, 1 in slot, 2 in slot, conv_names,
+    return (0 in slot, 1 in slot, 2 in slot, tuple(conv_names),
             torch.tensor(slot, dtype=torch.long, device=device))
 
 
