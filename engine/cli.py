@@ -147,12 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_inspect)
 
     from ktnas.bench import add_bench_parser
+    from ktnas.engine.evolve import add_evolve_parser
     from ktnas.engine.search import add_search_parser
     from ktnas.engine.train import add_evaluate_parser, add_train_parser
 
     add_search_parser(sub)
     add_train_parser(sub)
     add_evaluate_parser(sub)
+    add_evolve_parser(sub)
     add_bench_parser(sub)
     return p
 

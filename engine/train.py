@@ -15,6 +15,7 @@ of an uninterrupted run bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -40,8 +41,8 @@ from .runs import atomic_save, atomic_write_text, rng_state, set_rng_state
 from .network import build_network, load_model, save_model
 from .spaces import load_genotype
 
-__all__ = ["TrainConfig", "train", "evaluate", "load_model", "stem_of_store", "add_train_parser",
-           "add_evaluate_parser"]
+__all__ = ["TrainConfig", "train", "evaluate", "load_model", "stem_of_store", "stem_images", "ImageBatches",
+           "make_optimizer", "train_step", "run_epoch", "add_train_parser", "add_evaluate_parser"]
 
 
 @dataclass
@@ -93,10 +94,13 @@ def stem_of_store(attrs: dict, path: str = "the store"):
 
 # ---------------------------------------------------------------------------------------------- batches
 class _ImageBatches:
-    """On-the-fly batches: images of a split through the frozen stem (augmented for training)."""
+    """On-the-fly batches: images of a split through the frozen stem (augmented for training). ``indices``: the
+    samples used (default: the first ``n``); training batches follow a permutation of them seeded by
+    (seed, epoch)."""
 
-    def __init__(self, images, n, stem, batch_size, device, train, seed):
-        self.images, self.n, self.stem, self.batch_size = images, n, stem, batch_size
+    def __init__(self, images, n, stem, batch_size, device, train, seed, indices=None):
+        self.indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.images, self.n, self.stem, self.batch_size = images, len(self.indices), stem, batch_size
         self.device, self.train, self.seed, self.epoch = device, train, seed, 0
 
     def set_epoch(self, epoch):
@@ -106,14 +110,30 @@ class _ImageBatches:
         return math.ceil(self.n / self.batch_size)
 
     def __iter__(self):
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.train else \
-            np.arange(self.n)
+        order = self.indices[np.random.default_rng([self.seed, self.epoch]).permutation(self.n)] if self.train \
+            else self.indices
         for a in range(0, self.n, self.batch_size):
             idx = order[a:a + self.batch_size]
             x = self.stem.prepare(self.images.get_batch(torch.from_numpy(idx)).to(self.device))
             if self.train:
                 x = augment(x, idx, self.epoch + 1, self.seed, "train")
             yield self.stem.forward_prepared(x), self.images.labels[torch.from_numpy(idx)].to(self.device)
+
+
+ImageBatches = _ImageBatches
+
+
+def stem_images(store, stem, split: str, dataset: str | None = None, data_root: str | None = None):
+    """The images of ``split`` that ``store`` was built from, prepared for ``stem`` (``dataset`` defaults to the
+    store's; images that differ from the store's are refused, naming the data set to pass)."""
+    dataset = dataset or store.attrs.get("dataset")
+    images = load_split(dataset, split, root=data_root, image_size=stem.preprocessing.image_size,
+                        seed=int(store.attrs.get("seed", 0)))
+    want = store.attrs.get("dataset_fingerprints", {}).get(split)
+    if want is not None and images.fingerprint != want:
+        raise KtnasError(f"the {split} images of {dataset} differ from those store {store.path} was built from "
+                         f"({store.attrs.get('dataset')}): pass --dataset {store.attrs.get('dataset')}")
+    return images
 
 
 def _loaders(cfg, store, stem, device):
@@ -124,17 +144,8 @@ def _loaders(cfg, store, stem, device):
         kw = dict(batch_size=cfg.batch_size, device=device, seed=cfg.seed, workers=cfg.workers)
         return (FeatureLoader(store, "train", shuffle=True, view="random", indices=np.arange(n["train"]), **kw),
                 FeatureLoader(store, "test", shuffle=False, view=0, indices=np.arange(n["test"]), **kw))
-    dataset = cfg.dataset or store.attrs.get("dataset")
-    out = []
-    for split in ("train", "test"):
-        images = load_split(dataset, split, root=cfg.data_root, image_size=stem.preprocessing.image_size,
-                            seed=int(store.attrs.get("seed", 0)))
-        want = store.attrs.get("dataset_fingerprints", {}).get(split)
-        if want is not None and images.fingerprint != want:
-            raise KtnasError(f"the {split} images of {dataset} differ from those store {store.path} was built from "
-                             f"({store.attrs.get('dataset')}): pass --dataset {store.attrs.get('dataset')}")
-        out.append(_ImageBatches(images, n[split], stem, cfg.batch_size, device, split == "train", cfg.seed))
-    return tuple(out)
+    return tuple(_ImageBatches(stem_images(store, stem, split, cfg.dataset, cfg.data_root), n[split], stem,
+                               cfg.batch_size, device, split == "train", cfg.seed) for split in ("train", "test"))
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -162,31 +173,76 @@ def plot_curves(history: list[dict], path: Path):
 
 
 # --------------------------------------------------------------------------------------------- training
-def _run_epoch(net, batches, device, optimizer=None, cfg=None, desc="", progress=False):
-    """One pass: trains when ``optimizer`` is given, else evaluates. Returns (mean loss, accuracy %)."""
-    training = optimizer is not None
-    net.train(training)
-    loss_sum, correct, count = 0.0, 0, 0
+def make_optimizer(net, cfg, t_max):
+    """DARTS' optimiser for ``net``: SGD (cfg.lr, momentum, weight decay) and cosine annealing to 0 over ``t_max``
+    scheduler steps (epochs for ``ktnas train``, optimiser steps for ``ktnas evolve``)."""
+    optimizer = torch.optim.SGD(net.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, float(t_max))
+
+
+def train_step(net, x, y, optimizer, cfg):
+    """One optimiser step of ``net`` on the batch (x, y): cross-entropy (+ cfg.auxiliary_weight x the auxiliary
+    head's when it has one), gradients clipped to cfg.grad_clip. Returns (loss, logits), detached."""
+    logits, logits_aux = net(x)
+    loss = nn.functional.cross_entropy(logits, y)
+    total = loss + cfg.auxiliary_weight * nn.functional.cross_entropy(logits_aux, y) if logits_aux is not None \
+        else loss
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
+def run_epoch(nets, batches, device, optimizers=None, cfg=None, *, schedulers=None, streams=None, desc="",
+              progress=False, check_finite=True) -> list[tuple[float, float]]:
+    """One pass of several networks in lock-step over the same batches (each batch is read, and with
+    --on-the-fly run through the stem, once for all of them): trains when ``optimizers`` are given (one
+    :func:`train_step` per network and batch, then its scheduler's step when ``schedulers`` are given), else
+    evaluates. ``streams``: one CUDA stream per network, so that the small networks' kernels overlap on the GPU.
+    Returns one (mean loss, accuracy %) per network; a non-finite training loss is a KtnasError when
+    ``check_finite``."""
+    training = optimizers is not None
+    for net in nets:
+        net.train(training)
+    sums = [[torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.int64, device=device)]
+            for _ in nets]
+    count = 0
     bar = tqdm(batches, desc=desc, leave=False, disable=not progress, file=sys.stderr, dynamic_ncols=True)
     with torch.set_grad_enabled(training):
         for x, y in bar:
             x, y = x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
-            logits, logits_aux = net(x)
-            loss = nn.functional.cross_entropy(logits, y)
-            if training:
-                total = loss + cfg.auxiliary_weight * nn.functional.cross_entropy(logits_aux, y) \
-                    if logits_aux is not None else loss
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-                optimizer.step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            for k, net in enumerate(nets):
+                if streams is not None:
+                    streams[k].wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(streams[k]) if streams is not None else contextlib.nullcontext():
+                    if training:
+                        loss, logits = train_step(net, x, y, optimizers[k], cfg)
+                        if schedulers is not None:
+                            schedulers[k].step()
+                    else:
+                        logits = net(x)[0]
+                        loss = nn.functional.cross_entropy(logits, y)
+                    sums[k][0] += loss.double() * len(y)
+                    sums[k][1] += (logits.argmax(1) == y).sum()
+            if streams is not None:
+                for s in streams:
+                    torch.cuda.current_stream(device).wait_stream(s)
             count += len(y)
-            bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{100 * correct / count:.1f}")
-    if training and not math.isfinite(loss_sum):
-        raise KtnasError(f"training diverged (loss {loss_sum / count}): lower --lr or --grad-clip")
-    return loss_sum / count, 100.0 * correct / count
+            if progress and len(nets) == 1:
+                bar.set_postfix(loss=f"{float(sums[0][0]) / count:.3f}", acc=f"{100 * int(sums[0][1]) / count:.1f}")
+    out = [(float(loss_sum) / count, 100.0 * int(correct) / count) for loss_sum, correct in sums]
+    if training and check_finite:
+        for loss, _ in out:
+            if not math.isfinite(loss):
+                raise KtnasError(f"training diverged (loss {loss}): lower --lr or --grad-clip")
+    return out
+
+
+def _run_epoch(net, batches, device, optimizer=None, cfg=None, desc="", progress=False):
+    """One pass: trains when ``optimizer`` is given, else evaluates. Returns (mean loss, accuracy %)."""
+    return run_epoch([net], batches, device, None if optimizer is None else [optimizer], cfg, desc=desc,
+                     progress=progress)[0]
 
 
 def train(cfg: TrainConfig | None = None, **overrides) -> dict:
@@ -221,8 +277,7 @@ def _train(cfg, out, ckpt_path, device, genotype, store) -> dict:
                           auxiliary=cfg.auxiliary, in_channels=int(C_stem), in_size=int(H))
     torch.manual_seed(cfg.seed)
     net = build_network(genotype, **network_config).to(device)
-    optimizer = torch.optim.SGD(net.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, float(cfg.epochs))
+    optimizer, scheduler = make_optimizer(net, cfg, cfg.epochs)
     train_batches, test_batches = _loaders(cfg, store, stem, device)
 
     start, history = 0, []

@@ -44,6 +44,17 @@ def ktnas(*args, check=True, env=None, **popen):
     return r
 
 
+def one_line_error(fn, *match):
+    """``fn()`` raises a KtnasError of one line that contains every string in ``match``; returns the message."""
+    from ktnas.cache.errors import KtnasError
+
+    with pytest.raises(KtnasError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg and all(m in msg for m in match), msg
+    return msg
+
+
 def store_contents(path):
     """Everything a store holds: attrs and, per split, features, labels and written flags (numpy)."""
     from ktnas.cache.store import open_store

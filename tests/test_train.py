@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import one_line_error
 import torch
 
 from ktnas.cache.datasets import load_split
@@ -43,14 +44,6 @@ def cli(*argv) -> str:
     with contextlib.redirect_stdout(out):
         assert args.func(args) == 0
     return out.getvalue()
-
-
-def one_line_error(fn, *match):
-    with pytest.raises(KtnasError) as e:
-        fn()
-    msg = str(e.value)
-    assert "\n" not in msg and all(m in msg for m in match), msg
-    return msg
 
 
 @pytest.fixture(scope="module")
