@@ -38,9 +38,10 @@ class Report:
     title: str
     rows: list[dict]
     columns: list[Column]
-    chart: Callable  # chart(ax, rows): draws on a matplotlib Axes
+    chart: Callable  # chart(ax, rows): draws on a matplotlib Axes (a list of chart_panels Axes when > 1)
     device: str = "cpu"
     notes: list[str] = field(default_factory=list)
+    chart_panels: int = 1  # side-by-side Axes handed to ``chart``
 
 
 def rate(v) -> str:
@@ -105,11 +106,16 @@ def write_report(out, report: Report, command: str) -> str:
     text = "\n".join(md).rstrip() + "\n"
     (out / "results.md").write_text(text)
 
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    panels = report.chart_panels
+    fig = Figure(figsize=(8 if panels == 1 else 6.5 * panels, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    report.chart(ax, report.rows)
-    ax.set_title(f"{report.title}\n{machine['device_name']}, {machine['cpu_count']} CPUs, "
-                 f"torch {machine['torch']}, {machine['date'][:10]}", fontsize=9)
+    axes = fig.subplots(1, panels)
+    report.chart(axes if panels == 1 else list(axes), report.rows)
+    title = (f"{report.title}\n{machine['device_name']}, {machine['cpu_count']} CPUs, "
+             f"torch {machine['torch']}, {machine['date'][:10]}")
+    if panels == 1:
+        axes.set_title(title, fontsize=9)
+    else:
+        fig.suptitle(title, fontsize=9)
     fig.savefig(out / "results.png", dpi=120)
     return text

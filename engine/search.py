@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ktnas.cache.errors import KtnasError
+from ktnas.kernels import resolve_impl
 
 from .spaces import (DartsGenotype, _parse_darts, alpha_entropy, count_skips, derive_darts, derive_nb201,
                      genotype_from_json, get_space, load_genotype, random_genotype)
@@ -590,25 +591,33 @@ class _Run:
                 all_reduce_grads(self.model.arch_parameters())
         self.a_opt.step()
 
+    def search_step(self, epoch: int, xt, yt, xv, yv, gen: torch.Generator, rng: np.random.Generator):
+        """One step of the algorithm on a training and a validation batch (the body of the train loop; also what
+        ``ktnas bench search`` times): darts/pcdarts an architecture step (from ``warmup`` on), then a weight step;
+        gdas a weight and an architecture step, each under its own Gumbel sample from ``gen``; random a weight step
+        under a genotype drawn from ``rng``. Returns the weight step's (loss, logits), detached."""
+        cfg, model = self.cfg, self.model
+        if cfg.algo == "gdas":
+            loss, logits = self._weight_step(xt, yt, gumbel_arch(model, _tau(cfg, epoch), gen))
+            self._arch_step(xt, yt, xv, yv, gumbel_arch(model, _tau(cfg, epoch), gen))
+        elif cfg.algo == "random":
+            loss, logits = self._weight_step(xt, yt, genotype_arch(model, random_genotype(model.space, rng)))
+        else:
+            if epoch >= cfg.warmup:
+                self._arch_step(xt, yt, xv, yv)
+            loss, logits = self._weight_step(xt, yt)
+        return loss, logits
+
     def train_epoch(self, epoch: int, train, val) -> dict:
         cfg, model = self.cfg, self.model
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         rng = np.random.default_rng([cfg.seed, epoch, 1])
-        update_arch = cfg.algo in ("darts", "pcdarts") and epoch >= cfg.warmup
         tot_loss, correct, seen = 0.0, 0, 0
         bar = tqdm(zip(train, _cycle(val)), total=len(train), desc=f"search {cfg.algo} epoch {epoch + 1}/{cfg.epochs}",
                    disable=not cfg.progress, leave=False, file=sys.stderr, dynamic_ncols=True)
         for (xt, yt), (xv, yv) in bar:
-            if cfg.algo == "gdas":
-                loss, logits = self._weight_step(xt, yt, gumbel_arch(model, _tau(cfg, epoch), gen))
-                self._arch_step(xt, yt, xv, yv, gumbel_arch(model, _tau(cfg, epoch), gen))
-            elif cfg.algo == "random":
-                loss, logits = self._weight_step(xt, yt, genotype_arch(model, random_genotype(model.space, rng)))
-            else:
-                if update_arch:
-                    self._arch_step(xt, yt, xv, yv)
-                loss, logits = self._weight_step(xt, yt)
+            loss, logits = self.search_step(epoch, xt, yt, xv, yv, gen, rng)
             tot_loss += float(loss) * len(yt)
             correct += int((logits.argmax(-1) == yt).sum())
             seen += len(yt)
@@ -899,7 +908,8 @@ def _search(cfg: SearchConfig, device, rank: int, world_size: int) -> dict:
         _broadcast_model(run.model)
         resolved = dict(_config_json(cfg), layout=run.layout, data=info, world_size=world_size,
                         effective_batch_size=cfg.batch_size * world_size, params=count_parameters(run.model),
-                        arch_params=sum(p.numel() for p in run.model.arch_parameters()))
+                        arch_params=sum(p.numel() for p in run.model.arch_parameters()),
+                        kernels_used=resolve_impl(cfg.kernels, device))
         if chosen is not None:
             resolved["batch_size_chosen"] = chosen
         if main:
