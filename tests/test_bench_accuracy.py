@@ -1,0 +1,52 @@
+"""ktnas bench accuracy: the whole comparison (precompute, both searches, both trainings, evaluate) really runs,
+at a tiny budget, and its report holds what the README's table needs. No timing or accuracy is asserted beyond
+what is true by construction."""
+import json
+
+import pytest
+
+from ktnas.engine.cli import main
+
+
+def test_bench_accuracy_end_to_end(tmp_path, capsys):
+    out = tmp_path / "ba"
+    argv = ["bench", "accuracy", "--dataset", "synthetic:160/64", "--stem", "mobilenet_v2:features.1", "--weights",
+            "none", "--image-size", "32", "--search-epochs", "1", "--search-limit", "64", "--batch-size", "16",
+            "--train-epochs", "1", "--train-limit", "96", "--train-layers", "3", "--train-channels", "4",
+            "--train-batch-size", "32", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0
+    data = json.loads((out / "results.json").read_text())
+    rows = {r["config"]: r for r in data["rows"]}
+    assert list(rows) == ["kt-nas", "classic"]
+    kt, classic = rows["kt-nas"], rows["classic"]
+    assert kt["precompute_s"] > 0 and classic["precompute_s"] == 0
+    for r in rows.values():
+        assert r["search_s"] > 0 and r["search_wall_s"] >= r["search_s"] and r["cost_s"] >= r["search_s"]
+        assert r["peak_mem_bytes"] > 0 and 0 <= r["test_acc"] <= 100 and 0 <= r["search_val_acc"] <= 1
+        assert r["genotype"].startswith("normal=") or "|" in r["genotype"], r["genotype"]
+        assert (r["device"], r["batch"], r["search_samples"], r["search_epochs"]) == ("cpu", 16, 64, 1)
+    assert classic["cost_vs_classic"] == 1 and classic["acc_minus_classic"] == 0
+    assert kt["acc_minus_classic"] == pytest.approx(kt["test_acc"] - classic["test_acc"])
+    assert 0 <= kt["raw_test_acc"] <= 100
+    # the classic search is the classic network (all 8 cells from images); KT-NAS searches fewer cells
+    assert classic["params"] > kt["params"]
+    # every phase's command is in the report, to be rerun by itself
+    md = (out / "results.md").read_text()
+    for phase in ("precompute:", "kt-nas search:", "classic search:", "kt-nas train:", "classic train:",
+                  "kt-nas evaluate:"):
+        assert phase in md
+    assert "`ktnas search --stem none --dataset synthetic:160/64" in md
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    # a rerun reuses the store (and its first precompute time), measures the searches afresh
+    assert main(argv) == 0
+    again = {r["config"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert again["kt-nas"]["precompute_s"] == kt["precompute_s"]
+    assert "precompute:" not in (out / "results.md").read_text().split("kt-nas search:")[0].split("- ")[-1]
+    capsys.readouterr()
+
+
+def test_bench_accuracy_failing_phase_is_one_line(tmp_path, capsys):
+    assert main(["bench", "accuracy", "--dataset", "no-such-set", "--device", "cpu", "--quick",
+                 "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "precompute-features" in err[0] and "precompute.log" in err[0], err
