@@ -47,7 +47,6 @@ import resource
 import statistics
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,12 +57,13 @@ import torch.nn.functional as F
 from ktnas.cache.datasets import load_split
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.precompute import PrecomputeConfig, precompute, resolve_device
-from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM, get_stem
+from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM
 from ktnas.cache.store import open_store, store_exists
 from ktnas.cache.stream import FeatureLoader
 from ktnas.engine.search import (PAPER_DEFAULTS, ImageBatches, SearchConfig, _hash, _Run, _seed_all, _split_indices,
                                  choose_batch_size, parse_size, resolve_config)
 from ktnas.engine.supernet import count_parameters
+from ktnas.engine.train import stem_of_store
 
 from .report import Column, Report, rate
 
@@ -309,14 +309,10 @@ def _root_cause(e: BaseException) -> str:
 
 
 def _store_stem(attrs: dict):
-    """The frozen stem that made a store, rebuilt from its attributes (its ``weights`` records the source:
-    ``imagenet (...)``, ``none`` or ``file:PATH``); a _Skip when it cannot be rebuilt here."""
-    source = str(attrs.get("weights", "imagenet"))
-    weights = "imagenet" if source.startswith("imagenet") else source[5:] if source.startswith("file:") else source
+    """The frozen stem that made a store, rebuilt from its attributes and checked against its fingerprint
+    (``ktnas train``'s own :func:`stem_of_store`); a _Skip when it cannot be rebuilt here."""
     try:
-        with warnings.catch_warnings():  # --weights none warned when the store was made
-            warnings.filterwarnings("ignore", message=".*uses random weights")
-            return get_stem(attrs["stem"], weights, attrs["preprocessing"]["image_size"])
+        return stem_of_store(attrs)
     except (KtnasError, KeyError) as e:
         raise _Skip(f"the store's stem cannot be rebuilt here: {e}") from None
 
