@@ -238,3 +238,16 @@ def test_max_memory_refuses_when_not_even_one_sample_fits(monkeypatch):
     monkeypatch.setattr(S.torch.cuda, "empty_cache", lambda: None)
     with pytest.raises(KtnasError, match="even batch size 1 needs"):
         S.choose_batch_size(S.SearchConfig(batch_size=16, max_memory=5_000), torch.device("cpu"), {})
+
+
+@pytest.mark.parametrize("algo,order", [("darts", 2), ("pcdarts", 1), ("gdas", 1)])
+def test_bf16_autocast_search(store, tmp_path, algo, order):
+    """--precision bf16 (autocast; on the CPU too): the search runs, its losses are finite and its genotype and
+    alphas stay in float32; the config records it."""
+    s = search(cfg(store, tmp_path / "run", algo=algo, order=order, precision="bf16",
+                   channels=8 if algo == "pcdarts" else 4))
+    rows = check_run(tmp_path / "run", "darts", 1)
+    assert s["genotype_str"] == rows[-1]["genotype"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == "bf16"
+    with np.load(tmp_path / "run" / "alphas.npz") as z:
+        assert all(z[k].dtype == np.float32 for k in z.files)
