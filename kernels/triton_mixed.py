@@ -7,23 +7,29 @@ statistics, biased variance) after pools when ``pool_bn`` and after every conv b
 ``conv_outs``), and the weighted sum. Inputs float32, bfloat16 or float16; arithmetic in float32; the output in
 the dtype of ``x``.
 
-Passes (each kernel runs one program per (channel, tile of BLOCK flat positions)):
+Passes (the elementwise kernels run one program per (channel, tile of BLOCK flat positions); the conv outputs are
+passed as separate pointers, never stacked into a copy):
 
 forward
   1. ``_fwd_stats_kernel``: per (channel, tile) partial sums and sums of squares (shifted by the channel's first
      value, for a stable variance) of the pooled values (when pool_bn) and of every conv output, into an fp32
-     buffer [C, T, 2*(2+K)]; torch then sums the T tiles and turns them into per-channel mean / rstd [2+K, C].
-  2. ``_fwd_out_kernel``: recomputes the pools, normalises, weights and sums; writes only ``out``.
+     buffer [C, T, 2*(2+K)]; ``_fwd_finalize_kernel`` (one program per channel) sums the tiles into the
+     per-channel mean / rstd [2+K, C]. Both are skipped when no op has a BN.
+  2. ``_fwd_out_kernel``: recomputes the pools, normalises, weights and sums; writes only ``out`` (PC-DARTS: at
+     the channel-shuffled places, ``_pc_bypass_fwd_kernel`` writing the bypassed channels).
   Saved for backward: x, the conv outputs, the weights, mean/rstd (per channel).
 backward
   1. ``_bwd_reduce_kernel``: per (channel, tile) partial sums of g, g*x (skip) and g*yhat for every branch
-     (yhat: the branch's normalised output, recomputed) -> the BN-backward means and dweights.
+     (yhat: the branch's normalised output, recomputed); ``_bwd_finalize_kernel`` turns them into the BN-backward
+     means and each channel's share of dweights.
   2. ``_bwd_grad_kernel``: one elementwise pass computing, per tile, dx at input positions (identity, plus a
      gather over the <= 9 output windows that contain the position: avg pool's share, and max pool's gradient
      where the recomputed argmax -- the first maximum in row-major order, as PyTorch -- is this position) and
-     d conv_out_k = w_k rstd_k (g - mean(g) - yhat_k mean(g yhat_k)) at output positions.
+     d conv_out_k = w_k rstd_k (g - mean(g) - yhat_k mean(g yhat_k)) at output positions
+     (``_pc_bypass_bwd_kernel``: dx of PC-DARTS' bypassed channels).
 
-Nothing here is tuned for speed yet (the max-pool gather recomputes 9 windows per input element).
+Per edge and step that is 4-6 kernel launches forward and 3-4 backward, plus a few tiny torch ops (the weight
+slots, the dweights sum). Not tuned on a GPU yet (the max-pool gather recomputes 9 windows per input element).
 
 Import this module only after setting ``TRITON_INTERPRET=1`` if you want the interpreter (CPU tensors).
 """
@@ -74,6 +80,11 @@ _MAX_BLOCK = 1024  # positions per program (tests lower it to get several tiles 
 
 def _block(m: int) -> int:
     return max(16, min(_MAX_BLOCK, triton.next_power_of_2(m)))
+
+
+def _tiles(t: int) -> int:
+    """Tiles a finalize program sums at once."""
+    return max(16, min(1024, triton.next_power_of_2(t)))
 
 
 if triton is not None:
@@ -134,9 +145,42 @@ if triton is not None:
         return avg, mx
 
     @triton.jit
-    def _fwd_stats_kernel(x_ptr, conv_ptr, part_ptr, shift_ptr, C, XC, H, W, Ho, Wo, M, T,
+    def _cp(k: tl.constexpr, p0, p1, p2, p3, p4, p5, p6, p7):
+        """The k-th of eight pointers (the conv branches' tensors, passed one by one: no stacked copy)."""
+        if k == 0:
+            p = p0
+        elif k == 1:
+            p = p1
+        elif k == 2:
+            p = p2
+        elif k == 3:
+            p = p3
+        elif k == 4:
+            p = p4
+        elif k == 5:
+            p = p5
+        elif k == 6:
+            p = p6
+        else:
+            p = p7
+        return p
+
+    @triton.jit
+    def _shift(x_ptr, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7, s: tl.constexpr, c, H, W, Ho, Wo):
+        """The value stream ``s`` of channel ``c`` is shifted by before its sums of squares (a stable variance):
+        the channel's first input value for the pools, the first value of conv output k for s = 2 + k."""
+        if s < 2:
+            v = tl.load(x_ptr + c * H * W).to(tl.float32)
+        else:
+            v = tl.load(_cp(s - 2, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7) + c * Ho * Wo).to(tl.float32)
+        return v
+
+    @triton.jit
+    def _fwd_stats_kernel(x_ptr, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7, part_ptr, C, XC, H, W, Ho, Wo, M, T,
                           HAS_AVG: tl.constexpr, HAS_MAX: tl.constexpr, POOL_BN: tl.constexpr,
                           K: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
+        # partials [C, T, 2*(2+K)]: per stream (avg, max, conv_0..K-1) the sum and the sum of squares of
+        # (value - shift); zeros for streams without statistics
         c = tl.program_id(0)
         t = tl.program_id(1)
         mask, n, oh, ow, oplane = _out_positions(t, M, C, c, Ho, Wo, BLOCK)
@@ -144,23 +188,57 @@ if triton is not None:
         base = part_ptr + (c * T + t) * Q
         if POOL_BN and (HAS_AVG or HAS_MAX):
             avg, mx, _ = _window(x_ptr, (n * XC + c) * H * W, oh, ow, H, W, STRIDE, mask)
-            if HAS_AVG:
-                d = tl.where(mask, avg - tl.load(shift_ptr + 0 * C + c), 0.0)
-                tl.store(base + 0, tl.sum(d, axis=0))
-                tl.store(base + 1, tl.sum(d * d, axis=0))
-            if HAS_MAX:
-                d = tl.where(mask, mx - tl.load(shift_ptr + 1 * C + c), 0.0)
-                tl.store(base + 2, tl.sum(d, axis=0))
-                tl.store(base + 3, tl.sum(d * d, axis=0))
-        NCHW = M * C
+        if POOL_BN and HAS_AVG:
+            d = tl.where(mask, avg - _shift(x_ptr, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7, 0, c, H, W, Ho, Wo), 0.0)
+            tl.store(base + 0, tl.sum(d, axis=0))
+            tl.store(base + 1, tl.sum(d * d, axis=0))
+        else:
+            tl.store(base + 0, 0.0)
+            tl.store(base + 1, 0.0)
+        if POOL_BN and HAS_MAX:
+            d = tl.where(mask, mx - _shift(x_ptr, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7, 1, c, H, W, Ho, Wo), 0.0)
+            tl.store(base + 2, tl.sum(d, axis=0))
+            tl.store(base + 3, tl.sum(d * d, axis=0))
+        else:
+            tl.store(base + 2, 0.0)
+            tl.store(base + 3, 0.0)
         for k in tl.static_range(K):
-            y = tl.load(conv_ptr + k * NCHW + oplane, mask=mask, other=0.0).to(tl.float32)
-            d = tl.where(mask, y - tl.load(shift_ptr + (2 + k) * C + c), 0.0)
+            y = tl.load(_cp(k, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7) + oplane, mask=mask, other=0.0).to(tl.float32)
+            d = tl.where(mask, y - _shift(x_ptr, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7, 2 + k, c, H, W, Ho, Wo), 0.0)
             tl.store(base + 4 + 2 * k, tl.sum(d, axis=0))
             tl.store(base + 5 + 2 * k, tl.sum(d * d, axis=0))
 
     @triton.jit
-    def _fwd_out_kernel(x_ptr, conv_ptr, w_ptr, mean_ptr, rstd_ptr, out_ptr, C, XC, OC, OMUL, H, W, Ho, Wo, M,
+    def _tile_sum(part_ptr, c, T, Q: tl.constexpr, q, BT: tl.constexpr):
+        """Sum over the T tiles of channel ``c`` of partial ``q`` in a [C, T, Q] buffer."""
+        acc = tl.zeros((BT,), dtype=tl.float32)
+        for t0 in range(0, T, BT):
+            offs = t0 + tl.arange(0, BT)
+            acc += tl.load(part_ptr + (c * T + offs) * Q + q, mask=offs < T, other=0.0)
+        return tl.sum(acc, axis=0)
+
+    @triton.jit
+    def _fwd_finalize_kernel(part_ptr, x_ptr, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7, mean_ptr, rstd_ptr, C, H, W,
+                             Ho, Wo, M, T, eps,
+                             HAS_AVG: tl.constexpr, HAS_MAX: tl.constexpr, POOL_BN: tl.constexpr,
+                             K: tl.constexpr, BT: tl.constexpr):
+        # per channel: mean and 1/sqrt(var + eps) of every stream [2+K, C] (0 and 1 for streams without BN)
+        c = tl.program_id(0)
+        Q: tl.constexpr = 2 * (2 + K)
+        for s in tl.static_range(2 + K):
+            if s >= 2 or (POOL_BN and ((s == 0 and HAS_AVG) or (s == 1 and HAS_MAX))):
+                m1 = _tile_sum(part_ptr, c, T, Q, 2 * s, BT) / M
+                var = tl.maximum(_tile_sum(part_ptr, c, T, Q, 2 * s + 1, BT) / M - m1 * m1, 0.0)
+                shift = _shift(x_ptr, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7, s, c, H, W, Ho, Wo)
+                tl.store(mean_ptr + s * C + c, shift + m1)
+                tl.store(rstd_ptr + s * C + c, 1.0 / tl.sqrt(var + eps))
+            else:
+                tl.store(mean_ptr + s * C + c, 0.0)
+                tl.store(rstd_ptr + s * C + c, 1.0)
+
+    @triton.jit
+    def _fwd_out_kernel(x_ptr, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7, w_ptr, mean_ptr, rstd_ptr, out_ptr, C, XC, OC,
+                        OMUL, H, W, Ho, Wo, M,
                         HAS_SKIP: tl.constexpr, HAS_AVG: tl.constexpr, HAS_MAX: tl.constexpr,
                         POOL_BN: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
         c = tl.program_id(0)
@@ -176,16 +254,15 @@ if triton is not None:
                 acc += tl.load(w_ptr + 1) * avg
             if HAS_MAX:
                 acc += tl.load(w_ptr + 2) * mx
-        NCHW = M * C
         for k in tl.static_range(K):
-            y = tl.load(conv_ptr + k * NCHW + oplane, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(_cp(k, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7) + oplane, mask=mask, other=0.0).to(tl.float32)
             y = _hat(y, mean_ptr, rstd_ptr, 2 + k, C, c)
             acc += tl.load(w_ptr + 3 + k) * y
         tl.store(out_ptr + _out_offset(n, oh, ow, Ho, Wo, OC, c * OMUL), acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _bwd_reduce_kernel(x_ptr, conv_ptr, g_ptr, mean_ptr, rstd_ptr, part_ptr, C, XC, OC, OMUL, H, W, Ho, Wo, M,
-                           T,
+    def _bwd_reduce_kernel(x_ptr, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7, g_ptr, mean_ptr, rstd_ptr, part_ptr, C, XC,
+                           OC, OMUL, H, W, Ho, Wo, M, T,
                            HAS_SKIP: tl.constexpr, HAS_AVG: tl.constexpr, HAS_MAX: tl.constexpr,
                            POOL_BN: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
         # partials [C, T, 4+K]: sum g, sum g*x (skip), sum g*yhat_avg, sum g*yhat_max, sum g*yhat_conv_k
@@ -200,20 +277,40 @@ if triton is not None:
         if HAS_SKIP:
             xv = tl.load(x_ptr + xplane + oh * W + ow, mask=mask, other=0.0).to(tl.float32)
             tl.store(base + 1, tl.sum(g * xv, axis=0))
+        else:
+            tl.store(base + 1, 0.0)
         if HAS_AVG or HAS_MAX:
             avg, mx = _pools_hat(x_ptr, xplane, oh, ow, H, W, STRIDE, mask, mean_ptr, rstd_ptr, C, c, POOL_BN)
-            if HAS_AVG:
-                tl.store(base + 2, tl.sum(g * avg, axis=0))
-            if HAS_MAX:
-                tl.store(base + 3, tl.sum(g * mx, axis=0))
-        NCHW = M * C
+        if HAS_AVG:
+            tl.store(base + 2, tl.sum(g * avg, axis=0))
+        else:
+            tl.store(base + 2, 0.0)
+        if HAS_MAX:
+            tl.store(base + 3, tl.sum(g * mx, axis=0))
+        else:
+            tl.store(base + 3, 0.0)
         for k in tl.static_range(K):
-            y = tl.load(conv_ptr + k * NCHW + oplane, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(_cp(k, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7) + oplane, mask=mask, other=0.0).to(tl.float32)
             y = _hat(y, mean_ptr, rstd_ptr, 2 + k, C, c)
             tl.store(base + 4 + k, tl.sum(g * y, axis=0))
 
     @triton.jit
-    def _bwd_grad_kernel(x_ptr, conv_ptr, g_ptr, w_ptr, mean_ptr, rstd_ptr, mg_ptr, mgy_ptr, dx_ptr, dconv_ptr,
+    def _bwd_finalize_kernel(part_ptr, mg_ptr, mgy_ptr, dwc_ptr, C, M, T, K: tl.constexpr, BT: tl.constexpr):
+        # per channel: mg = mean of g, mgy[s] = mean of g * yhat_s (the BN-backward means), and the channel's
+        # share of the op-weight gradients dwc[c] = [skip, avg, max, conv_0..K-1, none (0)]
+        c = tl.program_id(0)
+        Q: tl.constexpr = 4 + K
+        tl.store(mg_ptr + c, _tile_sum(part_ptr, c, T, Q, 0, BT) / M)
+        for q in tl.static_range(1, Q):
+            total = _tile_sum(part_ptr, c, T, Q, q, BT)
+            tl.store(dwc_ptr + c * Q + q - 1, total)
+            if q >= 2:
+                tl.store(mgy_ptr + (q - 2) * C + c, total / M)
+        tl.store(dwc_ptr + c * Q + Q - 1, 0.0)
+
+    @triton.jit
+    def _bwd_grad_kernel(x_ptr, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7, g_ptr, w_ptr, mean_ptr, rstd_ptr, mg_ptr,
+                         mgy_ptr, dx_ptr, dc0, dc1, dc2, dc3, dc4, dc5, dc6, dc7,
                          C, XC, OC, OMUL, H, W, Ho, Wo, M, MI,
                          HAS_SKIP: tl.constexpr, HAS_AVG: tl.constexpr, HAS_MAX: tl.constexpr,
                          POOL_BN: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
@@ -226,14 +323,15 @@ if triton is not None:
         if K > 0:
             mask, n, oh, ow, oplane = _out_positions(t, M, C, c, Ho, Wo, BLOCK)
             g = tl.load(g_ptr + _out_offset(n, oh, ow, Ho, Wo, OC, c * OMUL), mask=mask, other=0.0).to(tl.float32)
-            NCHW = M * C
             for k in tl.static_range(K):
                 mean = tl.load(mean_ptr + (2 + k) * C + c)
                 rstd = tl.load(rstd_ptr + (2 + k) * C + c)
-                y = tl.load(conv_ptr + k * NCHW + oplane, mask=mask, other=0.0).to(tl.float32)
+                cp = _cp(k, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7)
+                y = tl.load(cp + oplane, mask=mask, other=0.0).to(tl.float32)
                 yh = (y - mean) * rstd
                 d = tl.load(w_ptr + 3 + k) * rstd * (g - mg - yh * tl.load(mgy_ptr + (2 + k) * C + c))
-                tl.store(dconv_ptr + k * NCHW + oplane, d.to(dconv_ptr.dtype.element_ty), mask=mask)
+                dp = _cp(k, dc0, dc1, dc2, dc3, dc4, dc5, dc6, dc7)
+                tl.store(dp + oplane, d.to(dp.dtype.element_ty), mask=mask)
         # -- dx at input positions
         maski = offs < MI
         ni = (offs // (H * W)).to(tl.int64)
@@ -383,11 +481,18 @@ def _build_layout(ops, stride, device):
             torch.tensor(slot, dtype=torch.long, device=device))
 
 
-def _stack(convs, like):
-    if not convs:
-        return like.new_empty(0), like.dtype
-    dt = convs[0].dtype if all(c.dtype == convs[0].dtype for c in convs) else torch.float32
-    return torch.stack([c.to(dt) for c in convs]).contiguous(), dt
+MAX_CONV = 8  # conv branches per edge the kernels take (DARTS has at most 5: 4 convs + the factorized reduce)
+
+
+def _conv_args(convs, like):
+    """The conv tensors as the kernels' eight pointer arguments (unused ones point at ``like``) and their dtype:
+    the tensors themselves, not a stacked copy; mixed dtypes (rare) are brought to float32."""
+    convs = list(convs)
+    if len(convs) > MAX_CONV:
+        raise ValueError(f"the Triton mixed op takes at most {MAX_CONV} conv branches per edge, got {len(convs)}")
+    dt = convs[0].dtype if convs and all(c.dtype == convs[0].dtype for c in convs) else torch.float32
+    convs = [c.to(dt).contiguous() for c in convs]
+    return convs + [like] * (MAX_CONV - len(convs)), dt
 
 
 class MixedOpTriton(torch.autograd.Function):
@@ -407,36 +512,21 @@ class MixedOpTriton(torch.autograd.Function):
         K = len(conv_names)
         wvec = torch.zeros(4 + K, dtype=torch.float32, device=x.device)
         wvec.index_add_(0, slot, weights.detach().to(torch.float32))
-        conv, _ = _stack(convs, x)
+        cv, _ = _conv_args(convs, x)
         BLOCK = _block(M)
         T = triton.cdiv(M, BLOCK)
         S = 2 + K
-        mean = torch.zeros(S, C, dtype=torch.float32, device=x.device)
-        rstd = torch.ones(S, C, dtype=torch.float32, device=x.device)
-        need_pool_stats = pool_bn and (has_avg or has_max)
-        if need_pool_stats or K:
-            shift = torch.zeros(S, C, dtype=torch.float32, device=x.device)
-            if need_pool_stats:
-                shift[:2] = x[0, :C, 0, 0].to(torch.float32)
-            if K:
-                shift[2:] = conv[:, 0, :, 0, 0].to(torch.float32)
+        mean = _empty((S, C), torch.float32, x.device)
+        rstd = _empty((S, C), torch.float32, x.device)
+        flags = dict(HAS_AVG=has_avg, HAS_MAX=has_max, POOL_BN=bool(pool_bn), K=K)
+        if (pool_bn and (has_avg or has_max)) or K:  # else no op has a BN: mean and rstd go unread
             part = _empty((C, T, 2 * S), torch.float32, x.device)
-            if not (pool_bn and has_avg):  # slots the kernel leaves alone
-                part[:, :, 0:2] = 0
-            if not (pool_bn and has_max):
-                part[:, :, 2:4] = 0
-            _fwd_stats_kernel[(C, T)](x, conv if K else x, part, shift, C, XC, H, W, Ho, Wo, M, T,
-                                      HAS_AVG=has_avg, HAS_MAX=has_max, POOL_BN=bool(pool_bn), K=K,
-                                      STRIDE=stride, BLOCK=BLOCK)
-            sums = part.sum(dim=1).view(C, S, 2)
-            m1 = sums[:, :, 0].t() / M  # [S, C]: mean of (y - shift)
-            var = (sums[:, :, 1].t() / M - m1 * m1).clamp_min(0.0)
-            mean = (shift + m1).contiguous()
-            rstd = torch.rsqrt(var + eps).contiguous()
+            _fwd_stats_kernel[(C, T)](x, *cv, part, C, XC, H, W, Ho, Wo, M, T, STRIDE=stride, BLOCK=BLOCK, **flags)
+            _fwd_finalize_kernel[(C,)](part, x, *cv, mean, rstd, C, H, W, Ho, Wo, M, T, float(eps), BT=_tiles(T),
+                                       **flags)
         out = _empty((N, XC, Ho, Wo), x.dtype, x.device)
-        _fwd_out_kernel[(C, T)](x, conv if K else x, wvec, mean, rstd, out, C, XC, XC, k, H, W, Ho, Wo, M,
-                                HAS_SKIP=has_skip, HAS_AVG=has_avg, HAS_MAX=has_max, POOL_BN=bool(pool_bn),
-                                K=K, STRIDE=stride, BLOCK=BLOCK)
+        _fwd_out_kernel[(C, T)](x, *cv, wvec, mean, rstd, out, C, XC, XC, k, H, W, Ho, Wo, M, HAS_SKIP=has_skip,
+                                STRIDE=stride, BLOCK=BLOCK, **flags)
         if k > 1:
             _pc_bypass_fwd_kernel[(XC - C, T)](x, out, C, XC, k, H, W, Ho, Wo, M, STRIDE=stride, BLOCK=BLOCK)
         ctx.save_for_backward(x, weights, wvec, slot, mean, rstd, *convs)
@@ -453,38 +543,30 @@ class MixedOpTriton(torch.autograd.Function):
         Ho, Wo = grad_out.shape[2], grad_out.shape[3]
         M, MI = N * Ho * Wo, N * H * W
         g = grad_out.contiguous()
-        conv, cdt = _stack(convs, x)
+        cv, cdt = _conv_args(convs, x)
+        flags = dict(HAS_SKIP=has_skip, HAS_AVG=has_avg, HAS_MAX=has_max, POOL_BN=pool_bn, K=K, STRIDE=stride)
         BLOCK = _block(M)
         T = triton.cdiv(M, BLOCK)
         Q = 4 + K
         part = _empty((C, T, Q), torch.float32, x.device)
-        if not has_skip:
-            part[:, :, 1] = 0
-        if not has_avg:
-            part[:, :, 2] = 0
-        if not has_max:
-            part[:, :, 3] = 0
-        _bwd_reduce_kernel[(C, T)](x, conv if K else x, g, mean, rstd, part, C, XC, XC, k, H, W, Ho, Wo, M, T,
-                                   HAS_SKIP=has_skip, HAS_AVG=has_avg, HAS_MAX=has_max, POOL_BN=pool_bn, K=K,
-                                   STRIDE=stride, BLOCK=BLOCK)
-        sums = part.sum(dim=1)  # [C, Q]
-        dwvec = torch.zeros(4 + K, dtype=torch.float32, device=x.device)
-        dwvec[:3 + K] = sums[:, 1:].sum(dim=0)
-        dweights = dwvec[slot].to(weights.dtype)
-        mg = (sums[:, 0] / M).contiguous()
-        mgy = (sums[:, 2:].t() / M).contiguous()  # [2+K, C]
+        _bwd_reduce_kernel[(C, T)](x, *cv, g, mean, rstd, part, C, XC, XC, k, H, W, Ho, Wo, M, T, BLOCK=BLOCK,
+                                   **flags)
+        mg = _empty((C,), torch.float32, x.device)
+        mgy = _empty((2 + K, C), torch.float32, x.device)
+        dwc = _empty((C, Q), torch.float32, x.device)  # per channel: [skip, avg, max, conv_0..K-1, none]
+        _bwd_finalize_kernel[(C,)](part, mg, mgy, dwc, C, M, T, K=K, BT=_tiles(T))
+        dweights = dwc.sum(dim=0)[slot].to(weights.dtype)
         dx = _empty((N, XC, H, W), x.dtype, x.device)
-        dconv = _empty((K, N, C, Ho, Wo), cdt, x.device) if K else x.new_empty(0)
+        dconvs = [_empty((N, C, Ho, Wo), cdt, x.device) for _ in range(K)]
         BLOCK2 = _block(max(M, MI))
         _bwd_grad_kernel[(C, triton.cdiv(max(M, MI), BLOCK2))](
-            x, conv if K else x, g, wvec, mean, rstd, mg, mgy, dx, dconv if K else dx, C, XC, XC, k, H, W, Ho, Wo,
-            M, MI, HAS_SKIP=has_skip, HAS_AVG=has_avg, HAS_MAX=has_max, POOL_BN=pool_bn, K=K, STRIDE=stride,
-            BLOCK=BLOCK2)
+            x, *cv, g, wvec, mean, rstd, mg, mgy, dx, *(dconvs + [dx] * (MAX_CONV - K)), C, XC, XC, k, H, W, Ho,
+            Wo, M, MI, BLOCK=BLOCK2, **flags)
         if k > 1:
             BLOCK3 = _block(MI)
             _pc_bypass_bwd_kernel[(XC - C, triton.cdiv(MI, BLOCK3))](x, g, dx, C, XC, k, H, W, Ho, Wo, MI,
                                                                      STRIDE=stride, BLOCK=BLOCK3)
-        dconvs = [dconv[i].to(convs[i].dtype) for i in range(K)]
+        dconvs = [d.to(c.dtype) for d, c in zip(dconvs, convs)]
         return (dx, dweights, None, None, None, None, None, *dconvs)
 
 
