@@ -41,7 +41,7 @@ def test_bench_accuracy_end_to_end(tmp_path, capsys):
     assert main(argv) == 0
     again = {r["config"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
     assert again["kt-nas"]["precompute_s"] == kt["precompute_s"]
-    assert "precompute:" not in (out / "results.md").read_text().split("kt-nas search:")[0].split("- ")[-1]
+    assert "- precompute: `ktnas precompute-features" not in (out / "results.md").read_text()
     capsys.readouterr()
 
 
