@@ -54,7 +54,8 @@ def _probe_run(device, dtype) -> str | None:
     ops = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3")
     gen = torch.Generator().manual_seed(0)
     tol = 1e-3 if dtype == torch.float32 else 5e-2
-    with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+    # a first call may come from evaluation code: the probe needs autograd whatever the caller's mode
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
         for stride in (1, 2):
             for variant, k in (("full", 1), ("pc", 2)):
                 x = torch.randn(2, 4, 5, 5, generator=gen).to(device, dtype)
