@@ -118,6 +118,9 @@ def _edge_fn(impl: str, ops, convs, stride):
     if impl == "eager":
         return reference, None
     if impl == "compile":
+        # every case is a fresh compile: the closures share one code object, whose recompilations would
+        # otherwise hit dynamo's cache limit after a few cases and silently fall back to eager
+        torch._dynamo.reset()
         return torch.compile(reference, dynamic=False), None
     from ktnas.kernels import triton_mixed
 
@@ -198,8 +201,7 @@ def bench_kernels(*, device: str = "auto", shapes=None, dtypes=("fp32", "bf16"),
     shapes = list(shapes or (QUICK_SHAPES if quick else SHAPES))
     timer = _timer(dev, quick)
     copy_bytes = (16 << 20) if quick or dev.type == "cpu" else (512 << 20)
-    info = dict(device=str(dev), copy_bytes_per_s=copy_bandwidth(dev, timer, copy_bytes), skipped={},
-                interpreted=dev.type == "cpu" and "triton" in impls)
+    info = dict(device=str(dev), copy_bytes_per_s=copy_bandwidth(dev, timer, copy_bytes), skipped={})
     rows = []
     for edge in edges:
         ops = EDGES[edge]
@@ -234,6 +236,7 @@ def bench_kernels(*, device: str = "auto", shapes=None, dtypes=("fp32", "bf16"),
                     row[f"{impl}_peak_bytes"] = _peak(step, data[0], dev)
                 _ratios(row, fused_bytes(shape, dtype, ops, stride), info["copy_bytes_per_s"])
                 rows.append(row)
+    info["interpreted"] = dev.type == "cpu" and any(r["triton_ms"] is not None for r in rows)
     return rows, info
 
 
