@@ -114,15 +114,18 @@ if triton is not None:
         return avg, mx, idx
 
     @triton.jit
+    def _positions(t, MM, HH, WW, BLOCK: tl.constexpr):
+        """Tile ``t`` of one channel's N*HH*WW positions: (mask, n, h, w)."""
+        offs = t * BLOCK + tl.arange(0, BLOCK)
+        n = (offs // (HH * WW)).to(tl.int64)
+        r = offs % (HH * WW)
+        return offs < MM, n, r // WW, r % WW
+
+    @triton.jit
     def _out_positions(t, M, C, c, Ho, Wo, BLOCK: tl.constexpr):
         """Tile ``t`` of channel ``c``'s N*Ho*Wo output positions: (mask, n, oh, ow, flat NCHW offset)."""
-        offs = t * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < M
-        n = (offs // (Ho * Wo)).to(tl.int64)
-        r = offs % (Ho * Wo)
-        oh = r // Wo
-        ow = r % Wo
-        return mask, n, oh, ow, (n * C + c) * Ho * Wo + oh * Wo + ow
+        mask, n, oh, ow = _positions(t, M, Ho, Wo, BLOCK)
+        return mask, n, oh, ow, _out_offset(n, oh, ow, Ho, Wo, C, c)
 
     @triton.jit
     def _out_offset(n, oh, ow, Ho, Wo, OC, oc):
@@ -176,6 +179,14 @@ if triton is not None:
         return v
 
     @triton.jit
+    def _moments(base, s: tl.constexpr, d, mask):
+        """Store the sum and the sum of squares of ``d`` where ``mask`` as stream ``s``'s two partials (a stream
+        without statistics passes zeros)."""
+        d = tl.where(mask, d, 0.0)
+        tl.store(base + 2 * s, tl.sum(d, axis=0))
+        tl.store(base + 2 * s + 1, tl.sum(d * d, axis=0))
+
+    @triton.jit
     def _fwd_stats_kernel(x_ptr, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7, part_ptr, C, XC, H, W, Ho, Wo, M, T,
                           HAS_AVG: tl.constexpr, HAS_MAX: tl.constexpr, POOL_BN: tl.constexpr,
                           K: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
@@ -189,24 +200,17 @@ if triton is not None:
         if POOL_BN and (HAS_AVG or HAS_MAX):
             avg, mx, _ = _window(x_ptr, (n * XC + c) * H * W, oh, ow, H, W, STRIDE, mask)
         if POOL_BN and HAS_AVG:
-            d = tl.where(mask, avg - _shift(x_ptr, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7, 0, c, H, W, Ho, Wo), 0.0)
-            tl.store(base + 0, tl.sum(d, axis=0))
-            tl.store(base + 1, tl.sum(d * d, axis=0))
+            _moments(base, 0, avg - _shift(x_ptr, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7, 0, c, H, W, Ho, Wo), mask)
         else:
-            tl.store(base + 0, 0.0)
-            tl.store(base + 1, 0.0)
+            _moments(base, 0, tl.zeros((BLOCK,), dtype=tl.float32), mask)
         if POOL_BN and HAS_MAX:
-            d = tl.where(mask, mx - _shift(x_ptr, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7, 1, c, H, W, Ho, Wo), 0.0)
-            tl.store(base + 2, tl.sum(d, axis=0))
-            tl.store(base + 3, tl.sum(d * d, axis=0))
+            _moments(base, 1, mx - _shift(x_ptr, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7, 1, c, H, W, Ho, Wo), mask)
         else:
-            tl.store(base + 2, 0.0)
-            tl.store(base + 3, 0.0)
+            _moments(base, 1, tl.zeros((BLOCK,), dtype=tl.float32), mask)
         for k in tl.static_range(K):
             y = tl.load(_cp(k, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7) + oplane, mask=mask, other=0.0).to(tl.float32)
-            d = tl.where(mask, y - _shift(x_ptr, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7, 2 + k, c, H, W, Ho, Wo), 0.0)
-            tl.store(base + 4 + 2 * k, tl.sum(d, axis=0))
-            tl.store(base + 5 + 2 * k, tl.sum(d * d, axis=0))
+            _moments(base, 2 + k, y - _shift(x_ptr, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7, 2 + k, c, H, W, Ho, Wo),
+                     mask)
 
     @triton.jit
     def _tile_sum(part_ptr, c, T, Q: tl.constexpr, q, BT: tl.constexpr):
@@ -317,7 +321,6 @@ if triton is not None:
         # mg[c] = mean over (N, Ho, Wo) of g; mgy[s, c] = mean of g * yhat_s (s: avg, max, conv_0..K-1)
         c = tl.program_id(0)
         t = tl.program_id(1)
-        offs = t * BLOCK + tl.arange(0, BLOCK)
         mg = tl.load(mg_ptr + c)
         # -- d conv_out_k at output positions
         if K > 0:
@@ -333,11 +336,7 @@ if triton is not None:
                 dp = _cp(k, dc0, dc1, dc2, dc3, dc4, dc5, dc6, dc7)
                 tl.store(dp + oplane, d.to(dp.dtype.element_ty), mask=mask)
         # -- dx at input positions
-        maski = offs < MI
-        ni = (offs // (H * W)).to(tl.int64)
-        ri = offs % (H * W)
-        ih = ri // W
-        iw = ri % W
+        maski, ni, ih, iw = _positions(t, MI, H, W, BLOCK)
         plane = (ni * XC + c) * H * W
         gplane = (ni * OC + c * OMUL) * Ho * Wo
         dx = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -386,14 +385,6 @@ if triton is not None:
         tl.store(dx_ptr + plane + ih * W + iw, dx.to(dx_ptr.dtype.element_ty), mask=maski)
 
     @triton.jit
-    def _pc_positions(t, MM, HH, WW, BLOCK: tl.constexpr):
-        """Tile ``t`` of the N*HH*WW positions of one channel: (mask, n, h, w)."""
-        offs = t * BLOCK + tl.arange(0, BLOCK)
-        n = (offs // (HH * WW)).to(tl.int64)
-        r = offs % (HH * WW)
-        return offs < MM, n, r // WW, r % WW
-
-    @triton.jit
     def _pc_pool2(x_ptr, xplane, oh, ow, H, W, mask):
         """2x2 max pool, stride 2, ceil mode, at output (oh, ow): (max, argmax a*2+b, the first maximum)."""
         best = tl.full(oh.shape, float("-inf"), dtype=tl.float32)
@@ -415,7 +406,7 @@ if triton is not None:
         # channel j >= c0 of x bypasses the mixed op (identity, or 2x2 max pool at stride 2) and lands at its
         # channel-shuffled place: concat channel j = g*c0 + i goes to output channel i*KG + g
         j = c0 + tl.program_id(0)
-        mask, n, oh, ow = _pc_positions(tl.program_id(1), M, Ho, Wo, BLOCK)
+        mask, n, oh, ow = _positions(tl.program_id(1), M, Ho, Wo, BLOCK)
         xplane = (n * XC + j) * H * W
         if STRIDE == 1:
             v = tl.load(x_ptr + xplane + oh * W + ow, mask=mask, other=0.0)
@@ -430,7 +421,7 @@ if triton is not None:
         # dx of a bypass channel: the gradient of its shuffled output (stride 1), or, at stride 2, that of the
         # window holding the position when the position is the window's (recomputed) first maximum
         j = c0 + tl.program_id(0)
-        mask, n, ih, iw = _pc_positions(tl.program_id(1), MI, H, W, BLOCK)
+        mask, n, ih, iw = _positions(tl.program_id(1), MI, H, W, BLOCK)
         oc = (j % c0) * KG + j // c0
         xplane = (n * XC + j) * H * W
         if STRIDE == 1:
