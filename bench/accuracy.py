@@ -28,6 +28,7 @@ from pathlib import Path
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.precompute import resolve_device
 from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM
+from ktnas.engine.runs import read_jsonl
 
 from .report import Column, Report
 
@@ -80,10 +81,6 @@ def _show(argv: list[str]) -> str:
     return "ktnas " + shlex.join(argv[3:])
 
 
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
 def bench_accuracy(args, work_dir: Path) -> tuple[list[dict], list[str]]:
     """Rows ``{config: kt-nas | classic, search_s, search_wall_s, precompute_s, cost_s, peak_mem_bytes,
     search_val_acc, test_acc, raw_test_acc, genotype, params, device}`` and the commands that made them."""
@@ -119,13 +116,13 @@ def bench_accuracy(args, work_dir: Path) -> tuple[list[dict], list[str]]:
             shutil.rmtree(d, ignore_errors=True)
         search = _cli("search", *source, *search_common, "--out", sdir)
         search_wall = _run(search, work / f"{config}-search.log")
-        metrics = _jsonl(sdir / "metrics.jsonl")
+        metrics = read_jsonl(sdir / "metrics.jsonl")
         train = _cli("train", "--features", store, "--genotype", sdir / "genotype.json", "--out", tdir,
                      "--epochs", args.train_epochs, "--layers", args.train_layers, "--channels", args.train_channels,
                      "--batch-size", args.train_batch_size, "--seed", args.seed, "--drop-path", 0,
                      *(["--limit", args.train_limit] if args.train_limit else []), *common)
         _run(train, work / f"{config}-train.log")
-        trained = _jsonl(tdir / "metrics.jsonl")[-1]
+        trained = read_jsonl(tdir / "metrics.jsonl")[-1]
         config_json = json.loads((sdir / "config.json").read_text())
         search_s = sum(m["seconds"] for m in metrics)
         row = dict(config=config, space=args.space, algo=args.algo, order=args.order, batch=args.batch_size,

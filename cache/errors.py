@@ -6,3 +6,9 @@ class KtnasError(Exception):
 
     The message is a single line: what is wrong, then what to do about it.
     """
+
+
+def first_line(e: BaseException, limit: int = 120) -> str:
+    """The first line of ``e``'s message (its type's name when it has none), cut to ``limit`` characters: the
+    part of a foreign exception a one-line KtnasError quotes."""
+    return (str(e).splitlines() or [type(e).__name__])[0][:limit]

@@ -66,11 +66,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ktnas.cache.errors import KtnasError
+from ktnas.cache.errors import KtnasError, first_line
 from ktnas.cache.precompute import DEFAULT_OUT, resolve_device
 
 from .network import build_network
-from .runs import atomic_save, atomic_write, atomic_write_text, rng_state, set_rng_state
+from .runs import atomic_save, atomic_write, atomic_write_jsonl, atomic_write_text, rng_state, set_rng_state
 from .search import _split_indices, genotype_str
 from .spaces import (DARTS_OPS, NB201_OPS, DartsGenotype, NB201Genotype, genotype_from_json, get_space,
                      random_genotype)
@@ -608,7 +608,7 @@ class _Evolution:
     def write(self, picture: bool) -> dict:
         out, h = self.out, self.history
         s = self.summary()
-        atomic_write_text(out / "candidates.jsonl", "".join(json.dumps(r) + "\n" for r in h))
+        atomic_write_jsonl(out / "candidates.jsonl", h)
         if s["genotype"] is not None:
             atomic_write_text(out / "genotype.json", json.dumps(s["genotype"], indent=1) + "\n")
         atomic_write_text(out / "results.json", json.dumps(s, indent=1) + "\n")
@@ -673,7 +673,7 @@ def _read_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        reason = first_line(e)
         raise KtnasError(f"cannot resume from {path} ({type(e).__name__}: {reason}): start afresh in another "
                          "--out") from None
 

@@ -27,7 +27,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from ktnas.cache.errors import KtnasError
+from ktnas.cache.errors import KtnasError, first_line
 from ktnas.cache.stems import FrozenStem, Preprocessing, get_stem
 
 from .ops import OPS, FactorizedReduce, ReLUConvBN
@@ -281,7 +281,7 @@ def load_model(path) -> KtnasModel:
     except FileNotFoundError:
         raise KtnasError(f"{path}: no such model file; {hint}") from None
     except Exception as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        reason = first_line(e)
         raise KtnasError(f"{path}: not a readable model file ({type(e).__name__}: {reason}); {hint}") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise KtnasError(f"{path}: not a ktnas model (no format '{FORMAT}'); {hint}")
@@ -296,7 +296,7 @@ def load_model(path) -> KtnasModel:
     except KtnasError as e:
         raise KtnasError(f"{path}: {e}") from None
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        reason = first_line(e)
         raise KtnasError(f"{path}: damaged ktnas model ({type(e).__name__}: {reason}); {hint}") from None
     if stem.fingerprint != s["fingerprint"]:
         raise KtnasError(f"{path}: the stem's tensors give fingerprint {stem.fingerprint[:12]}, the file records "

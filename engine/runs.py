@@ -1,6 +1,7 @@
 """What every run directory needs (search, train): atomic files, RNG states to resume exactly, peak memory."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import resource
@@ -25,6 +26,16 @@ def atomic_save(obj, path) -> None:
 
 def atomic_write_text(path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text))
+
+
+def atomic_write_jsonl(path, rows) -> None:
+    """``rows`` (dicts) as JSON lines, one per row, written atomically (metrics.jsonl, candidates.jsonl)."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_jsonl(path) -> list[dict]:
+    """The rows of a JSON-lines file (blank lines skipped)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def rng_state() -> dict:

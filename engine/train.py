@@ -31,13 +31,13 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ktnas.cache.datasets import load_split
-from ktnas.cache.errors import KtnasError
+from ktnas.cache.errors import KtnasError, first_line
 from ktnas.cache.precompute import DEFAULT_OUT, augment, resolve_device
 from ktnas.cache.stems import get_stem
 from ktnas.cache.store import open_store
 from ktnas.cache.stream import FeatureLoader
 
-from .runs import atomic_save, atomic_write_text, rng_state, set_rng_state
+from .runs import atomic_save, atomic_write_jsonl, atomic_write_text, rng_state, set_rng_state
 from .network import build_network, load_model, save_model
 from .spaces import load_genotype
 
@@ -288,7 +288,7 @@ def _train(cfg, out, ckpt_path, device, genotype, store) -> dict:
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
         except Exception as e:
-            reason = (str(e).splitlines() or [type(e).__name__])[0][:120]
+            reason = first_line(e)
             raise KtnasError(f"cannot resume from {ckpt_path} ({type(e).__name__}: {reason}): rerun with the "
                              "run's original arguments, or start afresh in another --out") from None
         if ck["config"]["epochs"] != cfg.epochs:
@@ -322,7 +322,7 @@ def _train(cfg, out, ckpt_path, device, genotype, store) -> dict:
                                 train_acc=tr_acc, test_loss=te_loss, test_acc=te_acc,
                                 seconds=time.perf_counter() - t0))
             bar.set_postfix(train=f"{tr_acc:.1f}", test=f"{te_acc:.1f}")
-            atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+            atomic_write_jsonl(out / "metrics.jsonl", history)
             atomic_save(dict(model=net.state_dict(), optimizer=optimizer.state_dict(),
                               scheduler=scheduler.state_dict(), rng=rng_state(), epoch=epoch + 1,
                               history=history, config=asdict(cfg)), ckpt_path)
