@@ -43,7 +43,6 @@ import ctypes
 import dataclasses
 import gc
 import re
-import resource
 import statistics
 import sys
 import time
@@ -61,7 +60,8 @@ from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM
 from ktnas.cache.store import open_store, store_exists
 from ktnas.cache.stream import FeatureLoader
 from ktnas.engine.search import (PAPER_DEFAULTS, ImageBatches, SearchConfig, _hash, _Run, _seed_all, _split_indices,
-                                 choose_batch_size, parse_size, resolve_config)
+                                 choose_batch_size, parse_size, resolve_config, standardise_images)
+from ktnas.engine.runs import peak_memory
 from ktnas.engine.supernet import count_parameters
 from ktnas.engine.train import stem_of_store
 
@@ -156,13 +156,8 @@ class _Memory:
             self.base = (_proc_status_kib("VmRSS") or 0) * 1024
 
     def peak(self) -> int:
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
-        hwm = _proc_status_kib("VmHWM") if self.resettable else None
-        if hwm is not None:
-            return hwm * 1024
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(rss if sys.platform == "darwin" else rss * 1024)
+        hwm = _proc_status_kib("VmHWM") if self.device.type != "cuda" and self.resettable else None
+        return hwm * 1024 if hwm is not None else peak_memory(self.device)
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -187,16 +182,13 @@ def classic_images(images: torch.Tensor, size: int = CLASSIC_SIZE) -> torch.Tens
     images zero-padded around the centre, e.g. Fashion-MNIST 28 -> 32; larger ones resized, bilinear with
     antialiasing), normalised by the per-channel mean and std of these images (as ``ktnas search --stem none``)."""
     x = images.float().div_(255)
-    if x.shape[1] == 1:
-        x = x.repeat(1, 3, 1, 1)
     h, w = x.shape[-2:]
     if h > size or w > size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     elif (h, w) != (size, size):
         top, left = (size - h) // 2, (size - w) // 2
         x = F.pad(x, (left, size - w - left, top, size - h - top))
-    mean, std = x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
-    return ((x - mean) / std).contiguous()
+    return standardise_images(x).contiguous()
 
 
 def _build_store(path: Path, n: int, build: dict, device) -> None:

@@ -81,7 +81,7 @@ from ktnas.kernels import resolve_impl
 
 from .spaces import (DartsGenotype, _parse_darts, alpha_entropy, count_skips, derive_darts, derive_nb201,
                      genotype_from_json, get_space, load_genotype, random_genotype)
-from .runs import atomic_save, atomic_write, peak_memory, rng_state, set_rng_state
+from .runs import atomic_save, atomic_write, atomic_write_jsonl, peak_memory, rng_state, set_rng_state
 from .supernet import Supernet, classic_layout, count_parameters, default_reductions, kt_layout
 
 ALGOS = ("darts", "pcdarts", "gdas", "random")
@@ -240,6 +240,15 @@ class ImageBatches:
         pass
 
 
+def standardise_images(x: torch.Tensor) -> torch.Tensor:
+    """Float images [n, c, h, w] in [0, 1] -> the classic search's input: 3 channels (1-channel images repeated),
+    normalised by the per-channel mean and std of these images."""
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    mean, std = x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
+    return (x - mean) / std
+
+
 def _split_indices(n: int, cfg: SearchConfig) -> tuple[np.ndarray, np.ndarray]:
     perm = np.random.default_rng(cfg.seed).permutation(n)
     cut = min(max(1, int(round(n * cfg.train_portion))), n - 1)
@@ -271,11 +280,7 @@ def _data(cfg: SearchConfig, device, rank: int = 0, world_size: int = 1):
 
     split = load_split(cfg.dataset, "train", root=cfg.data_root, image_size=cfg.image_size, seed=cfg.seed)
     n = len(split) if cfg.limit is None else min(cfg.limit, len(split))
-    images = split.get_batch(slice(0, n)).float().div_(255)
-    if images.shape[1] == 1:
-        images = images.repeat(1, 3, 1, 1)
-    mean, std = images.mean((0, 2, 3), keepdim=True), images.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
-    images = (images - mean) / std
+    images = standardise_images(split.get_batch(slice(0, n)).float().div_(255))
     labels = split.labels[:n].long()
     tr, va = _split_indices(n, cfg)
     info = dict(in_channels=3, resolution=int(min(images.shape[2:])), shape=list(images.shape[1:]),
@@ -702,7 +707,7 @@ def _load_checkpoint(state: dict, run: _Run):
 
 
 def _write_epoch_files(out: Path, history, alpha_hist, genotype) -> None:
-    atomic_write(out / "metrics.jsonl", lambda p: p.write_text("".join(json.dumps(h) + "\n" for h in history)))
+    atomic_write_jsonl(out / "metrics.jsonl", history)
     def save_alphas(p):
         with open(p, "wb") as f:  # a file object: np.savez would append ".npz" to the temporary name
             np.savez(f, **alpha_hist)

@@ -35,7 +35,7 @@ def _probe(device, dtype) -> bool:
     """Whether the fused kernels build, run and agree with the reference on ``device`` in ``dtype`` (checked once,
     on a tiny edge with every kind of op, strides 1 and 2, full and partial channels, forward and backward).
     On failure 'auto' warns once and keeps to the reference."""
-    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    device = torch.device("cuda" if device is None else device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     key = (str(device), dtype or torch.float32)
