@@ -24,7 +24,7 @@ from .report import write_report
 from .search import bench_search
 
 BENCHMARKS = {"loader": "ktnas.bench.loader", "precompute": "ktnas.bench.precompute", "kernels": "ktnas.bench.kernels",
-              "search": "ktnas.bench.search", "accuracy": "ktnas.bench.accuracy"}
+              "search": "ktnas.bench.search", "accuracy": "ktnas.bench.accuracy", "step": "ktnas.bench.step"}
 
 
 def _module(name: str):

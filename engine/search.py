@@ -563,6 +563,7 @@ class _Run:
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt, cfg.epochs, eta_min=cfg.lr_min)
         self.criterion = nn.CrossEntropyLoss()
         self.amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        self.foreach = None  # gradient clipping's multi-tensor kernels: torch's default (CUDA yes, CPU no)
 
     def loss(self, x, y, arch=None):
         with torch.autocast(**self.amp):
@@ -575,7 +576,7 @@ class _Run:
         loss.backward()
         if self.ddp:
             all_reduce_grads(self.model.weight_parameters())
-        nn.utils.clip_grad_norm_(self.model.weight_parameters(), self.cfg.grad_clip)
+        nn.utils.clip_grad_norm_(self.model.weight_parameters(), self.cfg.grad_clip, foreach=self.foreach)
         self.w_opt.step()
         return loss.detach(), logits.detach()
 

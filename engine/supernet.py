@@ -85,11 +85,17 @@ class MixedEdge(nn.Module):
     """One edge: the conv bodies of its parametric ops; the rest (and every BN) happens in ``mixed_op``.
 
     ``k`` > 1 builds the bodies for ``C // k`` channels (PC-DARTS); ``body_calls`` counts conv body evaluations
-    (a test hook for GDAS' one-op forward).
+    (a test hook for GDAS' one-op forward). ``per_op_relu`` (the classic baseline): computed as DARTS' and
+    NAS-Bench-201's own ``MixedOp`` computes it, every conv op on its own ReLU of x and 'none' a zero tensor times
+    its weight (same values; the memory and launches of the authors' code, so that ratios against the baseline
+    are not inflated); else one ReLU per edge shared by the conv bodies, and 'none' costs nothing.
     """
 
-    def __init__(self, C: int, stride: int, space: SearchSpace, k: int = 1, impl: str = "torch"):
+    def __init__(self, C: int, stride: int, space: SearchSpace, k: int = 1, impl: str = "torch",
+                 per_op_relu: bool = False):
         super().__init__()
+        self.per_op_relu = per_op_relu
+        self.none = space.ops.index("none") if "none" in space.ops else None
         if C % k:
             raise KtnasError(f"cell width {C} is not divisible by the partial-channel factor {k}: pass --channels "
                              f"a multiple of {k}")
@@ -103,26 +109,29 @@ class MixedEdge(nn.Module):
             outs = {name: self.bodies[name](edge_relu(x))} if name in self.bodies else {}
             return mixed_op(x, weights, outs, self.ops, self.stride, self.pool_bn, variant="gdas", index=index,
                             impl=self.impl)
-        if self.k > 1:
-            xr = edge_relu(x[:, :x.shape[1] // self.k])
+        xk = x[:, :x.shape[1] // self.k] if self.k > 1 else x
+        if self.per_op_relu:
+            outs = {name: body(edge_relu(xk)) for name, body in self.bodies.items()}
+        else:
+            xr = edge_relu(xk)
             outs = {name: body(xr) for name, body in self.bodies.items()}
-            return mixed_op(x, weights, outs, self.ops, self.stride, self.pool_bn, variant="pc", k=self.k,
-                            impl=self.impl)
-        xr = edge_relu(x)
-        outs = {name: body(xr) for name, body in self.bodies.items()}
-        return mixed_op(x, weights, outs, self.ops, self.stride, self.pool_bn, variant="full", impl=self.impl)
+        variant = "pc" if self.k > 1 else "full"
+        y = mixed_op(x, weights, outs, self.ops, self.stride, self.pool_bn, variant=variant, k=self.k, impl=self.impl)
+        if self.per_op_relu and self.none is not None:  # DARTS' Zero op: x.mul(0.), weighted and summed
+            y = y + weights[self.none] * x[:, :, ::self.stride, ::self.stride].mul(0.0)
+        return y
 
 
 class DartsCell(nn.Module):
     """DARTS' search cell: preprocess both inputs, 4 nodes each summing its mixed edges, concat the nodes."""
 
-    def __init__(self, space, C_pp, C_p, C, reduction, reduction_prev, k=1, impl="torch"):
+    def __init__(self, space, C_pp, C_p, C, reduction, reduction_prev, k=1, impl="torch", per_op_relu=False):
         super().__init__()
         self.reduction, self.steps = reduction, space.steps
         self.pre0 = FactorizedReduce(C_pp, C, affine=False) if reduction_prev else ReLUConvBN(C_pp, C, 1, 1, 0,
                                                                                               affine=False)
         self.pre1 = ReLUConvBN(C_p, C, 1, 1, 0, affine=False)
-        self.edges = nn.ModuleList(MixedEdge(C, 2 if reduction and j < 2 else 1, space, k, impl)
+        self.edges = nn.ModuleList(MixedEdge(C, 2 if reduction and j < 2 else 1, space, k, impl, per_op_relu)
                                    for i in range(space.steps) for j in range(2 + i))
         self.out_channels = space.steps * C
 
@@ -141,10 +150,10 @@ class DartsCell(nn.Module):
 class NB201Cell(nn.Module):
     """NAS-Bench-201's search cell: node j sums its mixed edges from nodes 0..j-1; the output is the last node."""
 
-    def __init__(self, space, C, k=1, impl="torch"):
+    def __init__(self, space, C, k=1, impl="torch", per_op_relu=False):
         super().__init__()
         self.pairs = space.edge_list()
-        self.edges = nn.ModuleList(MixedEdge(C, 1, space, k, impl) for _ in self.pairs)
+        self.edges = nn.ModuleList(MixedEdge(C, 1, space, k, impl, per_op_relu) for _ in self.pairs)
         self.reduction, self.out_channels = False, C
 
     def forward(self, x, weights, index=None, edge_w=None):
@@ -195,6 +204,7 @@ class Supernet(nn.Module):
         if kernels != "auto" or os.environ.get("KTNAS_KERNELS", "").strip():
             resolve_impl(kernels)  # refuse kernels that cannot run here now, not at the first step
         impl = kernels  # resolved per call, on the tensors' device and dtype
+        classic = stem == "conv"  # the baseline's edges compute as the authors' MixedOp (see MixedEdge)
         self.layout = dict(layers=layers, channels=channels, reductions=list(reductions), stem=stem, k=k)
         C_stem = STEM_MULTIPLIER[self.space.name] * channels
         conv = (nn.Conv2d(in_channels, C_stem, 1, bias=False) if stem == "cached"
@@ -207,7 +217,7 @@ class Supernet(nn.Module):
             for i in range(layers):
                 red = i in reductions
                 C = C * 2 if red else C
-                cell = DartsCell(self.space, C_pp, C_p, C, red, red_prev, k, impl)
+                cell = DartsCell(self.space, C_pp, C_p, C, red, red_prev, k, impl, classic)
                 self.cells.append(cell)
                 C_pp, C_p, red_prev = C_p, cell.out_channels, red
             self.head = nn.Identity()
@@ -219,7 +229,7 @@ class Supernet(nn.Module):
                     C = C * 2
                     self.cells.append(ResNetBasicBlock(C_p, C))
                 else:
-                    self.cells.append(NB201Cell(self.space, C, k, impl))
+                    self.cells.append(NB201Cell(self.space, C, k, impl, classic))
                 C_p = C
             self.head = nn.Sequential(nn.BatchNorm2d(C_p), nn.ReLU())
             self.cell_types = ("cell",)

@@ -39,10 +39,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _bn(y: torch.Tensor, eps: float) -> torch.Tensor:
-    """Affine-free batch norm with batch statistics (biased variance)."""
-    mean = y.mean(dim=(0, 2, 3), keepdim=True)
-    var = (y - mean).square().mean(dim=(0, 2, 3), keepdim=True)
-    return (y - mean) * torch.rsqrt(var + eps)
+    """Affine-free batch norm with batch statistics (biased variance): one ``F.batch_norm`` call, as DARTS'
+    ``BatchNorm2d(affine=False)`` runs it (one ``native_batch_norm`` forward and one backward kernel, not the
+    dozen elementwise and reduction ops of writing it out), in any dtype, float64 included."""
+    return F.batch_norm(y, None, None, training=True, momentum=0.0, eps=eps)
 
 
 def _check(x, weights, ops, stride):
@@ -87,14 +87,14 @@ def mixed_op_reference(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, 
     """
     _check(x, weights, ops, stride)
     dt, shape = _compute_dtype(x), _out_shape(x, stride)
-    xc, w = x.to(dt), weights.to(dt)
+    xc, w = x.to(dt), weights.to(dt).unbind(0)  # one unbind (one stack in backward), not a select per op
     out = None
     for k, name in enumerate(ops):
         y = _branch(name, xc, conv_outs, stride, eps, pool_bn, shape, dt)
         if y is not None:
             out = w[k] * y if out is None else out + w[k] * y
     if out is None:  # only 'none': zeros, still connected to the weights (zero gradient)
-        out = w.sum() * xc.new_zeros(shape)
+        out = sum(w) * xc.new_zeros(shape)
     return out.to(x.dtype)
 
 

@@ -1,0 +1,440 @@
+"""``ktnas bench step``: what one search step costs on a GPU, read off this machine (no GPU needed).
+
+For each configuration of ``ktnas bench search`` (``baseline``: classic DARTS, ``--stem none``, 32 px images;
+``stem-on-the-fly``: the frozen stem on each batch of raw images, then the KT-NAS supernet; ``cached``: the
+supernet on cached features, reference ops; ``cached-fused``: the same with the fused Triton mixed ops), plus
+``cached-darts-edges`` (``cached`` with every edge computed as DARTS' own ``MixedOp``: a ReLU per conv op, 'none'
+a zero tensor; DARTS' own code with its first cells replaced by the cached input, what the KT-NAS anchor measured
+on the H100), algorithm (DARTS first and second order, PC-DARTS, GDAS) and space (DARTS, NAS-Bench-201), it runs
+``ktnas search``'s own step
+(``_Run.search_step``) once under the instruments of :mod:`ktnas.bench.profile`, by default on fake tensors
+(``FakeTensorMode``: shapes and dtypes without data, so the papers' batch 64 costs no memory and little time; a
+step at a small batch gives the same figures on real tensors, which the tests check). One untimed step first, at
+batch 2, creates the optimiser state (the momentum and Adam buffers of every later step).
+
+Per row:
+- memory (exact, as CUDA's allocator books it: requests rounded up to 512 B): weights, gradients, optimiser state,
+  inputs, the bytes saved for backward (the largest of the step's forward passes, parameters excluded) and the
+  peak of live tensor bytes during the step, which is what ``torch.cuda.max_memory_allocated`` reports. Not seen:
+  cuDNN/cuBLAS workspaces, the CUDA context.
+- device work (exact counts): kernel launches a CUDA step issues (ATen operations that launch a kernel; the
+  optimisers and gradient clipping with CUDA's ``foreach`` defaults, a multi-tensor operation counted as the
+  launches of CUDA's multi-tensor apply; the fused op's Triton launches counted by the op), host syncs (``.item()``),
+  FLOPs (``torch.utils.flop_counter``: convolutions and matrix products) and the bytes every launch reads and
+  writes (eager traffic; the fused op's kernels counted as they touch their tensors).
+- estimates: the step-time floor on a GPU (roofline: FLOPs at the GPU's dense rate for the precision -- TF32 tensor
+  cores for float32 convolutions, PyTorch's cuDNN default -- or bytes at its bandwidth, whichever is slower) and the
+  launch-bound time (launches x a per-launch cost calibrated on DARTS' own code, :data:`LAUNCH_US`); the predicted
+  step time is the larger of the two.
+
+``--precision bf16`` applies CUDA's autocast cast policy (:class:`~ktnas.bench.profile.CudaAutocast`), not the
+CPU's, whatever the machine.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from ktnas.cache.errors import KtnasError
+from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM, get_stem
+from ktnas.engine import search as S
+from ktnas.engine.search import PAPER_DEFAULTS, SearchConfig, _Run, resolve_config
+from ktnas.engine.supernet import MixedEdge, count_parameters
+
+from .profile import CudaAutocast, StepTracker, cuda_bytes, saved_for_backward
+from .report import Column, Report
+
+HELP = ("what one search step costs on a GPU, from any machine: peak memory, kernel launches, FLOPs, bytes moved "
+        "and predicted step time, classic DARTS vs KT-NAS (reference and fused ops)")
+ALGOS = {"darts-1": ("darts", 1), "darts-2": ("darts", 2), "pcdarts": ("pcdarts", 1), "gdas": ("gdas", 1)}
+SPACES = ("darts", "nb201")
+CONFIGS = ("baseline", "stem-on-the-fly", "cached", "cached-darts-edges", "cached-fused")
+CLASSIC_SIZE = 32
+FULL = dict(algos=tuple(ALGOS), spaces=SPACES, batch_size=None)
+QUICK = dict(algos=("darts-1",), spaces=("darts",), batch_size=4)
+WARM_BATCH = 2
+# GPUs: memory bandwidth (bytes/s) and dense peak FLOP/s (SXM parts, NVIDIA's data sheets)
+GPUS = {"H100": dict(bandwidth=3.35e12, tf32=494.7e12, bf16=989.4e12),
+        "H200": dict(bandwidth=4.8e12, tf32=494.7e12, bf16=989.4e12)}
+# DARTS' own code (quark0/darts cnn/, fetched and run beside ktnas under these instruments, 2026-12-03, its
+# `.cuda()` calls patched out, optimisers and clipping with CUDA's foreach defaults; first order, batch 64, fake
+# tensors): 1,930,618 weights, 15.18 GFLOP per sample, 28,767 kernel launches, 8,034,593,024 bytes saved for
+# backward by one forward, peak 7,701 MiB (the H100 measured 7,766 MiB: -0.8%); second order peak 9,998 MiB (the
+# H100: 8,910 MiB, +12.2%). It takes about 784 ms a first-order step on an H100
+# (../shared/notes/gpu-figures-on-a-cpu.md), hence the per-launch cost of an eager step: 784 ms / 28,767.
+DARTS_OWN = dict(step_ms=784.0, launches=28_767, saved_bytes=8_034_593_024, peak_mib=7_701, peak_mib_order2=9_998,
+                 gpu="H100")
+LAUNCH_US = 1e3 * DARTS_OWN["step_ms"] / DARTS_OWN["launches"]
+# H100 anchors of max_memory_allocated (MiB), batch 64 (the note above): what the fp32 rows are checked against
+# (the KT-NAS ones measured DARTS' own code with its first cells replaced by the cached input: the computation of
+# the cached-darts-edges configuration; ktnas's own edges share one ReLU and skip 'none', and keep less)
+ANCHORS = {("baseline", "darts", "darts", 1, "fp32"): 7766, ("cached-darts-edges", "darts", "darts", 1, "fp32"): 3270,
+           ("baseline", "darts", "darts", 2, "fp32"): 8910, ("cached-darts-edges", "darts", "darts", 1, "bf16"): 1812}
+
+
+# ------------------------------------------------------------------------------------------------ one step
+def _gumbel_fake_safe(model, tau, gen, tracker):
+    """``search.gumbel_arch`` for fake tensors: the same operations on the device, the sampled indices drawn on
+    real tensors (at the start of a search the alphas are ~0, so the argmax of the Gumbel noise is the sample) and
+    the host reads the real step does (``isfinite().all()``, ``tolist()``) counted as syncs."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    arch = {}
+    for t, a in model.alphas().items():
+        with unset_fake_temporarily():
+            g = -torch.empty(tuple(a.shape), dtype=torch.float32).exponential_(generator=gen).log()
+            idx_real = g.argmax(-1)
+        g = torch.empty(tuple(a.shape), dtype=torch.float32).exponential_().log().neg().to(a.device, a.dtype)
+        probs = torch.softmax((torch.log_softmax(a, dim=-1) + g) / tau, dim=-1)
+        idx = probs.argmax(-1)
+        hard = torch.zeros_like(probs).scatter_(-1, idx[:, None], 1.0)
+        w = hard - probs.detach() + probs
+        torch.isfinite(w).all()
+        tracker.syncs += 2
+        arch[t] = (w, idx_real.tolist())
+    return arch
+
+
+def _stem(spec: str, image_size: int):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights: the profile needs the shapes, not the transfer
+        return get_stem(spec, weights="none", image_size=image_size)
+
+
+def profile_step(config: str = "cached", space: str = "darts", algo: str = "darts", order: int = 1,
+                 batch: int = 64, *, precision: str = "fp32", fake: bool = True, seed: int = 0,
+                 stem: str = DEFAULT_STEM, image_size: int = DEFAULT_IMAGE_SIZE, raw_shape=(1, 28, 28),
+                 num_classes: int = 10, layers: int | None = None, channels: int | None = None,
+                 darts_edges: bool | None = None) -> dict:
+    """Profile one ``_Run.search_step`` of ``config`` (see the module docstring) at ``batch``; a row dict.
+
+    ``fake``: on fake tensors (nothing computed; False: on real CPU tensors, to check the instruments). ``stem`` /
+    ``image_size`` / ``raw_shape``: the frozen stem whose features the KT-NAS configurations take, and the raw
+    images it gets (default: Fashion-MNIST's 1x28x28 through ``mobilenet_v2:features.3`` at 64 px). ``layers`` /
+    ``channels``: override the layout (tests use tiny networks). ``darts_edges``: compute every edge as DARTS' own
+    ``MixedOp`` (a ReLU per conv op, 'none' a zero tensor; see ``MixedEdge``); default: as the configuration does
+    (the baseline does, KT-NAS does not) -- True on a KT-NAS configuration profiles DARTS' own code with its first
+    cells replaced by the cached input, the computation the KT-NAS anchor measured on the H100."""
+    if config not in CONFIGS:
+        raise KtnasError(f"unknown configuration {config!r}: use one of {', '.join(CONFIGS)}")
+    if precision not in ("fp32", "bf16"):
+        raise KtnasError(f"unknown --precision {precision!r}: use fp32 or bf16")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    baseline = config == "baseline"
+    fused = config == "cached-fused"
+    if config == "cached-darts-edges":
+        darts_edges = True
+    frozen = None if baseline else _stem(stem, image_size)
+    feat = (3, CLASSIC_SIZE, CLASSIC_SIZE) if baseline else tuple(frozen.output_shape)
+    info = dict(in_channels=feat[0], resolution=min(feat[1:]), shape=list(feat), num_classes=num_classes)
+    kw = dict(stem="none", dataset="profile") if baseline else dict(stem="features", features="profile")
+    cfg = resolve_config(SearchConfig(space=space, algo=algo, order=order, batch_size=batch, device="cpu",
+                                      kernels="triton" if fused else "torch", seed=seed, progress=False,
+                                      layers=layers, channels=channels, **kw))
+    dev = torch.device("cpu")
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    with mode, _fused_counter(fused) as triton_counts:
+        tracker = StepTracker()
+        with tracker:
+            torch.manual_seed(seed)
+            with _stay_on_cpu(fake):
+                run = _Run(cfg, dev, info)
+            run.model.train()
+            if darts_edges is not None:
+                for m in run.model.modules():
+                    if isinstance(m, MixedEdge):
+                        m.per_op_relu = darts_edges
+            for opt in (run.w_opt, run.a_opt):
+                for g in opt.param_groups:
+                    g["foreach"] = True  # CUDA's default (multi-tensor kernels); the CPU's is a per-tensor loop
+            run.amp = dict(run.amp, enabled=False)
+            run.foreach = True
+            saved = []
+            orig_loss = run.loss
+
+            def loss(x, y, arch=None):  # one forward: its saved tensors; CUDA's autocast policy under bf16
+                with saved_for_backward(exclude=list(run.model.parameters())) as s, \
+                        (CudaAutocast() if precision == "bf16" else contextlib.nullcontext()):
+                    out = orig_loss(x, y, arch)
+                saved.append(s)
+                return out
+            run.loss = loss
+            if frozen is not None:
+                tracker.track(*frozen.parameters(), *frozen.buffers())
+            gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+            epoch = cfg.warmup  # the architecture parameters train from here on (PC-DARTS' warm-up)
+
+            def inputs(n):
+                if baseline:
+                    return [torch.randn(n, *feat), torch.randint(0, num_classes, (n,))] * 2
+                if config == "stem-on-the-fly":
+                    return [torch.randint(0, 256, (n, *raw_shape), dtype=torch.uint8),
+                            torch.randint(0, num_classes, (n,))] * 2
+                return [torch.randn(n, *feat), torch.randint(0, num_classes, (n,))] * 2
+
+            def step(xt, yt, xv, yv):
+                if config == "stem-on-the-fly":  # the frozen stem on the device, each batch (as bench search)
+                    with CudaAutocast() if precision == "bf16" else contextlib.nullcontext():
+                        xt, xv = frozen(xt).float(), frozen(xv).float()
+                return run.search_step(epoch, xt, yt, xv, yv, gen, rng)
+
+            with _gdas_patch(algo, fake, tracker):
+                step(*inputs(WARM_BATCH))  # optimiser state, lazily created
+                saved.clear()
+                batch_in = inputs(batch)
+                base = tracker.current
+                tracker.reset_peak()
+                flops = FlopCounterMode(display=False)
+                triton_counts.clear()
+                with tracker.count(), flops:
+                    step(*batch_in)
+            weights = sum(cuda_bytes(p.numel() * p.element_size()) for p in run.model.parameters())
+            grads = sum(cuda_bytes(p.grad.numel() * p.grad.element_size()) for p in run.model.parameters()
+                        if p.grad is not None)
+            state = sum(cuda_bytes(v.numel() * v.element_size()) for opt in (run.w_opt, run.a_opt)
+                        for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+            in_bytes = sum(cuda_bytes(t.numel() * t.element_size()) for t in batch_in)
+    triton_launches = sum(v["launches"] for v in triton_counts.values())
+    triton_bytes = sum(v["bytes"] for v in triton_counts.values())
+    row = dict(config=config, space=space, algo=algo, order=order, batch=batch, precision=precision,
+               kernels="triton" if fused else "torch", fake=fake,
+               darts_edges=baseline if darts_edges is None else darts_edges, params=count_parameters(run.model),
+               cells=run.layout["layers"], channels=run.layout["channels"], input_shape=list(feat),
+               weights_bytes=weights, grads_bytes=grads, optimizer_bytes=state, inputs_bytes=in_bytes,
+               saved_bytes=max((s["bytes"] for s in saved), default=0), forwards=len(saved),
+               start_bytes=base, peak_bytes=tracker.peak, aten_launches=tracker.launches,
+               triton_launches=triton_launches, launches=tracker.launches + triton_launches, syncs=tracker.syncs,
+               flops=int(flops.get_total_flops()), bytes_moved=tracker.bytes_moved + triton_bytes,
+               top_ops=dict(tracker.ops.most_common(8)), profile_s=time.perf_counter() - t0)
+    row.update(predict(row))
+    return row
+
+
+@contextlib.contextmanager
+def _stay_on_cpu(fake: bool):
+    """``Module.to`` as a no-op while the run is built on fake CPU tensors: they are made on the CPU already, and
+    ``to`` would swap each fake parameter for itself, which torch refuses for fake tensors (their mode holds weak
+    references to them)."""
+    if not fake:
+        yield
+        return
+    orig = torch.nn.Module.to
+    torch.nn.Module.to = lambda self, *a, **k: self
+    try:
+        yield
+    finally:
+        torch.nn.Module.to = orig
+
+
+@contextlib.contextmanager
+def _gdas_patch(algo: str, fake: bool, tracker):
+    """On fake tensors GDAS' sample cannot be read by the host: draw its indices on real tensors (see
+    :func:`_gumbel_fake_safe`)."""
+    if algo != "gdas" or not fake:
+        yield
+        return
+    orig = S.gumbel_arch
+    S.gumbel_arch = lambda model, tau, gen: _gumbel_fake_safe(model, tau, gen, tracker)
+    try:
+        yield
+    finally:
+        S.gumbel_arch = orig
+
+
+@contextlib.contextmanager
+def _fused_counter(fused: bool):
+    """The fused op's own count of its Triton launches and the bytes they move: {kernel: {launches, bytes}}."""
+    if not fused:
+        yield {}
+        return
+    from ktnas.kernels import triton_mixed
+
+    with triton_mixed.count_launches() as counts:
+        yield counts
+
+
+def predict(row: dict, gpu: str = "H100") -> dict:
+    """Estimates from a row's counts: the roofline floor, the launch-bound time, the predicted step time (ms)."""
+    spec = GPUS[gpu]
+    rate = spec["bf16"] if row["precision"] == "bf16" else spec["tf32"]
+    compute_ms = 1e3 * row["flops"] / rate
+    memory_ms = 1e3 * row["bytes_moved"] / spec["bandwidth"]
+    floor = max(compute_ms, memory_ms)
+    launch_ms = row["launches"] * LAUNCH_US / 1e3
+    return dict(gpu=gpu, floor_ms=floor, compute_ms=compute_ms, memory_ms=memory_ms, launch_ms=launch_ms,
+                predicted_ms=max(floor, launch_ms), launch_us=LAUNCH_US)
+
+
+# ---------------------------------------------------------------------------------------------- all rows
+def bench_step(*, quick: bool = False, algos=None, spaces=None, configs=None, batch_size: int | None = None,
+               precision: str = "fp32", fake: bool = True, seed: int = 0, stem: str = DEFAULT_STEM,
+               image_size: int = DEFAULT_IMAGE_SIZE, gpu: str = "H100", notes: list | None = None) -> list[dict]:
+    """Rows of :func:`profile_step` for every (space, algorithm, configuration); ratios against the baseline of
+    the same space, algorithm and batch. A configuration that cannot be profiled here is a row with its reason."""
+    from .search import _names
+
+    mode = QUICK if quick else FULL
+    algos = _names(algos or mode["algos"], tuple(ALGOS), "--algos")
+    spaces = _names(spaces or mode["spaces"], SPACES, "--spaces")
+    configs = _names(configs or CONFIGS, CONFIGS, "--configs")
+    batch_size = mode["batch_size"] if batch_size is None else batch_size
+    if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+        raise KtnasError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    if gpu not in GPUS:
+        raise KtnasError(f"unknown --gpu {gpu!r}: use one of {', '.join(GPUS)}")
+    rows = []
+    for space in spaces:
+        for a in algos:
+            algo, order = ALGOS[a]
+            batch = batch_size or PAPER_DEFAULTS[algo]["batch_size"]
+            for config in configs:
+                print(f"ktnas bench step: {space} {a} batch {batch}: {config} ...", file=sys.stderr)
+                head = dict(config=config, space=space, algo=algo, order=order, batch=batch, precision=precision)
+                try:
+                    r = profile_step(config, space, algo, order, batch, precision=precision, fake=fake, seed=seed,
+                                     stem=stem, image_size=image_size)
+                    r.update(predict(r, gpu))
+                    r["skipped"] = None
+                except (KtnasError, NotImplementedError, RuntimeError) as e:
+                    r = dict(head, skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                rows.append(r)
+    _add_ratios(rows)
+    if notes is not None:
+        notes += _notes(gpu, fake)
+    return rows
+
+
+def _add_ratios(rows) -> None:
+    def key(r):
+        return r["space"], r["algo"], r["order"], r["batch"], r["precision"]
+
+    base = {key(r): r for r in rows if r["config"] == "baseline" and r.get("skipped") is None}
+    for r in rows:
+        b = base.get(key(r))
+        ok = b is not None and r.get("skipped") is None
+        r["mem_ratio"] = r["peak_bytes"] / b["peak_bytes"] if ok else None
+        r["launch_ratio"] = r["launches"] / b["launches"] if ok else None
+        r["speedup_predicted"] = b["predicted_ms"] / r["predicted_ms"] if ok else None
+        anchor = ANCHORS.get((r["config"], r["space"], r["algo"], r["order"], r["precision"]))
+        if anchor is not None and r.get("skipped") is None and r["batch"] == 64:
+            r["anchor_mib"] = anchor
+            r["anchor_diff"] = r["peak_bytes"] / 2**20 / anchor - 1
+
+
+def _notes(gpu: str, fake: bool) -> list[str]:
+    spec = GPUS[gpu]
+    return [
+        f"{'fake tensors (FakeTensorMode): nothing computed' if fake else 'real CPU tensors'}; one step per row, "
+        f"after an untimed step at batch {WARM_BATCH} that creates the optimiser state",
+        "exact: bytes (weights, grads, optimiser state, saved for backward, peak of live tensors as CUDA's allocator "
+        "books them, 512 B rounding), kernel launches (ATen kernels with CUDA's foreach defaults + the fused op's "
+        "Triton launches), syncs, FLOPs (convolutions and matrix products), bytes moved (eager traffic)",
+        f"estimates: floor = max(FLOPs / {spec['tf32'] / 1e12:.0f} TFLOP/s TF32 (fp32) or "
+        f"{spec['bf16'] / 1e12:.0f} TFLOP/s bf16, bytes moved / {spec['bandwidth'] / 1e12:.2f} TB/s) on the "
+        f"{gpu}; launch-bound = launches x {LAUNCH_US:.1f} us (DARTS' own code: {DARTS_OWN['step_ms']:.0f} ms a "
+        f"first-order step at batch 64 on an {DARTS_OWN['gpu']} / {DARTS_OWN['launches']:,} launches counted by this "
+        f"profile); predicted = the larger; a step captured in a CUDA graph pays one launch, leaving the floor",
+        "not seen: cuDNN/cuBLAS workspaces, the CUDA context, allocator fragmentation (memory_reserved)",
+        "anchors (H100 max_memory_allocated, batch 64): classic DARTS 1st order 7,766 MiB, 2nd order 8,910 MiB; "
+        "DARTS' own code on the KT-NAS layout (cached-darts-edges) 3,270 MiB fp32, 1,812 MiB bf16 autocast",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def _mib(v) -> str:
+    return "-" if v is None else f"{v / 2**20:,.0f}"
+
+
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _algo_label(r) -> str:
+    return f"darts ({'2nd' if r['order'] == 2 else '1st'})" if r["algo"] == "darts" else r["algo"]
+
+
+def _anchor(r) -> str:
+    if r.get("anchor_mib") is None:
+        return ""
+    return f"{r['anchor_mib']:,} MiB on the H100 ({100 * r['anchor_diff']:+.1f}%)"
+
+
+def _cell(key, fmt):
+    return lambda r: "-" if r.get("skipped") is not None else fmt(r[key])
+
+
+COLUMNS = [Column("space", "space"), Column(None, "algo", _algo_label), Column("batch", "batch"),
+           Column("config", "config"), Column("precision", "precision"),
+           Column(None, "peak MiB (exact)", _cell("peak_bytes", _mib)),
+           Column(None, "saved for bwd MiB (exact)", _cell("saved_bytes", _mib)),
+           Column(None, "mem vs baseline", lambda r: _x(r.get("mem_ratio"))),
+           Column(None, "launches (exact)", lambda r: "-" if r.get("skipped") is not None else
+                  f"{r['aten_launches']:,}" + (f" + {r['triton_launches']:,} Triton" if r["triton_launches"] else "")),
+           Column(None, "launches vs baseline", lambda r: _x(r.get("launch_ratio"))),
+           Column(None, "GFLOP (exact)", _cell("flops", lambda v: f"{v / 1e9:,.0f}")),
+           Column(None, "GiB moved (exact)", _cell("bytes_moved", lambda v: f"{v / 2**30:,.1f}")),
+           Column(None, "floor ms (est.)", _cell("floor_ms", lambda v: f"{v:,.1f}")),
+           Column(None, "launch-bound ms (est.)", _cell("launch_ms", lambda v: f"{v:,.0f}")),
+           Column(None, "predicted speedup (est.)", lambda r: _x(r.get("speedup_predicted"))),
+           Column(None, "note", lambda r: ("skipped: " + r["skipped"]) if r.get("skipped") else _anchor(r))]
+
+
+def _chart(axes, rows) -> None:
+    """Left: peak memory; right: kernel launches; bars per configuration grouped by (space, algorithm)."""
+    rows = [r for r in rows if r.get("skipped") is None]
+    groups = list(dict.fromkeys((r["space"], _algo_label(r), r["batch"]) for r in rows))
+    kinds = list(dict.fromkeys(r["config"] for r in rows))
+    colors = {"baseline": "tab:gray", "stem-on-the-fly": "tab:orange", "cached": "tab:blue",
+              "cached-darts-edges": "tab:cyan", "cached-fused": "tab:green"}
+    width = 0.8 / max(1, len(kinds))
+    for ax, key, scale, label in ((axes[0], "peak_bytes", 2**20, "peak MiB (predicted max_memory_allocated)"),
+                                  (axes[1], "launches", 1, "kernel launches per step")):
+        for k, kind in enumerate(kinds):
+            xs, hs = [], []
+            for g, grp in enumerate(groups):
+                for r in rows:
+                    if (r["space"], _algo_label(r), r["batch"]) == grp and r["config"] == kind:
+                        xs.append(g + (k - (len(kinds) - 1) / 2) * width)
+                        hs.append(r[key] / scale)
+            ax.bar(xs, hs, width, color=colors.get(kind, "tab:purple"), label=kind)
+        ax.set_xticks(range(len(groups)), [f"{s}\n{a}\nbatch {b}" for s, a, b in groups], fontsize=7)
+        ax.set_ylabel(label, fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    if rows:
+        axes[0].legend(fontsize=7)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help=f"a check that everything runs: --algos {','.join(QUICK['algos'])} --spaces "
+                        f"{','.join(QUICK['spaces'])} --batch-size {QUICK['batch_size']} unless given")
+    p.add_argument("--algos", default=None, help=f"comma-separated subset of {','.join(ALGOS)} (default: all)")
+    p.add_argument("--spaces", default=None, help="comma-separated subset of darts,nb201 (default: both)")
+    p.add_argument("--configs", default=None, help=f"comma-separated subset of {','.join(CONFIGS)} (default: all)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="one batch for every algorithm (default: the papers': darts 64, pcdarts 256, gdas 64)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="fp32, or bf16 under CUDA's autocast policy (default: fp32)")
+    p.add_argument("--real", action="store_true",
+                   help="run on real CPU tensors instead of fake ones (slow at batch 64; checks the instruments)")
+    p.add_argument("--gpu", default="H100", choices=tuple(GPUS), help="GPU of the estimates (default: H100)")
+    p.add_argument("--stem", default=DEFAULT_STEM, help="the KT-NAS configurations' frozen stem (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="its input size (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation (default: 0)")
+
+
+def report(args, work_dir=None) -> Report:
+    notes: list[str] = []
+    rows = bench_step(quick=args.quick, algos=args.algos, spaces=args.spaces, configs=args.configs,
+                      batch_size=args.batch_size, precision=args.precision, fake=not args.real, seed=args.seed,
+                      stem=args.stem, image_size=args.image_size, gpu=args.gpu, notes=notes)
+    return Report("step", "ktnas bench step: one search step's GPU cost, measured without a GPU", rows, COLUMNS,
+                  _chart, device="cpu", notes=notes, chart_panels=2)
