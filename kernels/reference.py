@@ -13,7 +13,10 @@ An edge computes ``out = sum_k w_k * op_k(x)`` over the op names ``ops``, with `
 
 Batch norm is BatchNorm2d(affine=False) in training mode: batch statistics over (N, H, W), biased variance,
 ``eps``; no running statistics. All branches have the output size (N, C, ceil(H/stride), ceil(W/stride)).
-Half inputs (float16, bfloat16) are computed in float32 and the result is returned in the dtype of ``x``.
+Half inputs (float16, bfloat16) are computed as autocast runs DARTS' own ops: pools and batch norms in their
+input's dtype (PyTorch's batch norm accumulates its statistics in float32), so nothing is kept for backward in an
+upcast copy, and the weighted sum in float32 (the weights are float32); the result is returned in the dtype of
+``x``. (The fused kernels do all their arithmetic in float32; both agree within half-precision rounding.)
 Nothing here knows a search space: op names not in the list above are conv branches.
 """
 from __future__ import annotations
@@ -54,8 +57,8 @@ def _check(x, weights, ops, stride):
         raise ValueError(f"weights must be [{len(ops)}] (one per op in {tuple(ops)}), got {tuple(weights.shape)}")
 
 
-def _branch(name, x, conv_outs, stride, eps, pool_bn, shape, dt):
-    """op ``name`` applied to x (compute dtype ``dt``), its BN included; None for 'none'."""
+def _branch(name, x, conv_outs, stride, eps, pool_bn, shape):
+    """op ``name`` applied to x, its BN included, in the dtype of its input; None for 'none'."""
     if name == "none":
         return None
     if name == "skip_connect" and stride == 1:
@@ -69,7 +72,7 @@ def _branch(name, x, conv_outs, stride, eps, pool_bn, shape, dt):
     y = conv_outs[name]
     if tuple(y.shape) != shape:
         raise ValueError(f"conv_outs[{name!r}] has shape {tuple(y.shape)}, expected {shape}")
-    return _bn(y.to(dt), eps)
+    return _bn(y, eps)
 
 
 def _out_shape(x, stride):
@@ -87,14 +90,14 @@ def mixed_op_reference(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, 
     """
     _check(x, weights, ops, stride)
     dt, shape = _compute_dtype(x), _out_shape(x, stride)
-    xc, w = x.to(dt), weights.to(dt).unbind(0)  # one unbind (one stack in backward), not a select per op
+    w = weights.to(dt).unbind(0)  # one unbind (one stack in backward), not a select per op
     out = None
     for k, name in enumerate(ops):
-        y = _branch(name, xc, conv_outs, stride, eps, pool_bn, shape, dt)
+        y = _branch(name, x, conv_outs, stride, eps, pool_bn, shape)
         if y is not None:
             out = w[k] * y if out is None else out + w[k] * y
     if out is None:  # only 'none': zeros, still connected to the weights (zero gradient)
-        out = sum(w) * xc.new_zeros(shape)
+        out = sum(w) * x.new_zeros(shape, dtype=dt)
     return out.to(x.dtype)
 
 
@@ -111,10 +114,9 @@ def mixed_op_reference_gdas(x: torch.Tensor, weights: torch.Tensor, index: int, 
     if not 0 <= index < len(ops):
         raise ValueError(f"index {index} out of range for {len(ops)} ops")
     dt, shape = _compute_dtype(x), _out_shape(x, stride)
-    xc = x.to(dt)
-    y = _branch(ops[index], xc, conv_outs, stride, eps, pool_bn, shape, dt)
+    y = _branch(ops[index], x, conv_outs, stride, eps, pool_bn, shape)
     if y is None:
-        y = xc.new_zeros(shape)
+        y = x.new_zeros(shape, dtype=dt)
     return (weights[index].to(dt) * y).to(x.dtype)
 
 
@@ -137,5 +139,5 @@ def mixed_op_reference_pc(x: torch.Tensor, weights: torch.Tensor, conv_outs: dic
     head = mixed_op_reference(x[:, :c], weights, conv_outs, ops, stride, eps, pool_bn=pool_bn)
     rest = x[:, c:]
     if stride == 2:
-        rest = F.max_pool2d(rest.to(_compute_dtype(x)), 2, 2, ceil_mode=True).to(x.dtype)
+        rest = F.max_pool2d(rest, 2, 2, ceil_mode=True)
     return channel_shuffle(torch.cat([head, rest], dim=1), k)
