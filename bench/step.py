@@ -9,8 +9,8 @@ on the H100), algorithm (DARTS first and second order, PC-DARTS, GDAS) and space
 ``ktnas search``'s own step
 (``_Run.search_step``) once under the instruments of :mod:`ktnas.bench.profile`, by default on fake tensors
 (``FakeTensorMode``: shapes and dtypes without data, so the papers' batch 64 costs no memory and little time; a
-step at a small batch gives the same figures on real tensors, which the tests check). One untimed step first, at
-batch 2, creates the optimiser state (the momentum and Adam buffers of every later step).
+step at a small batch gives the same figures on real tensors, which the tests check). The step finds what a step
+finds after the first: the optimiser state (momentum and Adam buffers) and the previous step's gradients.
 
 Per row:
 - memory (exact, as CUDA's allocator books it: requests rounded up to 512 B): weights, gradients, optimiser state,
@@ -20,7 +20,8 @@ Per row:
 - device work (exact counts): kernel launches a CUDA step issues (ATen operations that launch a kernel; the
   optimisers and gradient clipping with CUDA's ``foreach`` defaults, a multi-tensor operation counted as the
   launches of CUDA's multi-tensor apply; the fused op's Triton launches counted by the op), host syncs (``.item()``),
-  FLOPs (``torch.utils.flop_counter``: convolutions and matrix products) and the bytes every launch reads and
+  FLOPs (``torch.utils.flop_counter``: convolutions and matrix products; the fused op's elementwise arithmetic,
+  from its registered FLOP formula, apart in ``fused_op_flops``) and the bytes every launch reads and
   writes (eager traffic; the fused op's kernels counted as they touch their tensors).
 - estimates: the step-time floor on a GPU (roofline: FLOPs at the GPU's dense rate for the precision -- TF32 tensor
   cores for float32 convolutions, PyTorch's cuDNN default -- or bytes at its bandwidth, whichever is slower) and the
@@ -57,10 +58,9 @@ CONFIGS = ("baseline", "stem-on-the-fly", "cached", "cached-darts-edges", "cache
 CLASSIC_SIZE = 32
 FULL = dict(algos=tuple(ALGOS), spaces=SPACES, batch_size=None)
 QUICK = dict(algos=("darts-1",), spaces=("darts",), batch_size=4)
-WARM_BATCH = 2
 # GPUs: memory bandwidth (bytes/s) and dense peak FLOP/s (SXM parts, NVIDIA's data sheets)
-GPUS = {"H100": dict(bandwidth=3.35e12, tf32=494.7e12, bf16=989.4e12),
-        "H200": dict(bandwidth=4.8e12, tf32=494.7e12, bf16=989.4e12)}
+GPUS = {"H100": dict(bandwidth=3.35e12, tf32=494.7e12, bf16=989.4e12, fp32=66.9e12),
+        "H200": dict(bandwidth=4.8e12, tf32=494.7e12, bf16=989.4e12, fp32=66.9e12)}
 # DARTS' own code (quark0/darts cnn/, fetched and run beside ktnas under these instruments, 2026-12-03, its
 # `.cuda()` calls patched out, optimisers and clipping with CUDA's foreach defaults; first order, batch 64, fake
 # tensors): 1,930,618 weights, 15.18 GFLOP per sample, 28,767 kernel launches, 8,034,593,024 bytes saved for
@@ -187,8 +187,7 @@ def profile_step(config: str = "cached", space: str = "darts", algo: str = "dart
                 return run.search_step(epoch, xt, yt, xv, yv, gen, rng)
 
             with _gdas_patch(algo, fake, tracker):
-                step(*inputs(WARM_BATCH))  # optimiser state, lazily created
-                saved.clear()
+                _steady_state(run)  # as after earlier steps: optimiser state and gradients in place
                 batch_in = inputs(batch)
                 base = tracker.current
                 tracker.reset_peak()
@@ -202,6 +201,8 @@ def profile_step(config: str = "cached", space: str = "darts", algo: str = "dart
             state = sum(cuda_bytes(v.numel() * v.element_size()) for opt in (run.w_opt, run.a_opt)
                         for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))
             in_bytes = sum(cuda_bytes(t.numel() * t.element_size()) for t in batch_in)
+    by_op = flops.get_flop_counts().get("Global", {})
+    fused_flops = sum(int(v) for op, v in by_op.items() if "ktnas" in str(op))  # the fused op's own formula
     triton_launches = sum(v["launches"] for v in triton_counts.values())
     triton_bytes = sum(v["bytes"] for v in triton_counts.values())
     row = dict(config=config, space=space, algo=algo, order=order, batch=batch, precision=precision,
@@ -212,10 +213,32 @@ def profile_step(config: str = "cached", space: str = "darts", algo: str = "dart
                saved_bytes=max((s["bytes"] for s in saved), default=0), forwards=len(saved),
                start_bytes=base, peak_bytes=tracker.peak, aten_launches=tracker.launches,
                triton_launches=triton_launches, launches=tracker.launches + triton_launches, syncs=tracker.syncs,
-               flops=int(flops.get_total_flops()), bytes_moved=tracker.bytes_moved + triton_bytes,
+               flops=int(flops.get_total_flops()) - fused_flops, fused_op_flops=fused_flops,
+               bytes_moved=tracker.bytes_moved + triton_bytes,
                top_ops=dict(tracker.ops.most_common(8)), profile_s=time.perf_counter() - t0)
     row.update(predict(row))
     return row
+
+
+def _steady_state(run) -> None:
+    """What a step finds after the first: SGD's momentum buffers, Adam's step count and moments, and every
+    parameter's gradient of the previous step (set to None only by the weight step's ``zero_grad``; the
+    architecture step's backward accumulates into the weights' ones). Made directly, as zeros: the same tensors an
+    untimed first step would leave, at no cost (a fake step costs as much at batch 2 as at batch 64)."""
+    with torch.no_grad():
+        for p in run.model.parameters():
+            p.grad = torch.zeros_like(p)
+        for opt in (run.w_opt, run.a_opt):
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    st = opt.state[p]
+                    if isinstance(opt, torch.optim.SGD):
+                        if group["momentum"]:
+                            st["momentum_buffer"] = torch.zeros_like(p)
+                    else:  # Adam
+                        st["step"] = torch.tensor(1.0)
+                        st["exp_avg"] = torch.zeros_like(p)
+                        st["exp_avg_sq"] = torch.zeros_like(p)
 
 
 @contextlib.contextmanager
@@ -265,7 +288,8 @@ def predict(row: dict, gpu: str = "H100") -> dict:
     """Estimates from a row's counts: the roofline floor, the launch-bound time, the predicted step time (ms)."""
     spec = GPUS[gpu]
     rate = spec["bf16"] if row["precision"] == "bf16" else spec["tf32"]
-    compute_ms = 1e3 * row["flops"] / rate
+    compute_ms = 1e3 * row["flops"] / rate  # convolutions and matrix products, on the tensor cores
+    compute_ms += 1e3 * row.get("fused_op_flops", 0) / spec["fp32"]  # the fused op's float32 arithmetic
     memory_ms = 1e3 * row["bytes_moved"] / spec["bandwidth"]
     floor = max(compute_ms, memory_ms)
     launch_ms = row["launches"] * LAUNCH_US / 1e3
@@ -333,7 +357,7 @@ def _notes(gpu: str, fake: bool) -> list[str]:
     spec = GPUS[gpu]
     return [
         f"{'fake tensors (FakeTensorMode): nothing computed' if fake else 'real CPU tensors'}; one step per row, "
-        f"after an untimed step at batch {WARM_BATCH} that creates the optimiser state",
+        "with the optimiser state and gradients a step finds after the first (zeros of their shapes)",
         "exact: bytes (weights, grads, optimiser state, saved for backward, peak of live tensors as CUDA's allocator "
         "books them, 512 B rounding), kernel launches (ATen kernels with CUDA's foreach defaults + the fused op's "
         "Triton launches), syncs, FLOPs (convolutions and matrix products), bytes moved (eager traffic)",
