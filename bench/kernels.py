@@ -51,7 +51,12 @@ def add_arguments(p) -> None:
     p.add_argument("--stride", type=int, default=1, choices=(1, 2), help="edge stride (default: 1)")
     p.add_argument("--sets", type=int, default=4, help="input sets rotated through the runs (default: 4)")
     p.add_argument("--quick", action="store_true",
-                   help="small shapes, fp32, fewer runs: a check that everything runs (CPU, CI)")
+                   help="small shapes, fp32, fewer runs: a check that everything runs (CPU, CI); with --aot: the "
+                        "most demanding specialisation of each kernel only")
+    p.add_argument("--aot", action="store_true",
+                   help="instead of timing: compile every kernel specialisation the supernets use for --archs "
+                        "(no GPU needed) and report registers, spills and shared memory")
+    p.add_argument("--archs", default="80,90", help="with --aot: CUDA compute capabilities (default: %(default)s)")
 
 
 def _csv(text: str, allowed, what: str) -> list[str]:
@@ -76,21 +81,11 @@ def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
 
 
 def fused_bytes(shape, dtype: torch.dtype, ops, stride: int = 1, pool_bn: bool = True) -> int:
-    """Bytes the fused kernels read and write for one forward + backward of an edge, each tensor counted once per
-    pass that touches it (window re-reads served by the cache): forward stats (x for the pools' statistics, the
-    conv outputs), forward output (x, conv outputs; writes out), backward reduce (g, x, conv outputs), backward
-    gradients (g twice: at output positions for the conv branches, gathered for dx; x, conv outputs; writes the
-    conv gradients and dx)."""
-    N, C, H, W = shape
-    e = torch.empty((), dtype=dtype).element_size()
-    X, O = N * C * H * W * e, N * C * -(-H // stride) * -(-W // stride) * e
-    pools = any(o in ("avg_pool_3x3", "max_pool_3x3") for o in ops)
-    K = len({o for o in ops if is_conv_branch(o, stride)})
-    stats = (X if pools and pool_bn else 0) + K * O if (pools and pool_bn) or K else 0
-    forward = stats + (X if pools or "skip_connect" in ops else 0) + K * O + O
-    reduce = O + (X if pools or "skip_connect" in ops else 0) + K * O
-    grads = (O + 2 * K * O if K else 0) + O + X + X
-    return forward + reduce + grads
+    """Bytes the fused kernels read and write for one forward + backward of an edge: the launches' own estimates
+    (:func:`ktnas.kernels.triton_mixed.fused_bytes`, each tensor counted once per pass that touches it)."""
+    from ktnas.kernels import triton_mixed  # imported late: TRITON_INTERPRET is read when triton is first imported
+
+    return triton_mixed.fused_bytes(shape, dtype, ops, stride, pool_bn)
 
 
 def _inputs(shape, dtype, device, ops, stride, sets: int, seed: int = 0):
@@ -290,7 +285,9 @@ def _chart(ax, rows) -> None:
 
 
 def report(args, work_dir=None) -> Report:
-    """Run :func:`bench_kernels` with the CLI's arguments."""
+    """Run :func:`bench_kernels` (or, with ``--aot``, :func:`bench_aot`) with the CLI's arguments."""
+    if args.aot:
+        return aot_report(args)
     dtypes = _csv(args.dtypes or ("fp32" if args.quick else "fp32,bf16"), DTYPES, "dtypes")
     rows, info = bench_kernels(device=args.device, shapes=parse_shapes(args.shapes) if args.shapes else None,
                                dtypes=dtypes, edges=_csv(args.edges, EDGES, "edges"),
@@ -309,3 +306,70 @@ def report(args, work_dir=None) -> Report:
     notes += [f"{impl} skipped: {why}" for impl, why in info["skipped"].items()]
     return Report("kernels", "ktnas bench kernels: fused mixed op vs eager vs torch.compile", rows, COLUMNS, _chart,
                   device=info["device"], notes=notes)
+
+
+# ------------------------------------------------------------------------------------------ --aot
+def bench_aot(*, dtypes=("fp32", "bf16", "fp16"), archs=(80, 90), quick: bool = False) -> list[dict]:
+    """One row per kernel specialisation the supernets launch (:func:`ktnas.kernels.aot.kernel_specs`) and
+    architecture, compiled ahead of time (:func:`ktnas.kernels.aot.compile_report`); ``quick``: the most
+    demanding specialisation of each kernel and dtype only (:func:`ktnas.kernels.aot.most_demanding`)."""
+    from ktnas.kernels import aot
+
+    specs = aot.kernel_specs(dtypes)
+    if quick:
+        specs = aot.most_demanding(specs)
+    return aot.compile_report(specs, archs)
+
+
+def _archs(text: str) -> list[int]:
+    try:
+        archs = [int(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        archs = []
+    if not archs or any(a < 70 or a >= 100 for a in archs):
+        raise KtnasError(f"--archs {text!r}: give CUDA compute capabilities such as 80,90 (comma-separated)")
+    return archs
+
+
+def _spec(r) -> str:
+    c = r["constexprs"]
+    flags = [f[4:].lower() for f in ("HAS_SKIP", "HAS_AVG", "HAS_MAX") if c.get(f)]
+    parts = (["+".join(flags)] if flags else []) + (["pool_bn"] if c.get("POOL_BN") else [])
+    parts += [f"{k}={c[k]}" for k in ("K", "STRIDE", "BLOCK", "BT") if k in c]
+    return " ".join(parts)
+
+
+AOT_COLUMNS = [Column("kernel", "kernel"), Column("arch", "arch", lambda v: f"sm_{v}"), Column("dtype", "dtype"),
+               Column(None, "constexprs", _spec), Column("num_warps", "warps"),
+               Column("registers", "registers", _f(str)),
+               Column(None, "spill stores / loads (B)",
+                      lambda r: "-" if r["spill_stores"] is None else f"{r['spill_stores']} / {r['spill_loads']}"),
+               Column("stack", "stack (B)", _f(str)), Column("shared", "shared (B)", _f(str)),
+               Column(None, "compiled", lambda r: "yes" if r["compiled"] else f"no: {r['error']}"),
+               Column("used_by", "first edge using it"), Column("edges", "edges")]
+
+
+def _aot_chart(ax, rows) -> None:
+    xs = range(len(rows))
+    ax.bar(xs, [r["registers"] or 0 for r in rows],
+           color=["tab:red" if r["spill_stores"] else "tab:blue" for r in rows])
+    ax.axhline(255, color="black", ls="--", lw=0.8)
+    ax.set_xticks(list(xs), [f"{r['kernel'].strip('_')} sm_{r['arch']} {r['dtype']}" for r in rows],
+                  rotation=90, fontsize=5)
+    ax.set_ylabel("registers per thread (red: spills; dashed: the 255 limit)")
+
+
+def aot_report(args) -> Report:
+    dtypes = _csv(args.dtypes or "fp32,bf16,fp16", DTYPES, "dtypes")
+    archs = _archs(args.archs)
+    rows = bench_aot(dtypes=dtypes, archs=archs, quick=args.quick)
+    bad = [r for r in rows if not r["compiled"] or r["spill_stores"] or r["spill_loads"]]
+    notes = ["every specialisation the supernets launch (DARTS and NAS-Bench-201 ops, stride 1 and 2, full / GDAS "
+             "/ PC-DARTS k=4, batch 64 at 32x32, 16x16 and 8x8) as the fused op's wrapper passes it, compiled with "
+             "triton.compile for each architecture; registers, spills and stack from the ptxas shipped with triton "
+             "(-v), shared memory as triton allocates it" + ("; --quick: the most demanding specialisation of "
+                                                             "each kernel and dtype only" if args.quick else ""),
+             f"{len(rows)} compiled kernels: " + (f"{len(bad)} failed to compile or spill" if bad else
+                                                  "all compiled, none spills")]
+    return Report("kernels-aot", "ktnas bench kernels --aot: the fused kernels compiled for " +
+                  ", ".join(f"sm_{a}" for a in archs), rows, AOT_COLUMNS, _aot_chart, device="cpu", notes=notes)

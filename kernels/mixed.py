@@ -75,6 +75,15 @@ def _probe_run(device, dtype) -> str | None:
     return None
 
 
+def _fake_mode_active() -> bool:
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(m, FakeTensorMode) for m in _get_current_dispatch_mode_stack())
+
+
 def resolve_impl(impl: str = "auto", device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> str:
     """The implementation ``impl`` means for tensors on ``device`` of ``dtype``: 'torch' or 'triton'.
 
@@ -88,6 +97,9 @@ def resolve_impl(impl: str = "auto", device: torch.device | str | None = None, d
     if impl == "torch":
         return impl
     from . import triton_mixed  # imported late: TRITON_INTERPRET is read when triton is first imported
+
+    if impl == "triton" and _fake_mode_active() and triton_mixed.triton is not None:
+        return impl  # fake tensors (a step profile): the registered op's fake implementation launches nothing
 
     if impl == "auto":
         on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"

@@ -28,17 +28,26 @@ backward
      d conv_out_k = w_k rstd_k (g - mean(g) - yhat_k mean(g yhat_k)) at output positions
      (``_pc_bypass_bwd_kernel``: dx of PC-DARTS' bypassed channels).
 
-Per edge and step that is 4-6 kernel launches forward and 3-4 backward, plus a few tiny torch ops (the weight
-slots, the dweights sum). Not tuned on a GPU yet (the max-pool gather recomputes 9 windows per input element).
+Per edge and step that is 2-4 kernel launches forward and 3-4 backward, plus a few tiny torch ops (the weight
+slots, the dweights sum). Tile widths and warps per kernel: :data:`LAUNCH_CONFIG` (no kernel spills registers on
+sm_80 / sm_90: ``ktnas bench kernels --aot``). Not tuned on a GPU yet (the max-pool gather recomputes 9 windows
+per input element).
+
+The op is registered with ``torch.library`` (``torch.ops.ktnas.mixed_op`` and ``mixed_op_backward``, with fake
+implementations, an autograd formula and FLOP formulas), so it runs under ``FakeTensorMode`` (nothing launched)
+and ``torch.compile(fullgraph=True)``. :func:`count_launches` counts the kernel launches it issues -- on fake
+tensors, those it would issue -- with the bytes each moves (:class:`Launch`); :func:`fused_bytes` sums them for
+one edge.
 
 Import this module only after setting ``TRITON_INTERPRET=1`` if you want the interpreter (CPU tensors).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .reference import _check, _out_shape, is_conv_branch
 
@@ -75,16 +84,33 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-_MAX_BLOCK = 1024  # positions per program (tests lower it to get several tiles per channel)
+_MAX_BLOCK = 1024  # positions per program, at most, in every kernel (tests lower it to get several tiles)
+# per kernel: (positions per program at most, warps). Chosen so that every kernel compiles without register
+# spills for sm_80 and sm_90 in every dtype: ``ktnas bench kernels --aot`` (kernels/aot.py) shows registers and
+# spills. At 1024 / 4 warps the gradient pass needed 255 registers and spilled 716-872 B on sm_90 (256 / 4: 96
+# registers), the reduce pass 168 registers and 4 B in fp32 (1024 / 8: 89). The finalize kernels run one program
+# per channel: their first number caps the tiles summed at once (_tiles).
+LAUNCH_CONFIG = {"_fwd_stats_kernel": (1024, 4), "_fwd_finalize_kernel": (1024, 4), "_fwd_out_kernel": (1024, 4),
+                 "_pc_bypass_fwd_kernel": (1024, 4), "_bwd_reduce_kernel": (1024, 8),
+                 "_bwd_finalize_kernel": (1024, 4), "_bwd_grad_kernel": (256, 4), "_pc_bypass_bwd_kernel": (1024, 4)}
 
 
-def _block(m: int) -> int:
-    return max(16, min(_MAX_BLOCK, triton.next_power_of_2(m)))
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _tiles(t: int) -> int:
-    """Tiles a finalize program sums at once."""
-    return max(16, min(1024, triton.next_power_of_2(t)))
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _block(m: int, kernel: str) -> int:
+    """Positions per program of ``kernel`` for ``m`` positions per channel."""
+    return max(16, min(_MAX_BLOCK, LAUNCH_CONFIG[kernel][0], _next_pow2(m)))
+
+
+def _tiles(t: int, kernel: str) -> int:
+    """Tiles a finalize program (``kernel``) sums at once."""
+    return max(16, min(LAUNCH_CONFIG[kernel][0], _next_pow2(t)))
 
 
 if triton is not None:
@@ -435,41 +461,133 @@ if triton is not None:
         tl.store(dx_ptr + xplane + ih * W + iw, d.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+# ------------------------------------------------------------------------------------------------ launches
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch of the fused op (on fake tensors: one it would issue).
+
+    ``nbytes``: bytes of the activation-sized tensors the kernel reads and writes (x, the conv outputs, out, the
+    output gradient, dx, the conv gradients), each counted once per launch that touches it (window re-reads are
+    served by the cache); the per-channel statistics, tile partials and weights (O(C) bytes) are left out.
+    ``args``: the positional arguments, a ``torch.dtype`` for each tensor and the value of each number.
+    ``constexprs``: the compile-time arguments, sorted (name, value) pairs."""
+
+    kernel: str
+    grid: tuple
+    nbytes: int
+    args: tuple
+    constexprs: tuple
+    num_warps: int
+
+
+class LaunchCounts(dict):
+    """``{kernel name: {"launches": n, "bytes": b}}`` of the launches seen; ``launches`` and ``bytes``: totals."""
+
+    def add(self, launch: Launch) -> None:
+        c = self.setdefault(launch.kernel, {"launches": 0, "bytes": 0})
+        c["launches"] += 1
+        c["bytes"] += launch.nbytes
+
+    @property
+    def launches(self) -> int:
+        return sum(c["launches"] for c in self.values())
+
+    @property
+    def bytes(self) -> int:
+        return sum(c["bytes"] for c in self.values())
+
+
+_OBSERVERS: list = []  # callables taking each Launch (count_launches, observe_launches)
+
+
+@contextlib.contextmanager
+def observe_launches(fn):
+    """Call ``fn(launch)`` with a :class:`Launch` for every kernel launch the fused op issues inside the block --
+    and, on fake tensors, for every launch it would issue (the same ones: the same code decides them). Launches
+    decided while torch.compile traces the op are not seen; the compiled code's own runs are."""
+    _OBSERVERS.append(fn)
+    try:
+        yield fn
+    finally:
+        _OBSERVERS.remove(fn)
+
+
+@contextlib.contextmanager
+def count_launches():
+    """Count the fused op's kernel launches inside the block, on real or fake tensors::
+
+        with count_launches() as counts:
+            step()
+        counts.launches, counts.bytes            # totals
+        counts["_bwd_grad_kernel"]["launches"]   # per kernel: {"launches": n, "bytes": b}
+    """
+    counts = LaunchCounts()
+    with observe_launches(counts.add):
+        yield counts
+
+
+def _launch(kernel: str, grid, args, nbytes, run: bool, **constexprs) -> None:
+    """Launch ``kernel`` (when ``run``; the fake implementations only report it) with its num_warps from
+    :data:`LAUNCH_CONFIG`, and report it to the observers."""
+    num_warps = LAUNCH_CONFIG[kernel][1]
+    if _OBSERVERS and (run or torch._guards.TracingContext.try_get() is None):
+        rec = Launch(kernel, tuple(int(g) for g in grid), int(nbytes),
+                     tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args),
+                     tuple(sorted(constexprs.items())), num_warps)
+        for fn in tuple(_OBSERVERS):
+            fn(rec)
+    if run:
+        globals()[kernel][tuple(grid)](*args, num_warps=num_warps, **constexprs)
+
+
+# ------------------------------------------------------------------------------------------------ the edge
 _LAYOUTS: dict = {}
+_SLOTS: dict = {}
 
 
-def _layout(ops, stride, device):
-    """(HAS_SKIP, HAS_AVG, HAS_MAX, conv op names, index map of ops into the weight slots on ``device``).
+def _layout(ops, stride):
+    """(HAS_SKIP, HAS_AVG, HAS_MAX, conv op names, the weight slot of each op).
 
-    Weight slots: 0 skip (stride 1), 1 avg pool, 2 max pool, 3+k conv branch k, 3+K 'none' (unused).
-    Cached: building the index tensor is a host-to-device copy, which would stall every step (and cannot be
-    captured in a CUDA graph)."""
-    key = (tuple(ops), int(stride), str(torch.device(device)))
+    Weight slots: 0 skip (stride 1), 1 avg pool, 2 max pool, 3+k conv branch k, 3+K 'none' (unused)."""
+    key = (tuple(ops), int(stride))
     if key not in _LAYOUTS:
-        _LAYOUTS[key] = _build_layout(ops, stride, device)
+        conv_names = []
+        for name in ops:
+            if is_conv_branch(name, stride) and name not in conv_names:
+                conv_names.append(name)
+        K = len(conv_names)
+        slot = []
+        for name in ops:
+            if name == "none":
+                slot.append(3 + K)
+            elif name == "skip_connect" and stride == 1:
+                slot.append(0)
+            elif name == "avg_pool_3x3":
+                slot.append(1)
+            elif name == "max_pool_3x3":
+                slot.append(2)
+            else:
+                slot.append(3 + conv_names.index(name))
+        _LAYOUTS[key] = (0 in slot, 1 in slot, 2 in slot, tuple(conv_names), tuple(slot))
     return _LAYOUTS[key]
 
 
-def _build_layout(ops, stride, device):
-    conv_names = []
-    for name in ops:
-        if is_conv_branch(name, stride) and name not in conv_names:
-            conv_names.append(name)
-    K = len(conv_names)
-    slot = []
-    for name in ops:
-        if name == "none":
-            slot.append(3 + K)
-        elif name == "skip_connect" and stride == 1:
-            slot.append(0)
-        elif name == "avg_pool_3x3":
-            slot.append(1)
-        elif name == "max_pool_3x3":
-            slot.append(2)
-        else:
-            slot.append(3 + conv_names.index(name))
-    return (0 in slot, 1 in slot, 2 in slot, tuple(conv_names),
-            torch.tensor(slot, dtype=torch.long, device=device))
+def _slot_index(slot: tuple, like: torch.Tensor) -> torch.Tensor:
+    """The weight slots as an index tensor on ``like``'s device. Cached for real tensors (building it is a
+    host-to-device copy, which would stall every step and cannot be captured in a CUDA graph); made afresh
+    while torch.compile traces or on fake tensors (a cached real tensor does not mix with them)."""
+    if torch.compiler.is_compiling() or _is_fake(like):
+        return torch.tensor(slot, dtype=torch.long, device=like.device)
+    key = (slot, str(like.device))
+    if key not in _SLOTS:
+        _SLOTS[key] = torch.tensor(slot, dtype=torch.long, device=like.device)
+    return _SLOTS[key]
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor) or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
 
 MAX_CONV = 8  # conv branches per edge the kernels take (DARTS has at most 5: 4 convs + the factorized reduce)
@@ -479,91 +597,217 @@ def _conv_args(convs, like):
     """The conv tensors as the kernels' eight pointer arguments (unused ones point at ``like``) and their dtype:
     the tensors themselves, not a stacked copy; mixed dtypes (rare) are brought to float32."""
     convs = list(convs)
-    if len(convs) > MAX_CONV:
-        raise ValueError(f"the Triton mixed op takes at most {MAX_CONV} conv branches per edge, got {len(convs)}")
     dt = convs[0].dtype if convs and all(c.dtype == convs[0].dtype for c in convs) else torch.float32
     convs = [c.to(dt).contiguous() for c in convs]
     return convs + [like] * (MAX_CONV - len(convs)), dt
 
 
-class MixedOpTriton(torch.autograd.Function):
-    """Autograd wrapper: apply(x, weights, ops, stride, eps, pool_bn, k, *conv tensors in conv_names order).
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
-    k == 1: the full mixed op. k > 1: PC-DARTS, the mixed op on the first C/k channels of x (the conv tensors
-    have C/k channels), the other channels bypassing it, all written to their channel-shuffled places."""
 
-    @staticmethod
-    def forward(ctx, x, weights, ops, stride, eps, pool_bn, k, *convs):
-        x = x.contiguous()
-        N, XC, H, W = x.shape
-        C = XC // k  # channels through the mixed op
-        _, _, Ho, Wo = _out_shape(x, stride)
-        M = N * Ho * Wo
-        has_skip, has_avg, has_max, conv_names, slot = _layout(ops, stride, x.device)
-        K = len(conv_names)
-        wvec = torch.zeros(4 + K, dtype=torch.float32, device=x.device)
-        wvec.index_add_(0, slot, weights.detach().to(torch.float32))
-        cv, _ = _conv_args(convs, x)
-        BLOCK = _block(M)
-        T = triton.cdiv(M, BLOCK)
-        S = 2 + K
-        mean = _empty((S, C), torch.float32, x.device)
-        rstd = _empty((S, C), torch.float32, x.device)
-        flags = dict(HAS_AVG=has_avg, HAS_MAX=has_max, POOL_BN=bool(pool_bn), K=K)
-        if (pool_bn and (has_avg or has_max)) or K:  # else no op has a BN: mean and rstd go unread
-            part = _empty((C, T, 2 * S), torch.float32, x.device)
-            _fwd_stats_kernel[(C, T)](x, *cv, part, C, XC, H, W, Ho, Wo, M, T, STRIDE=stride, BLOCK=BLOCK, **flags)
-            _fwd_finalize_kernel[(C,)](part, x, *cv, mean, rstd, C, H, W, Ho, Wo, M, T, float(eps), BT=_tiles(T),
-                                       **flags)
-        out = _empty((N, XC, Ho, Wo), x.dtype, x.device)
-        _fwd_out_kernel[(C, T)](x, *cv, wvec, mean, rstd, out, C, XC, XC, k, H, W, Ho, Wo, M, HAS_SKIP=has_skip,
-                                STRIDE=stride, BLOCK=BLOCK, **flags)
-        if k > 1:
-            _pc_bypass_fwd_kernel[(XC - C, T)](x, out, C, XC, k, H, W, Ho, Wo, M, STRIDE=stride, BLOCK=BLOCK)
-        ctx.save_for_backward(x, weights, wvec, slot, mean, rstd, *convs)
-        ctx.meta = (stride, bool(pool_bn), has_skip, has_avg, has_max, K, k)
-        return out
+def _forward(x, wvec, convs, stride, eps, pool_bn, k, has_skip, has_avg, has_max, run):
+    """Forward passes: (out, mean, rstd). ``run`` False: allocate and report the launches, launch nothing."""
+    x = x.contiguous()
+    N, XC, H, W = x.shape
+    C = XC // k  # channels through the mixed op
+    Ho, Wo = -(-H // stride), -(-W // stride)
+    M = N * Ho * Wo
+    K = len(convs)
+    cv, cdt = _conv_args(convs, x)
+    S = 2 + K
+    mean = _empty((S, C), torch.float32, x.device)
+    rstd = _empty((S, C), torch.float32, x.device)
+    flags = dict(HAS_AVG=has_avg, HAS_MAX=has_max, POOL_BN=pool_bn, K=K)
+    e = x.element_size()
+    X, O, CV = N * C * H * W * e, N * C * Ho * Wo * e, N * C * Ho * Wo * _size(cdt)
+    pools = has_avg or has_max
+    if (pool_bn and pools) or K:  # else no op has a BN: mean and rstd go unread
+        B = _block(M, "_fwd_stats_kernel")
+        T = _cdiv(M, B)
+        part = _empty((C, T, 2 * S), torch.float32, x.device)
+        _launch("_fwd_stats_kernel", (C, T), (x, *cv, part, C, XC, H, W, Ho, Wo, M, T),
+                (X if pool_bn and pools else 0) + K * CV, run, STRIDE=stride, BLOCK=B, **flags)
+        _launch("_fwd_finalize_kernel", (C,), (part, x, *cv, mean, rstd, C, H, W, Ho, Wo, M, T, float(eps)), 0, run,
+                BT=_tiles(T, "_fwd_finalize_kernel"), **flags)
+    out = _empty((N, XC, Ho, Wo), x.dtype, x.device)
+    B = _block(M, "_fwd_out_kernel")
+    _launch("_fwd_out_kernel", (C, _cdiv(M, B)), (x, *cv, wvec, mean, rstd, out, C, XC, XC, k, H, W, Ho, Wo, M),
+            (X if pools or has_skip else 0) + K * CV + O, run, HAS_SKIP=has_skip, STRIDE=stride, BLOCK=B, **flags)
+    if k > 1:
+        B = _block(M, "_pc_bypass_fwd_kernel")
+        _launch("_pc_bypass_fwd_kernel", (XC - C, _cdiv(M, B)), (x, out, C, XC, k, H, W, Ho, Wo, M),
+                N * (XC - C) * (H * W + Ho * Wo) * e, run, STRIDE=stride, BLOCK=B)
+    return out, mean, rstd
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, weights, wvec, slot, mean, rstd, *convs = ctx.saved_tensors
-        stride, pool_bn, has_skip, has_avg, has_max, K, k = ctx.meta
-        N, XC, H, W = x.shape
+
+def _backward(g, x, wvec, mean, rstd, convs, stride, pool_bn, k, has_skip, has_avg, has_max, run):
+    """Backward passes: (dx, dwc [C, 4+K]: each channel's share of the weight-slot gradients, conv gradients)."""
+    x, g = x.contiguous(), g.contiguous()
+    N, XC, H, W = x.shape
+    C = XC // k
+    Ho, Wo = g.shape[2], g.shape[3]
+    M, MI = N * Ho * Wo, N * H * W
+    K = len(convs)
+    cv, cdt = _conv_args(convs, x)
+    flags = dict(HAS_SKIP=has_skip, HAS_AVG=has_avg, HAS_MAX=has_max, POOL_BN=pool_bn, K=K, STRIDE=stride)
+    e, eg = x.element_size(), g.element_size()
+    X, G, CV = N * C * H * W * e, N * C * Ho * Wo * eg, N * C * Ho * Wo * _size(cdt)
+    pools = has_avg or has_max
+    B = _block(M, "_bwd_reduce_kernel")
+    T = _cdiv(M, B)
+    Q = 4 + K
+    part = _empty((C, T, Q), torch.float32, x.device)
+    _launch("_bwd_reduce_kernel", (C, T), (x, *cv, g, mean, rstd, part, C, XC, XC, k, H, W, Ho, Wo, M, T),
+            G + (X if pools or has_skip else 0) + K * CV, run, BLOCK=B, **flags)
+    mg = _empty((C,), torch.float32, x.device)
+    mgy = _empty((2 + K, C), torch.float32, x.device)
+    dwc = _empty((C, Q), torch.float32, x.device)  # per channel: [skip, avg, max, conv_0..K-1, none]
+    _launch("_bwd_finalize_kernel", (C,), (part, mg, mgy, dwc, C, M, T), 0, run, K=K,
+            BT=_tiles(T, "_bwd_finalize_kernel"))
+    dx = _empty((N, XC, H, W), x.dtype, x.device)
+    dconvs = [_empty((N, C, Ho, Wo), cdt, x.device) for _ in range(K)]
+    B = _block(max(M, MI), "_bwd_grad_kernel")
+    # conv gradients: g, each conv output and its gradient at output positions; dx: g gathered (skip, pools), x
+    # (the pools' windows), dx written
+    _launch("_bwd_grad_kernel", (C, _cdiv(max(M, MI), B)),
+            (x, *cv, g, wvec, mean, rstd, mg, mgy, dx, *(dconvs + [dx] * (MAX_CONV - K)), C, XC, XC, k, H, W, Ho, Wo,
+             M, MI), (G + 2 * K * CV if K else 0) + (G if pools or has_skip else 0) + (X if pools else 0) + X, run,
+            BLOCK=B, **flags)
+    if k > 1:
+        B = _block(MI, "_pc_bypass_bwd_kernel")
+        _launch("_pc_bypass_bwd_kernel", (XC - C, _cdiv(MI, B)), (x, g, dx, C, XC, k, H, W, Ho, Wo, MI),
+                N * (XC - C) * (Ho * Wo * eg + (2 if stride == 2 else 1) * H * W * e), run, STRIDE=stride, BLOCK=B)
+    return dx, dwc, [d.to(c.dtype) for d, c in zip(dconvs, convs)]
+
+
+# ------------------------------------------------------------------------------------- registered operators
+_FLAGS = "int stride, bool pool_bn, int k, bool has_skip, bool has_avg, bool has_max"
+
+
+def _needs_triton():
+    if triton is None:
+        raise RuntimeError("triton is not installed: use the torch kernels")
+
+
+@torch.library.custom_op("ktnas::mixed_op", mutates_args=(),
+                         schema="(Tensor x, Tensor wvec, Tensor[] convs, float eps, " + _FLAGS
+                                + ") -> (Tensor, Tensor, Tensor)")
+def _mixed_op(x, wvec, convs, eps, stride, pool_bn, k, has_skip, has_avg, has_max):
+    """The fused mixed op's forward: (out, mean, rstd [2+K, C/k] of the BN streams avg, max, conv_0..K-1).
+
+    x [N, XC, H, W]; wvec [4+K] float32: the op weights summed into the slots (skip, avg, max, conv_0..K-1,
+    none); convs: the K conv branches' pre-BN outputs [N, XC/k, Ho, Wo]; k > 1: PC-DARTS' partial channels."""
+    _needs_triton()
+    return _forward(x, wvec, convs, stride, eps, pool_bn, k, has_skip, has_avg, has_max, run=True)
+
+
+@_mixed_op.register_fake
+def _mixed_op_fake(x, wvec, convs, eps, stride, pool_bn, k, has_skip, has_avg, has_max):
+    return _forward(x, wvec, convs, stride, eps, pool_bn, k, has_skip, has_avg, has_max, run=False)
+
+
+@torch.library.custom_op("ktnas::mixed_op_backward", mutates_args=(),
+                         schema="(Tensor grad, Tensor x, Tensor wvec, Tensor mean, Tensor rstd, Tensor[] convs, "
+                                + _FLAGS + ") -> (Tensor, Tensor, Tensor[])")
+def _mixed_op_backward(grad, x, wvec, mean, rstd, convs, stride, pool_bn, k, has_skip, has_avg, has_max):
+    """The fused mixed op's backward: (dx, dwc [C/k, 4+K]: each channel's share of d wvec, the conv gradients)."""
+    _needs_triton()
+    return _backward(grad, x, wvec, mean, rstd, convs, stride, pool_bn, k, has_skip, has_avg, has_max, run=True)
+
+
+@_mixed_op_backward.register_fake
+def _mixed_op_backward_fake(grad, x, wvec, mean, rstd, convs, stride, pool_bn, k, has_skip, has_avg, has_max):
+    return _backward(grad, x, wvec, mean, rstd, convs, stride, pool_bn, k, has_skip, has_avg, has_max, run=False)
+
+
+def _setup_context(ctx, inputs, output):
+    x, wvec, convs, _eps, *meta = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, wvec, mean, rstd, *convs)
+    ctx.meta = tuple(meta)
+
+
+def _autograd_backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    x, wvec, mean, rstd, *convs = ctx.saved_tensors
+    dx, dwc, dconvs = torch.ops.ktnas.mixed_op_backward(grad_out, x, wvec, mean, rstd, convs, *ctx.meta)
+    return (dx, dwc.sum(dim=0), list(dconvs)) + (None,) * (len(ctx.meta) + 1)
+
+
+_mixed_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+# ------------------------------------------------------------------------------------------------- FLOPs
+WINDOW_FLOPS = 19  # one 3x3 window: 9 sums and 9 maxima (avg and max pool come from the same pass), 1 divide
+
+
+def _fwd_flops(E, EB, stride, pool_bn, has_skip, has_avg, has_max, K) -> int:
+    pools = has_avg or has_max
+    n_bn = K + (has_avg + has_max if pool_bn else 0)
+    n_ops = has_skip + has_avg + has_max + K
+    stats = (WINDOW_FLOPS if pool_bn and pools else 0) + 4 * n_bn if n_bn else 0
+    out = (WINDOW_FLOPS if pools else 0) + 2 * n_bn + 2 * n_ops
+    return E * (stats + out) + (3 * EB if stride == 2 else 0)
+
+
+def _bwd_flops(E, EI, EB, stride, pool_bn, has_skip, has_avg, has_max, K) -> int:
+    pools = has_avg or has_max
+    n_bn = K + (has_avg + has_max if pool_bn else 0)
+    n_ops = has_skip + has_avg + has_max + K
+    reduce = (WINDOW_FLOPS if pools else 0) + 2 * n_bn + 2 * n_ops + 1
+    grad_out = 6 * K
+    grad_in = 2 * has_skip + (9 * (WINDOW_FLOPS + 6 * (has_avg + has_max)) if pools else 0)
+    return E * (reduce + grad_out) + EI * grad_in + (3 * EB if stride == 2 else 0)
+
+
+def _register_flops():
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.ktnas.mixed_op)
+    def _(x, wvec, convs, eps, stride, pool_bn, k, has_skip, has_avg, has_max, *a, out_shape=None, **kw) -> int:
+        """FLOPs of the fused forward passes: their elementwise arithmetic, roughly, per output element E of the
+        channels through the mixed op (N * C/k * Ho * Wo): the statistics pass 4 per batch-normalised stream
+        (shift, square, two sums) plus a 3x3 window (:data:`WINDOW_FLOPS`) when the pools have a BN; the output
+        pass a window when there are pools, 2 per BN stream (normalise) and 2 per op (weight, accumulate);
+        PC-DARTS' bypass 3 per bypassed output element at stride 2 (2x2 max), none at stride 1 (a copy)."""
+        N, XC, H, W = x
+        Ho, Wo = -(-H // stride), -(-W // stride)
+        return _fwd_flops(N * XC // k * Ho * Wo, N * (XC - XC // k) * Ho * Wo, stride, pool_bn, has_skip,
+                          has_avg, has_max, len(convs))
+
+    @register_flop_formula(torch.ops.ktnas.mixed_op_backward)
+    def _(g, x, wvec, mean, rstd, convs, stride, pool_bn, k, has_skip, has_avg, has_max, *a, out_shape=None,
+          **kw) -> int:
+        """FLOPs of the fused backward passes, roughly, per output element E and input element EI of the
+        channels through the mixed op: the reduce pass a window when there are pools, 2 per BN stream, 2 per op
+        and 1 (sum of g); the gradient pass 6 per conv branch (E) and, per input element, 2 for skip and, with
+        pools, 9 windows (each recomputed) plus 6 per pool per window (EI); PC-DARTS' bypass 3 per bypassed
+        input element at stride 2."""
+        N, XC, H, W = x
         C = XC // k
-        Ho, Wo = grad_out.shape[2], grad_out.shape[3]
-        M, MI = N * Ho * Wo, N * H * W
-        g = grad_out.contiguous()
-        cv, cdt = _conv_args(convs, x)
-        flags = dict(HAS_SKIP=has_skip, HAS_AVG=has_avg, HAS_MAX=has_max, POOL_BN=pool_bn, K=K, STRIDE=stride)
-        BLOCK = _block(M)
-        T = triton.cdiv(M, BLOCK)
-        Q = 4 + K
-        part = _empty((C, T, Q), torch.float32, x.device)
-        _bwd_reduce_kernel[(C, T)](x, *cv, g, mean, rstd, part, C, XC, XC, k, H, W, Ho, Wo, M, T, BLOCK=BLOCK,
-                                   **flags)
-        mg = _empty((C,), torch.float32, x.device)
-        mgy = _empty((2 + K, C), torch.float32, x.device)
-        dwc = _empty((C, Q), torch.float32, x.device)  # per channel: [skip, avg, max, conv_0..K-1, none]
-        _bwd_finalize_kernel[(C,)](part, mg, mgy, dwc, C, M, T, K=K, BT=_tiles(T))
-        dweights = dwc.sum(dim=0)[slot].to(weights.dtype)
-        dx = _empty((N, XC, H, W), x.dtype, x.device)
-        dconvs = [_empty((N, C, Ho, Wo), cdt, x.device) for _ in range(K)]
-        BLOCK2 = _block(max(M, MI))
-        _bwd_grad_kernel[(C, triton.cdiv(max(M, MI), BLOCK2))](
-            x, *cv, g, wvec, mean, rstd, mg, mgy, dx, *(dconvs + [dx] * (MAX_CONV - K)), C, XC, XC, k, H, W, Ho,
-            Wo, M, MI, BLOCK=BLOCK2, **flags)
-        if k > 1:
-            BLOCK3 = _block(MI)
-            _pc_bypass_bwd_kernel[(XC - C, triton.cdiv(MI, BLOCK3))](x, g, dx, C, XC, k, H, W, Ho, Wo, MI,
-                                                                     STRIDE=stride, BLOCK=BLOCK3)
-        dconvs = [d.to(c.dtype) for d, c in zip(dconvs, convs)]
-        return (dx, dweights, None, None, None, None, None, *dconvs)
+        return _bwd_flops(N * C * g[2] * g[3], N * C * H * W, N * (XC - C) * H * W, stride, pool_bn, has_skip,
+                          has_avg, has_max, len(convs))
+
+
+_register_flops()
+
+
+# ------------------------------------------------------------------------------------------------ public API
+def _apply(x, weights, ops, stride, eps, pool_bn, k, convs):
+    """The registered op on one edge: the weights summed into the kernels' slots (differentiable: the weight
+    gradients come back through this ``index_add``), then the fused forward."""
+    has_skip, has_avg, has_max, conv_names, slot = _layout(ops, stride)
+    wvec = weights.new_zeros(4 + len(conv_names), dtype=torch.float32).index_add(
+        0, _slot_index(slot, weights), weights.to(torch.float32))
+    out, _, _ = torch.ops.ktnas.mixed_op(x, wvec, list(convs), float(eps), int(stride), bool(pool_bn), int(k),
+                                        has_skip, has_avg, has_max)
+    return out
 
 
 def _conv_list(conv_outs: dict, ops, stride: int, shape) -> list:
     """The conv branches' pre-BN outputs in the kernels' order, checked like the reference checks them."""
-    _, _, _, conv_names, _ = _layout(ops, stride, "cpu")
+    conv_names = _layout(ops, stride)[3]
+    if len(conv_names) > MAX_CONV:
+        raise ValueError(f"the Triton mixed op takes at most {MAX_CONV} conv branches per edge, got {len(conv_names)}")
     convs = []
     for name in conv_names:
         if name not in conv_outs:
@@ -593,7 +837,7 @@ def mixed_op_triton(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, ops
     """
     _check_triton(x, weights, ops, stride)
     convs = _conv_list(conv_outs, ops, stride, _out_shape(x, stride))
-    return MixedOpTriton.apply(x, weights, tuple(ops), int(stride), float(eps), bool(pool_bn), 1, *convs)
+    return _apply(x, weights, tuple(ops), int(stride), eps, pool_bn, 1, convs)
 
 
 def mixed_op_triton_gdas(x: torch.Tensor, weights: torch.Tensor, index: int, conv_outs: dict, ops, stride: int,
@@ -610,7 +854,7 @@ def mixed_op_triton_gdas(x: torch.Tensor, weights: torch.Tensor, index: int, con
     if op[0] == "none":
         return weights[index] * x.new_zeros(shape)
     convs = _conv_list(conv_outs, op, stride, shape)
-    return MixedOpTriton.apply(x, weights[index:index + 1], op, int(stride), float(eps), bool(pool_bn), 1, *convs)
+    return _apply(x, weights[index:index + 1], op, int(stride), eps, pool_bn, 1, convs)
 
 
 def mixed_op_triton_pc(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, ops, stride: int, k: int = 4,
@@ -625,4 +869,22 @@ def mixed_op_triton_pc(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, 
         raise ValueError(f"channels ({C}) must be divisible by the partial-channel factor k ({k})")
     shape = (N, C // k, -(-H // stride), -(-W // stride))
     convs = _conv_list(conv_outs, ops, stride, shape)
-    return MixedOpTriton.apply(x, weights, tuple(ops), int(stride), float(eps), bool(pool_bn), int(k), *convs)
+    return _apply(x, weights, tuple(ops), int(stride), eps, pool_bn, int(k), convs)
+
+
+def fused_bytes(shape, dtype: torch.dtype, ops, stride: int = 1, pool_bn: bool = True, k: int = 1) -> int:
+    """Bytes the fused kernels read and write for one forward + backward of an edge with input ``shape``
+    (``k`` > 1: PC-DARTS): the sum of :attr:`Launch.nbytes` over the launches the op issues, counted on fake
+    tensors (nothing runs, triton need not be installed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    N, C, H, W = shape
+    Ho, Wo = -(-H // stride), -(-W // stride)
+    with FakeTensorMode(), count_launches() as counts:
+        x = torch.empty(shape, dtype=dtype, requires_grad=True)
+        w = torch.empty(len(ops), requires_grad=True)
+        convs = [torch.empty(N, C // k, Ho, Wo, dtype=dtype, requires_grad=True)
+                 for _ in _layout(tuple(ops), stride)[3]]
+        out = _apply(x, w, tuple(ops), stride, 1e-5, pool_bn, k, convs)
+        out.backward(torch.empty_like(out))
+    return counts.bytes

@@ -200,3 +200,15 @@ def test_gpu_check_dry_run(tmp_path):
     assert "dry run: command parses" in summary
     assert "predictions only" in (tmp_path / "gpu" / "compare.md").read_text()
     assert json.loads((tmp_path / "gpu" / "bench-step" / "results.json").read_text())["rows"]
+
+
+def test_fused_row_on_fake_tensors():
+    """The fused op runs on fake tensors (its registered fake implementation): its Triton launches are counted by
+    the op, its elementwise FLOPs kept apart, and it keeps less and launches fewer ATen kernels than the reference."""
+    ref = profile_step("cached", "darts", "darts", 1, 4, **TINY)
+    fused = profile_step("cached-fused", "darts", "darts", 1, 4, **TINY)
+    edges = 2 * 14  # two cells of 14 edges; one first-order step: two forwards and two backwards per edge
+    assert fused["triton_launches"] >= 2 * edges * (3 + 3)
+    assert fused["flops"] == ref["flops"] and fused["fused_op_flops"] > 0
+    assert fused["aten_launches"] < ref["aten_launches"] and fused["peak_bytes"] < ref["peak_bytes"]
+    assert fused["saved_bytes"] < ref["saved_bytes"]
