@@ -33,7 +33,7 @@ NO_KERNEL = frozenset({
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "t", "expand", "lift_fresh",
     "alias", "view", "_unsafe_view", "as_strided", "resize_", "set_", "is_same_size", "_reshape_alias", "unsqueeze",
     "squeeze", "permute", "transpose", "select", "slice", "split", "split_with_sizes", "unbind", "chunk",
-    "narrow", "diagonal", "unfold", "view_as", "_has_compatible_shallow_copy_type", "is_nonzero", "sym_size",
+    "narrow", "diagonal", "unfold", "view_as", "_has_compatible_shallow_copy_type", "sym_size",
     "sym_stride", "sym_numel", "sym_storage_offset", "dim", "size", "stride", "record_stream", "_to_copy_noop",
     "_conj", "_neg_view", "lift", "zeros_like_noop"})
 SYNCS = frozenset({"_local_scalar_dense", "item", "equal", "is_nonzero"})  # host reads a device value
