@@ -24,7 +24,7 @@ from .report import write_report
 from .search import bench_search
 
 BENCHMARKS = {"loader": "ktnas.bench.loader", "precompute": "ktnas.bench.precompute", "kernels": "ktnas.bench.kernels",
-              "search": "ktnas.bench.search", "accuracy": "ktnas.bench.accuracy", "step": "ktnas.bench.step"}
+              "search": "ktnas.bench.search_report", "accuracy": "ktnas.bench.accuracy", "step": "ktnas.bench.step"}
 
 
 def _module(name: str):
@@ -44,6 +44,11 @@ def add_bench_parser(sub) -> None:
                        help="torch intra-op threads for the run (default: torch's own choice)")
         b.add_argument("--out", default=None, help=f"results folder (default: runs/bench-{name})")
         b.set_defaults(func=run_bench, bench_parser=b)
+
+
+def register(subparsers) -> None:
+    """The ``ktnas.commands`` entry point ``bench`` (see pyproject.toml): adds ``ktnas bench``."""
+    add_bench_parser(subparsers)
 
 
 def command_line(args) -> str:
@@ -80,5 +85,5 @@ def run_bench(args) -> int:
     return 0
 
 
-__all__ = ["BENCHMARKS", "add_bench_parser", "run_bench", "command_line", "bench_loader", "bench_precompute",
-           "bench_search"]
+__all__ = ["BENCHMARKS", "add_bench_parser", "register", "run_bench", "command_line", "bench_loader",
+           "bench_precompute", "bench_search"]

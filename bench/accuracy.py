@@ -81,6 +81,42 @@ def _show(argv: list[str]) -> str:
     return "ktnas " + shlex.join(argv[3:])
 
 
+def _one_config(args, config, source, store, search_common, common, precompute_s, device, work, phases) -> dict:
+    """Search with one stem (``source``), train the found cells on the store, evaluate (KT-NAS): its row."""
+    sdir, tdir = work / f"{config}-search", work / f"{config}-train"
+    for d in (sdir, tdir):  # every search and training is measured afresh
+        shutil.rmtree(d, ignore_errors=True)
+    search = _cli("search", *source, *search_common, "--out", sdir)
+    search_wall = _run(search, work / f"{config}-search.log")
+    metrics = read_jsonl(sdir / "metrics.jsonl")
+    train = _cli("train", "--features", store, "--genotype", sdir / "genotype.json", "--out", tdir,
+                 "--epochs", args.train_epochs, "--layers", args.train_layers, "--channels", args.train_channels,
+                 "--batch-size", args.train_batch_size, "--seed", args.seed, "--drop-path", 0,
+                 *(["--limit", args.train_limit] if args.train_limit else []), *common)
+    _run(train, work / f"{config}-train.log")
+    trained = read_jsonl(tdir / "metrics.jsonl")[-1]
+    config_json = json.loads((sdir / "config.json").read_text())
+    search_s = sum(m["seconds"] for m in metrics)
+    row = dict(config=config, space=args.space, algo=args.algo, order=args.order, batch=args.batch_size,
+               device=device, search_epochs=args.search_epochs,
+               search_samples=args.search_limit, search_s=search_s, search_wall_s=search_wall,
+               precompute_s=precompute_s if config == "kt-nas" else 0.0,
+               cost_s=search_s + (precompute_s if config == "kt-nas" else 0.0),
+               peak_mem_bytes=max(m["peak_memory_bytes"] for m in metrics),
+               search_val_acc=metrics[-1]["val_acc"], test_acc=trained["test_acc"], raw_test_acc=None,
+               params=config_json.get("params"), genotype=metrics[-1]["genotype"],
+               kernels=config_json.get("kernels_used"))
+    phases[f"{config} search"] = (search, search_wall)
+    phases[f"{config} train"] = (train, None)
+    if config == "kt-nas":
+        ev = _cli("evaluate", "--model", tdir / "model.pt", "--dataset", args.dataset, "--split", "test",
+                  "--json", *(["--limit", args.train_limit] if args.train_limit else []), *common)
+        _run(ev, work / "evaluate.log")
+        row["raw_test_acc"] = _last_json(work / "evaluate.log")["accuracy"]
+        phases["kt-nas evaluate"] = (ev, None)
+    return row
+
+
 def bench_accuracy(args, work_dir: Path) -> tuple[list[dict], list[str]]:
     """Rows ``{config: kt-nas | classic, search_s, search_wall_s, precompute_s, cost_s, peak_mem_bytes,
     search_val_acc, test_acc, raw_test_acc, genotype, params, device}`` and the commands that made them."""
@@ -109,40 +145,8 @@ def bench_accuracy(args, work_dir: Path) -> tuple[list[dict], list[str]]:
                      args.search_epochs, "--batch-size", args.batch_size, "--limit", args.search_limit, "--seed",
                      args.seed, "--precision", args.precision, *common]
     runs = {"kt-nas": ["--features", store], "classic": ["--stem", "none", "--dataset", args.dataset]}
-    rows = []
-    for config, source in runs.items():
-        sdir, tdir = work / f"{config}-search", work / f"{config}-train"
-        for d in (sdir, tdir):  # every search and training is measured afresh
-            shutil.rmtree(d, ignore_errors=True)
-        search = _cli("search", *source, *search_common, "--out", sdir)
-        search_wall = _run(search, work / f"{config}-search.log")
-        metrics = read_jsonl(sdir / "metrics.jsonl")
-        train = _cli("train", "--features", store, "--genotype", sdir / "genotype.json", "--out", tdir,
-                     "--epochs", args.train_epochs, "--layers", args.train_layers, "--channels", args.train_channels,
-                     "--batch-size", args.train_batch_size, "--seed", args.seed, "--drop-path", 0,
-                     *(["--limit", args.train_limit] if args.train_limit else []), *common)
-        _run(train, work / f"{config}-train.log")
-        trained = read_jsonl(tdir / "metrics.jsonl")[-1]
-        config_json = json.loads((sdir / "config.json").read_text())
-        search_s = sum(m["seconds"] for m in metrics)
-        row = dict(config=config, space=args.space, algo=args.algo, order=args.order, batch=args.batch_size,
-                   device=device, search_epochs=args.search_epochs,
-                   search_samples=args.search_limit, search_s=search_s, search_wall_s=search_wall,
-                   precompute_s=precompute_s if config == "kt-nas" else 0.0,
-                   cost_s=search_s + (precompute_s if config == "kt-nas" else 0.0),
-                   peak_mem_bytes=max(m["peak_memory_bytes"] for m in metrics),
-                   search_val_acc=metrics[-1]["val_acc"], test_acc=trained["test_acc"], raw_test_acc=None,
-                   params=config_json.get("params"), genotype=metrics[-1]["genotype"],
-                   kernels=config_json.get("kernels_used"))
-        phases[f"{config} search"] = (search, search_wall)
-        phases[f"{config} train"] = (train, None)
-        if config == "kt-nas":
-            ev = _cli("evaluate", "--model", tdir / "model.pt", "--dataset", args.dataset, "--split", "test",
-                      "--json", *(["--limit", args.train_limit] if args.train_limit else []), *common)
-            _run(ev, work / "evaluate.log")
-            row["raw_test_acc"] = _last_json(work / "evaluate.log")["accuracy"]
-            phases["kt-nas evaluate"] = (ev, None)
-        rows.append(row)
+    rows = [_one_config(args, config, source, store, search_common, common, precompute_s, device, work, phases)
+            for config, source in runs.items()]
     base = rows[1]
     for r in rows:
         r["cost_vs_classic"] = r["cost_s"] / base["cost_s"] if base["cost_s"] else None

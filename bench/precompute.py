@@ -48,6 +48,16 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=2, help="alternating (a, b) rounds; the best counts (default: 2)")
 
 
+def _check(samples, batch_size, chunk_size, repeats, backend) -> None:
+    """The arguments checked: one-line KtnasErrors."""
+    for name, v in (("samples", samples), ("batch_size", batch_size or 1), ("chunk_size", chunk_size or 1),
+                    ("repeats", repeats)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise KtnasError(f"{name} must be an integer >= 1, got {v!r}: pass a positive {name}")
+    if backend not in ("zarr", "hdf5"):
+        raise KtnasError(f"unknown backend '{backend}': use zarr or hdf5")
+
+
 def bench_precompute(*, dataset: str = "fashion-mnist", stem: str = DEFAULT_STEM, weights: str = "imagenet",
                      image_size: int = DEFAULT_IMAGE_SIZE, samples: int = 4096, batch_size: int | None = None,
                      chunk_size: int | None = None, device: str = "auto", backend: str = "zarr", repeats: int = 2,
@@ -55,12 +65,7 @@ def bench_precompute(*, dataset: str = "fashion-mnist", stem: str = DEFAULT_STEM
     """One row ``{stem, image_size, samples, device, stem_images_per_s, precompute_images_per_s, ratio, backend,
     stem_runs, precompute_runs, ...}`` (see the module docstring). Temporary stores go under ``work_dir``
     (default: the system's temp folder) and are removed."""
-    for name, v in (("samples", samples), ("batch_size", batch_size or 1), ("chunk_size", chunk_size or 1),
-                    ("repeats", repeats)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise KtnasError(f"{name} must be an integer >= 1, got {v!r}: pass a positive {name}")
-    if backend not in ("zarr", "hdf5"):
-        raise KtnasError(f"unknown backend '{backend}': use zarr or hdf5")
+    _check(samples, batch_size, chunk_size, repeats, backend)
     dev = resolve_device(device)
     data = load_split(dataset, "train", image_size=image_size)
     n = min(samples, len(data))

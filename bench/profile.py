@@ -47,6 +47,11 @@ def cuda_bytes(nbytes: int, round_to: int = ALLOC_ROUND) -> int:
     return 0 if nbytes <= 0 else round_to * math.ceil(nbytes / round_to)
 
 
+def allocated_bytes(tensors) -> int:
+    """Bytes CUDA's caching allocator books for ``tensors``, each a request of its own (see :func:`cuda_bytes`)."""
+    return sum(cuda_bytes(_tensor_bytes(t)) for t in tensors)
+
+
 def _tensors(tree):
     return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
 

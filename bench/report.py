@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from ktnas.cache.errors import KtnasError
+
 
 @dataclass
 class Column:
@@ -119,3 +121,17 @@ def write_report(out, report: Report, command: str) -> str:
         fig.suptitle(title, fontsize=9)
     fig.savefig(out / "results.png", dpi=120)
     return text
+
+
+def names(value, allowed, flag: str) -> tuple[str, ...]:
+    items = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise KtnasError(f"{'unknown ' + repr(bad[0]) if bad else 'nothing'} in {flag}: use a comma-separated "
+                         f"subset of {','.join(allowed)}")
+    return tuple(dict.fromkeys(items))
+
+
+def positive(name: str, v, low: int = 1) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise KtnasError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}: pass a valid value")

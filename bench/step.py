@@ -7,7 +7,7 @@ supernet on cached features, reference ops; ``cached-fused``: the same with the 
 a zero tensor; DARTS' own code with its first cells replaced by the cached input, what the KT-NAS anchor measured
 on the H100), algorithm (DARTS first and second order, PC-DARTS, GDAS) and space (DARTS, NAS-Bench-201), it runs
 ``ktnas search``'s own step
-(``_Run.search_step``) once under the instruments of :mod:`ktnas.bench.profile`, by default on fake tensors
+(``SearchRun.search_step``) once under the instruments of :mod:`ktnas.bench.profile`, by default on fake tensors
 (``FakeTensorMode``: shapes and dtypes without data, so the papers' batch 64 costs no memory and little time; a
 step at a small batch gives the same figures on real tensors, which the tests check). The step finds what a step
 finds after the first: the optimiser state (momentum and Adam buffers) and the previous step's gradients.
@@ -38,24 +38,23 @@ import sys
 import time
 import warnings
 
-import numpy as np
 import torch
 
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM, get_stem
-from ktnas.engine import search as S
-from ktnas.engine.search import PAPER_DEFAULTS, SearchConfig, _Run, resolve_config
-from ktnas.engine.supernet import MixedEdge, count_parameters
+from ktnas.engine.algorithms import ALGORITHMS
+from ktnas.engine.search import SearchConfig, resolve_config
+from ktnas.engine.supernet import count_parameters
 
-from .profile import CudaAutocast, StepTracker, cuda_bytes, saved_for_backward
-from .report import Column, Report
+from .profile import StepTracker, allocated_bytes
+from .report import Column, Report, names
+from .search import ALGOS, SPACES
+from .search_data import CLASSIC_SIZE
+from .step_run import fused_counter, gdas_patch, profiled_run, steady_state, step_fn, step_inputs
 
 HELP = ("what one search step costs on a GPU, from any machine: peak memory, kernel launches, FLOPs, bytes moved "
         "and predicted step time, classic DARTS vs KT-NAS (reference and fused ops)")
-ALGOS = {"darts-1": ("darts", 1), "darts-2": ("darts", 2), "pcdarts": ("pcdarts", 1), "gdas": ("gdas", 1)}
-SPACES = ("darts", "nb201")
 CONFIGS = ("baseline", "stem-on-the-fly", "cached", "cached-darts-edges", "cached-fused")
-CLASSIC_SIZE = 32
 FULL = dict(algos=tuple(ALGOS), spaces=SPACES, batch_size=None)
 QUICK = dict(algos=("darts-1",), spaces=("darts",), batch_size=4)
 # GPUs: memory bandwidth (bytes/s) and dense peak FLOP/s (SXM parts, NVIDIA's data sheets)
@@ -78,32 +77,28 @@ ANCHORS = {("baseline", "darts", "darts", 1, "fp32"): 7766, ("cached-darts-edges
 
 
 # ------------------------------------------------------------------------------------------------ one step
-def _gumbel_fake_safe(model, tau, gen, tracker):
-    """``search.gumbel_arch`` for fake tensors: the same operations on the device, the sampled indices drawn on
-    real tensors (at the start of a search the alphas are ~0, so the argmax of the Gumbel noise is the sample) and
-    the host reads the real step does (``isfinite().all()``, ``tolist()``) counted as syncs."""
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    arch = {}
-    for t, a in model.alphas().items():
-        with unset_fake_temporarily():
-            g = -torch.empty(tuple(a.shape), dtype=torch.float32).exponential_(generator=gen).log()
-            idx_real = g.argmax(-1)
-        g = torch.empty(tuple(a.shape), dtype=torch.float32).exponential_().log().neg().to(a.device, a.dtype)
-        probs = torch.softmax((torch.log_softmax(a, dim=-1) + g) / tau, dim=-1)
-        idx = probs.argmax(-1)
-        hard = torch.zeros_like(probs).scatter_(-1, idx[:, None], 1.0)
-        w = hard - probs.detach() + probs
-        torch.isfinite(w).all()
-        tracker.syncs += 2
-        arch[t] = (w, idx_real.tolist())
-    return arch
-
-
 def _stem(spec: str, image_size: int):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights: the profile needs the shapes, not the transfer
         return get_stem(spec, weights="none", image_size=image_size)
+
+
+def _profile_config(config, space, algo, order, batch, precision, seed, stem, image_size, num_classes, layers,
+                    channels):
+    """(resolved SearchConfig, data info, frozen stem or None, the step's input shape) of a configuration."""
+    if config not in CONFIGS:
+        raise KtnasError(f"unknown configuration {config!r}: use one of {', '.join(CONFIGS)}")
+    if precision not in ("fp32", "bf16"):
+        raise KtnasError(f"unknown --precision {precision!r}: use fp32 or bf16")
+    baseline = config == "baseline"
+    frozen = None if baseline else _stem(stem, image_size)
+    feat = (3, CLASSIC_SIZE, CLASSIC_SIZE) if baseline else tuple(frozen.output_shape)
+    info = dict(in_channels=feat[0], resolution=min(feat[1:]), shape=list(feat), num_classes=num_classes)
+    kw = dict(stem="none", dataset="profile") if baseline else dict(stem="features", features="profile")
+    cfg = resolve_config(SearchConfig(space=space, algo=algo, order=order, batch_size=batch, device="cpu",
+                                      kernels="triton" if config == "cached-fused" else "torch", seed=seed,
+                                      progress=False, layers=layers, channels=channels, **kw))
+    return cfg, info, frozen, feat
 
 
 def profile_step(config: str = "cached", space: str = "darts", algo: str = "darts", order: int = 1,
@@ -111,95 +106,45 @@ def profile_step(config: str = "cached", space: str = "darts", algo: str = "dart
                  stem: str = DEFAULT_STEM, image_size: int = DEFAULT_IMAGE_SIZE, raw_shape=(1, 28, 28),
                  num_classes: int = 10, layers: int | None = None, channels: int | None = None,
                  darts_edges: bool | None = None) -> dict:
-    """Profile one ``_Run.search_step`` of ``config`` (see the module docstring) at ``batch``; a row dict.
+    """Profile one ``SearchRun.search_step`` of ``config`` (see the module docstring) at ``batch``; a row dict.
 
     ``fake``: on fake tensors (nothing computed; False: on real CPU tensors, to check the instruments). ``stem`` /
     ``image_size`` / ``raw_shape``: the frozen stem whose features the KT-NAS configurations take, and the raw
     images it gets (default: Fashion-MNIST's 1x28x28 through ``mobilenet_v2:features.3`` at 64 px). ``layers`` /
     ``channels``: override the layout (tests use tiny networks). ``darts_edges``: compute every edge as DARTS' own
     ``MixedOp`` (a ReLU per conv op, 'none' a zero tensor; see ``MixedEdge``); default: as the configuration does
-    (the baseline does, KT-NAS does not) -- True on a KT-NAS configuration profiles DARTS' own code with its first
-    cells replaced by the cached input, the computation the KT-NAS anchor measured on the H100."""
-    if config not in CONFIGS:
-        raise KtnasError(f"unknown configuration {config!r}: use one of {', '.join(CONFIGS)}")
-    if precision not in ("fp32", "bf16"):
-        raise KtnasError(f"unknown --precision {precision!r}: use fp32 or bf16")
+    (the baseline does, KT-NAS does not); True on KT-NAS: DARTS' own code on the cached input (the H100 anchor)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    baseline = config == "baseline"
-    fused = config == "cached-fused"
-    if config == "cached-darts-edges":
-        darts_edges = True
-    frozen = None if baseline else _stem(stem, image_size)
-    feat = (3, CLASSIC_SIZE, CLASSIC_SIZE) if baseline else tuple(frozen.output_shape)
-    info = dict(in_channels=feat[0], resolution=min(feat[1:]), shape=list(feat), num_classes=num_classes)
-    kw = dict(stem="none", dataset="profile") if baseline else dict(stem="features", features="profile")
-    cfg = resolve_config(SearchConfig(space=space, algo=algo, order=order, batch_size=batch, device="cpu",
-                                      kernels="triton" if fused else "torch", seed=seed, progress=False,
-                                      layers=layers, channels=channels, **kw))
-    dev = torch.device("cpu")
+    cfg, info, frozen, feat = _profile_config(config, space, algo, order, batch, precision, seed, stem, image_size,
+                                              num_classes, layers, channels)
+    baseline, fused = config == "baseline", config == "cached-fused"
+    darts_edges = True if config == "cached-darts-edges" else darts_edges
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     t0 = time.perf_counter()
-    with mode, _fused_counter(fused) as triton_counts:
+    with mode, fused_counter(fused) as triton_counts:
         tracker = StepTracker()
         with tracker:
-            torch.manual_seed(seed)
-            with _stay_on_cpu(fake):
-                run = _Run(cfg, dev, info)
-            run.model.train()
-            if darts_edges is not None:
-                for m in run.model.modules():
-                    if isinstance(m, MixedEdge):
-                        m.per_op_relu = darts_edges
-            for opt in (run.w_opt, run.a_opt):
-                for g in opt.param_groups:
-                    g["foreach"] = True  # CUDA's default (multi-tensor kernels); the CPU's is a per-tensor loop
-            run.amp = dict(run.amp, enabled=False)
-            run.foreach = True
-            saved = []
-            orig_loss = run.loss
-
-            def loss(x, y, arch=None):  # one forward: its saved tensors; CUDA's autocast policy under bf16
-                with saved_for_backward(exclude=list(run.model.parameters())) as s, \
-                        (CudaAutocast() if precision == "bf16" else contextlib.nullcontext()):
-                    out = orig_loss(x, y, arch)
-                saved.append(s)
-                return out
-            run.loss = loss
+            run, saved = profiled_run(cfg, info, fake, seed, darts_edges, precision)
             if frozen is not None:
                 tracker.track(*frozen.parameters(), *frozen.buffers())
-            gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
-            epoch = cfg.warmup  # the architecture parameters train from here on (PC-DARTS' warm-up)
-
-            def inputs(n):  # the training batch serves as the validation batch too: its bytes count once (at
-                # batch 64, 1.5 MiB of images or features less than two distinct batches)
-                if config == "stem-on-the-fly":
-                    return [torch.randint(0, 256, (n, *raw_shape), dtype=torch.uint8),
-                            torch.randint(0, num_classes, (n,))] * 2
-                return [torch.randn(n, *feat), torch.randint(0, num_classes, (n,))] * 2
-
-            def step(xt, yt, xv, yv):
-                if config == "stem-on-the-fly":  # the frozen stem on the device, each batch (as bench search)
-                    with CudaAutocast() if precision == "bf16" else contextlib.nullcontext():
-                        xt, xv = frozen(xt).float(), frozen(xv).float()
-                return run.search_step(epoch, xt, yt, xv, yv, gen, rng)
-
-            with _gdas_patch(algo, fake, tracker):
-                _steady_state(run)  # as after earlier steps: optimiser state and gradients in place
-                batch_in = inputs(batch)
+            step = step_fn(run, config, frozen, precision, seed, cfg.warmup)
+            with gdas_patch(algo, fake, tracker):
+                steady_state(run)  # as after earlier steps: optimiser state and gradients in place
+                batch_in = step_inputs(config, batch, feat, raw_shape, num_classes)
                 base = tracker.current
                 tracker.reset_peak()
                 flops = FlopCounterMode(display=False)
                 triton_counts.clear()
                 with tracker.count(), flops:
                     step(*batch_in)
-            weights = sum(cuda_bytes(p.numel() * p.element_size()) for p in run.model.parameters())
-            grads = sum(cuda_bytes(p.grad.numel() * p.grad.element_size()) for p in run.model.parameters()
-                        if p.grad is not None)
-            state = sum(cuda_bytes(v.numel() * v.element_size()) for opt in (run.w_opt, run.a_opt)
-                        for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor))
-            in_bytes = sum(cuda_bytes(t.numel() * t.element_size()) for t in batch_in)
+            params = list(run.model.parameters())
+            state = [v for opt in (run.w_opt, run.algorithm.a_opt) for st in opt.state.values()
+                     for v in st.values() if isinstance(v, torch.Tensor)]
+            sizes = dict(weights_bytes=allocated_bytes(params),
+                         grads_bytes=allocated_bytes(p.grad for p in params if p.grad is not None),
+                         optimizer_bytes=allocated_bytes(state), inputs_bytes=allocated_bytes(batch_in))
     by_op = flops.get_flop_counts().get("Global", {})
     fused_flops = sum(int(v) for op, v in by_op.items() if "ktnas" in str(op))  # the fused op's own formula
     triton_launches = sum(v["launches"] for v in triton_counts.values())
@@ -207,8 +152,7 @@ def profile_step(config: str = "cached", space: str = "darts", algo: str = "dart
     row = dict(config=config, space=space, algo=algo, order=order, batch=batch, precision=precision,
                kernels="triton" if fused else "torch", fake=fake,
                darts_edges=baseline if darts_edges is None else darts_edges, params=count_parameters(run.model),
-               cells=run.layout["layers"], channels=run.layout["channels"], input_shape=list(feat),
-               weights_bytes=weights, grads_bytes=grads, optimizer_bytes=state, inputs_bytes=in_bytes,
+               cells=run.layout["layers"], channels=run.layout["channels"], input_shape=list(feat), **sizes,
                saved_bytes=max((s["bytes"] for s in saved), default=0), forwards=len(saved),
                start_bytes=base, peak_bytes=tracker.peak, aten_launches=tracker.launches,
                triton_launches=triton_launches, launches=tracker.launches + triton_launches, syncs=tracker.syncs,
@@ -217,70 +161,6 @@ def profile_step(config: str = "cached", space: str = "darts", algo: str = "dart
                top_ops=dict(tracker.ops.most_common(8)), profile_s=time.perf_counter() - t0)
     row.update(predict(row))
     return row
-
-
-def _steady_state(run) -> None:
-    """What a step finds after the first: SGD's momentum buffers, Adam's step count and moments, and every
-    parameter's gradient of the previous step (set to None only by the weight step's ``zero_grad``; the
-    architecture step's backward accumulates into the weights' ones). Made directly, as zeros: the same tensors an
-    untimed first step would leave, at no cost (a fake step costs as much at batch 2 as at batch 64)."""
-    with torch.no_grad():
-        for p in run.model.parameters():
-            p.grad = torch.zeros_like(p)
-        for opt in (run.w_opt, run.a_opt):
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    st = opt.state[p]
-                    if isinstance(opt, torch.optim.SGD):
-                        if group["momentum"]:
-                            st["momentum_buffer"] = torch.zeros_like(p)
-                    else:  # Adam
-                        st["step"] = torch.tensor(1.0)
-                        st["exp_avg"] = torch.zeros_like(p)
-                        st["exp_avg_sq"] = torch.zeros_like(p)
-
-
-@contextlib.contextmanager
-def _stay_on_cpu(fake: bool):
-    """``Module.to`` as a no-op while the run is built on fake CPU tensors: they are made on the CPU already, and
-    ``to`` would swap each fake parameter for itself, which torch refuses for fake tensors (their mode holds weak
-    references to them)."""
-    if not fake:
-        yield
-        return
-    orig = torch.nn.Module.to
-    torch.nn.Module.to = lambda self, *a, **k: self
-    try:
-        yield
-    finally:
-        torch.nn.Module.to = orig
-
-
-@contextlib.contextmanager
-def _gdas_patch(algo: str, fake: bool, tracker):
-    """On fake tensors GDAS' sample cannot be read by the host: draw its indices on real tensors (see
-    :func:`_gumbel_fake_safe`)."""
-    if algo != "gdas" or not fake:
-        yield
-        return
-    orig = S.gumbel_arch
-    S.gumbel_arch = lambda model, tau, gen: _gumbel_fake_safe(model, tau, gen, tracker)
-    try:
-        yield
-    finally:
-        S.gumbel_arch = orig
-
-
-@contextlib.contextmanager
-def _fused_counter(fused: bool):
-    """The fused op's own count of its Triton launches and the bytes they move: {kernel: {launches, bytes}}."""
-    if not fused:
-        yield {}
-        return
-    from ktnas.kernels import triton_mixed
-
-    with triton_mixed.count_launches() as counts:
-        yield counts
 
 
 def predict(row: dict, gpu: str = "H100") -> dict:
@@ -302,12 +182,11 @@ def bench_step(*, quick: bool = False, algos=None, spaces=None, configs=None, ba
                image_size: int = DEFAULT_IMAGE_SIZE, gpu: str = "H100", notes: list | None = None) -> list[dict]:
     """Rows of :func:`profile_step` for every (space, algorithm, configuration); ratios against the baseline of
     the same space, algorithm and batch. A configuration that cannot be profiled here is a row with its reason."""
-    from .search import _names
 
     mode = QUICK if quick else FULL
-    algos = _names(algos or mode["algos"], tuple(ALGOS), "--algos")
-    spaces = _names(spaces or mode["spaces"], SPACES, "--spaces")
-    configs = _names(configs or CONFIGS, CONFIGS, "--configs")
+    algos = names(algos or mode["algos"], tuple(ALGOS), "--algos")
+    spaces = names(spaces or mode["spaces"], SPACES, "--spaces")
+    configs = names(configs or CONFIGS, CONFIGS, "--configs")
     batch_size = mode["batch_size"] if batch_size is None else batch_size
     if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
         raise KtnasError(f"--batch-size must be a positive integer, got {batch_size!r}")
@@ -317,7 +196,7 @@ def bench_step(*, quick: bool = False, algos=None, spaces=None, configs=None, ba
     for space in spaces:
         for a in algos:
             algo, order = ALGOS[a]
-            batch = batch_size or PAPER_DEFAULTS[algo]["batch_size"]
+            batch = batch_size or ALGORITHMS[algo].defaults["batch_size"]
             for config in configs:
                 print(f"ktnas bench step: {space} {a} batch {batch}: {config} ...", file=sys.stderr)
                 head = dict(config=config, space=space, algo=algo, order=order, batch=batch, precision=precision)

@@ -1,20 +1,21 @@
-"""The ``ktnas`` command. A thin layer: each subcommand maps its flags onto one documented Python call."""
+"""The ``ktnas`` command. A thin layer: each subcommand maps its flags onto one documented Python call.
+
+The engine's own subcommands are added here; any other package adds its own through an entry point of group
+``ktnas.commands`` (``name = "package.module:register"``, ``register(subparsers)`` adding its subcommands with
+``set_defaults(func=...)``), so the engine never imports them (``ktnas.bench`` is one: ``ktnas bench``).
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 import warnings
+from importlib.metadata import entry_points
 
 from ktnas.cache.errors import KtnasError
+from ktnas.engine.flags import format_bytes
 
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
+COMMANDS_GROUP = "ktnas.commands"
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -75,11 +76,11 @@ def cmd_inspect(args) -> int:
     print(f"dataset    {a.get('dataset')} ({a.get('num_classes')} classes), views {a.get('views')}, "
           f"dtype {a.get('dtype')}, compressor {a.get('compressor')}, chunk {a.get('chunk_size')} samples")
     print(f"complete   {r['complete']}")
-    print(f"on disk    {_human(r['size_on_disk'])}")
+    print(f"on disk    {format_bytes(r['size_on_disk'])}")
     for name, s in r["splits"].items():
         ratio = f"{s['compression_ratio']:.2f}x" if s["compression_ratio"] else "-"
         print(f"  {name:6s} features {s['shape']} {s['dtype']}  chunks {s['chunks_written']}/{s['chunks']}  "
-              f"raw {_human(s['nbytes'])}, stored {_human(s['stored_bytes'])} (compression {ratio})")
+              f"raw {format_bytes(s['nbytes'])}, stored {format_bytes(s['stored_bytes'])} (compression {ratio})")
         if "bad_chunks" in s:
             bad = s["bad_chunks"]
             print(f"         verify: {'ok' if not bad else f'{len(bad)} bad chunks: ' + str(bad)}")
@@ -91,23 +92,14 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from ktnas.bench import run_bench
-
-    return run_bench(args)
-
-
 # ------------------------------------------------------------------------------------------------ parser
-def build_parser() -> argparse.ArgumentParser:
+def register_store_commands(sub) -> None:
+    """Add ``stems``, ``precompute-features`` and ``inspect`` to the ``ktnas`` subparsers ``sub``."""
     from ktnas.cache.datasets import DATASETS
     from ktnas.cache.precompute import DEFAULT_OUT, PrecomputeConfig
     from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM
 
     d = PrecomputeConfig()
-    p = argparse.ArgumentParser(prog="ktnas", description="Fast, memory-lean NAS by knowledge transfer from frozen "
-                                                          "pretrained stems.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
     s = sub.add_parser("stems", help="list the stems (ARCH:CUT) with output channels and stride")
     s.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="show feature sizes at this size")
     s.add_argument("--json", action="store_true")
@@ -146,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_inspect)
 
-    from ktnas.bench import add_bench_parser
+
+def register_engine_commands(sub) -> None:
+    """Add ``search``, ``train``, ``evaluate`` and ``evolve`` to the ``ktnas`` subparsers ``sub``."""
     from ktnas.engine.evolve import add_evolve_parser
     from ktnas.engine.search import add_search_parser
     from ktnas.engine.train import add_evaluate_parser, add_train_parser
@@ -155,8 +149,43 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_evaluate_parser(sub)
     add_evolve_parser(sub)
-    add_bench_parser(sub)
+
+
+def register_plugin_commands(sub) -> None:
+    """Add the subcommands of every ``ktnas.commands`` entry point, in the order of their names. A plug-in that
+    fails to load is left out with a one-line warning (the other commands still work)."""
+    seen = set()
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        if ep.name in seen:
+            continue
+        seen.add(ep.name)
+        try:
+            ep.load()(sub)
+        except Exception as e:  # noqa: BLE001 - a broken plug-in must not take the whole command down
+            print(f"ktnas: warning: command plug-in {ep.name!r} ({ep.value}) not loaded: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ktnas", description="Fast, memory-lean NAS by knowledge transfer from frozen "
+                                                          "pretrained stems.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register_store_commands(sub)
+    register_engine_commands(sub)
+    register_plugin_commands(sub)
     return p
+
+
+def one_line_errors() -> tuple[type[BaseException], ...]:
+    """The errors ``ktnas`` prints as ``ktnas: error: ...`` (exit 2): KtnasError, and ktnas.kernels' KernelError.
+    KernelError is looked up among the loaded modules: a kernel that raised it has loaded them, and the command
+    does not import the kernels (and torch) just to name it."""
+    errors = [KtnasError]
+    for name in ("ktnas.kernels.errors", "ktnas.kernels"):
+        kernel_error = getattr(sys.modules.get(name), "KernelError", None)
+        if isinstance(kernel_error, type) and kernel_error not in errors:
+            errors.append(kernel_error)
+    return tuple(errors)
 
 
 def main(argv=None) -> int:
@@ -167,7 +196,9 @@ def main(argv=None) -> int:
         warnings.formatwarning = lambda msg, cat, *a, **k: f"ktnas: warning: {msg}\n"
         try:
             return int(args.func(args) or 0)
-        except KtnasError as e:
+        except Exception as e:
+            if not isinstance(e, one_line_errors()):
+                raise
             print(f"ktnas: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:

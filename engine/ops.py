@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ktnas.cache.errors import KtnasError
+from ktnas.kernels.reference import is_conv_branch
 
 
 class Zero(nn.Module):
@@ -107,18 +108,12 @@ OPS = {
     "nor_conv_3x3": lambda C, stride, affine: ReLUConvBN(C, C, 3, stride, 1, 1, affine),
 }
 
-# the ops the mixed op computes from x alone; skip_connect only at stride 1 (at stride 2 it has convs)
-PARAM_FREE = {
-    "darts": ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect"),
-    "nb201": ("none", "skip_connect", "avg_pool_3x3"),
-}
-
 
 def has_params(name: str, stride: int) -> bool:
     """Whether op ``name`` at ``stride`` is a conv branch (has a body) rather than parameter-free."""
     if name not in OPS:
         raise KtnasError(f"unknown op {name!r}; valid ops: {', '.join(OPS)}")
-    return name not in ("none", "avg_pool_3x3", "max_pool_3x3") and not (name == "skip_connect" and stride == 1)
+    return is_conv_branch(name, stride)
 
 
 def conv_body(name: str, C: int, stride: int) -> nn.Module:

@@ -1,78 +1,83 @@
-"""``ktnas train`` and ``ktnas evaluate``: train a genotype's network from scratch on a frozen stem's features,
-export it as one module (stem + cells) that runs on raw images, and measure it on raw images.
+"""``ktnas train``: train a genotype's network from scratch on a frozen stem's features and export it as one module
+(stem + cells) that runs on raw images.
 
 Training follows DARTS' evaluation recipe (``train.py``): SGD (momentum 0.9, weight decay 3e-4), lr 0.025 with
 cosine annealing to 0 over the epochs, batch 96, 600 epochs, drop path 0.2 scaled linearly by epoch, gradient
 clipping at 5, an auxiliary head (weight 0.4) when asked. Inputs are the store's cached features (a random cached
 view per sample each epoch, view 0 for the test split), or with ``on_the_fly`` the frozen stem run on augmented
-images each step (random crop with padding + flip of the prepared images, drawn per (seed, sample, epoch)).
-
-A run directory holds ``config.json`` (the resolved configuration), ``metrics.jsonl`` (one line per epoch),
-``curves.png`` (every 10 epochs and at the end), ``checkpoint.pt`` (written atomically after every epoch: model,
-optimiser, scheduler, RNG states, epoch, history) and, at the end, ``model.pt`` (see
-:func:`ktnas.engine.network.load_model`). ``resume`` continues from the checkpoint and gives, on the CPU, the weights
-of an uninterrupted run bit for bit.
+images each step. The run directory (``ktnas.engine.runs.RunDir``) holds ``config.json``, ``metrics.jsonl``,
+``curves.png``, ``checkpoint.pt`` and, at the end, ``model.pt``; ``resume`` continues bit for bit on the CPU.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
-from ktnas.cache.datasets import load_split
-from ktnas.cache.errors import KtnasError, first_line
+from ktnas.cache.errors import KtnasError
 from ktnas.cache.precompute import DEFAULT_OUT, augment, resolve_device
+from ktnas.cache.datasets import load_split
 from ktnas.cache.stems import get_stem
 from ktnas.cache.store import open_store
 from ktnas.cache.stream import FeatureLoader
 
-from .runs import atomic_save, atomic_write_jsonl, atomic_write_text, rng_state, set_rng_state
-from .network import build_network, load_model, save_model
+from . import runs
+from .data import ImageBatches
+from .evaluate import add_evaluate_parser, evaluate
+from .flags import add_config_arguments, check_positive, config_from_args
+from .network import build_network, load_model, network_config, save_model
+from .runs import RunDir, atomic_write, progress, set_rng_state
 from .spaces import load_genotype
 
-__all__ = ["TrainConfig", "train", "evaluate", "load_model", "stem_of_store", "stem_images", "ImageBatches",
+__all__ = ["TrainConfig", "train", "evaluate", "load_model", "stem_of_store", "stem_images", "stem_batches",
            "make_optimizer", "train_step", "run_epoch", "add_train_parser", "add_evaluate_parser"]
+
+
+def _h(help: str, **kw):
+    return dict(metadata=dict(help=help, **kw))
 
 
 @dataclass
 class TrainConfig:
     """Everything ``ktnas train`` takes; defaults are DARTS' evaluation recipe."""
 
-    features: str = DEFAULT_OUT  # the feature store
-    genotype: str = ""  # genotype.json
-    out: str = "runs/train"
-    layers: int | None = None  # DARTS: cells in all (20); NB201: cells per stage (5)
-    channels: int | None = None  # DARTS: 36; NB201: 16
+    features: str = field(default=DEFAULT_OUT, **_h("feature store"))
+    genotype: str = field(default="", **_h("genotype.json (DARTS or NAS-Bench-201)", required=True))
+    out: str = field(default="runs/train", **_h("run directory (config, metrics, checkpoint, curves, model.pt)",
+                                                 required=True))
+    layers: int | None = field(default=None, **_h(
+        "cells the network is built with (NB201: its ResNet blocks included); default: the paper's (DARTS 20, NB201 "
+        "17) minus the cells the stem replaces"))
+    channels: int | None = field(default=None, **_h(
+        "width of the first cells (default: DARTS 36, NB201 16, doubled per stage the stem replaces)"))
     epochs: int = 600
     batch_size: int = 96
-    lr: float = 0.025
+    lr: float = field(default=0.025, **_h("initial lr, cosine to 0"))
     momentum: float = 0.9
     weight_decay: float = 3e-4
-    auxiliary: bool = False
+    auxiliary: bool = field(default=False, **_h("auxiliary head after the last reduction cell (DARTS)"))
     auxiliary_weight: float = 0.4
-    drop_path: float = 0.2
+    drop_path: float = field(default=0.2, **_h("final drop path prob"))
     grad_clip: float = 5.0
     seed: int = 0
-    resume: bool = False
-    stop_after: int | None = None  # stop after this many epochs in all, leaving a checkpoint to --resume
-    device: str = "auto"
-    limit: int | None = None  # first N samples of each split
-    on_the_fly: bool = False  # run the stem on augmented images instead of reading cached features
-    dataset: str | None = None  # images for --on-the-fly (default: the store's data set)
-    data_root: str | None = None
-    workers: int = 2
-    progress: bool = True
+    resume: bool = field(default=False, **_h("continue the run in --out from its checkpoint"))
+    stop_after: int | None = field(default=None, **_h("stop after this many epochs (resume later)"))
+    device: str = field(default="auto", **_h("auto | cpu | cuda"))
+    limit: int | None = field(default=None, **_h("first N samples of each split only"))
+    on_the_fly: bool = field(default=False, **_h("run the frozen stem on augmented images each step"))
+    dataset: str | None = field(default=None, **_h("images for --on-the-fly (default: the store's data set)"))
+    data_root: str | None = field(default=None, **_h("folder with the data set's files"))
+    workers: int = field(default=2, **_h("feature reader threads"))
+    progress: bool = field(default=True, **_h("no progress bars", flag="quiet"))
+
+
+NOT_COMPARED = ("stop_after", "device", "workers")  # a resumed run may change these (and out, resume, progress)
 
 
 # ------------------------------------------------------------------------------------------------- stems
@@ -92,35 +97,17 @@ def stem_of_store(attrs: dict, path: str = "the store"):
     return stem
 
 
+
 # ---------------------------------------------------------------------------------------------- batches
-class _ImageBatches:
-    """On-the-fly batches: images of a split through the frozen stem (augmented for training). ``indices``: the
-    samples used (default: the first ``n``); training batches follow a permutation of them seeded by
-    (seed, epoch)."""
-
-    def __init__(self, images, n, stem, batch_size, device, train, seed, indices=None):
-        self.indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
-        self.images, self.n, self.stem, self.batch_size = images, len(self.indices), stem, batch_size
-        self.device, self.train, self.seed, self.epoch = device, train, seed, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return math.ceil(self.n / self.batch_size)
-
-    def __iter__(self):
-        order = self.indices[np.random.default_rng([self.seed, self.epoch]).permutation(self.n)] if self.train \
-            else self.indices
-        for a in range(0, self.n, self.batch_size):
-            idx = order[a:a + self.batch_size]
-            x = self.stem.prepare(self.images.get_batch(torch.from_numpy(idx)).to(self.device))
-            if self.train:
-                x = augment(x, idx, self.epoch + 1, self.seed, "train")
-            yield self.stem.forward_prepared(x), self.images.labels[torch.from_numpy(idx)].to(self.device)
-
-
-ImageBatches = _ImageBatches
+def stem_batches(images, stem, indices, batch_size: int, device, train: bool, seed: int) -> ImageBatches:
+    """Images of a split through the frozen stem (augmented for training, then in an order seeded by
+    (seed, epoch)); ``indices``: the samples used."""
+    def fetch(idx, epoch):
+        x = stem.prepare(images.get_batch(idx).to(device))
+        if train:
+            x = augment(x, idx.numpy(), epoch + 1, seed, "train")
+        return stem.forward_prepared(x), images.labels[idx]
+    return ImageBatches(fetch, indices, batch_size, seed=seed, device=device, shuffle=train, key=())
 
 
 def stem_images(store, stem, split: str, dataset: str | None = None, data_root: str | None = None):
@@ -136,7 +123,7 @@ def stem_images(store, stem, split: str, dataset: str | None = None, data_root: 
     return images
 
 
-def _loaders(cfg, store, stem, device):
+def loaders(cfg, store, stem, device):
     """(train batches, test batches) of cached features, or of images through the stem with --on-the-fly."""
     n = {s: len(store.split(s)) if cfg.limit is None else min(cfg.limit, len(store.split(s)))
          for s in ("train", "test")}
@@ -144,12 +131,12 @@ def _loaders(cfg, store, stem, device):
         kw = dict(batch_size=cfg.batch_size, device=device, seed=cfg.seed, workers=cfg.workers)
         return (FeatureLoader(store, "train", shuffle=True, view="random", indices=np.arange(n["train"]), **kw),
                 FeatureLoader(store, "test", shuffle=False, view=0, indices=np.arange(n["test"]), **kw))
-    return tuple(_ImageBatches(stem_images(store, stem, split, cfg.dataset, cfg.data_root), n[split], stem,
-                               cfg.batch_size, device, split == "train", cfg.seed) for split in ("train", "test"))
+    return tuple(stem_batches(stem_images(store, stem, split, cfg.dataset, cfg.data_root), stem,
+                              np.arange(n[split]), cfg.batch_size, device, split == "train", cfg.seed)
+                 for split in ("train", "test"))
 
 
-# ------------------------------------------------------------------------------------------ checkpoints
-def plot_curves(history: list[dict], path: Path):
+def plot_curves(history: list[dict], path):
     """Train/test accuracy and loss over epochs, as a PNG."""
     import matplotlib
 
@@ -166,10 +153,8 @@ def plot_curves(history: list[dict], path: Path):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".partial.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -208,7 +193,7 @@ def run_epoch(nets, batches, device, optimizers=None, cfg=None, *, schedulers=No
     sums = [[torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.int64, device=device)]
             for _ in nets]
     count = 0
-    bar = tqdm(batches, desc=desc, leave=False, disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = runs.progress(batches, desc=desc, leave=False, enabled=progress)
     with torch.set_grad_enabled(training):
         for x, y in bar:
             x, y = x.to(device, non_blocking=True).float(), y.to(device, non_blocking=True)
@@ -239,7 +224,7 @@ def run_epoch(nets, batches, device, optimizers=None, cfg=None, *, schedulers=No
     return out
 
 
-def _run_epoch(net, batches, device, optimizer=None, cfg=None, desc="", progress=False):
+def one_epoch(net, batches, device, optimizer=None, cfg=None, desc="", progress=False):
     """One pass: trains when ``optimizer`` is given, else evaluates. Returns (mean loss, accuracy %)."""
     return run_epoch([net], batches, device, None if optimizer is None else [optimizer], cfg, desc=desc,
                      progress=progress)[0]
@@ -253,132 +238,108 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
         setattr(cfg, k, v)
     if not cfg.genotype:
         raise KtnasError("no genotype given: pass --genotype RUN/genotype.json (written by ktnas search)")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or (cfg.limit is not None and cfg.limit < 1):
-        raise KtnasError("--epochs, --batch-size and --limit must be positive integers")
-    out = Path(cfg.out)
-    ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not cfg.resume:
-        raise KtnasError(f"{out} already holds a training run (checkpoint.pt): pass --resume to continue it or "
-                         "choose another --out")
+    check_positive(cfg, ("epochs", "batch_size") + (() if cfg.limit is None else ("limit",)))
+    files = RunDir(cfg.out, "training run", resume=cfg.resume, ignore=NOT_COMPARED)
+    state = files.read_checkpoint()
     device = resolve_device(cfg.device)
     genotype = load_genotype(cfg.genotype)
     store = open_store(cfg.features)
     try:
-        return _train(cfg, out, ckpt_path, device, genotype, store)
+        return _train(cfg, files, state, device, genotype, store)
     finally:
         store.close()
 
 
-def _train(cfg, out, ckpt_path, device, genotype, store) -> dict:
-    attrs = store.attrs
-    stem = stem_of_store(attrs, store.path).to(device)
-    C_stem, H, _ = store.split("train").sample_shape[1:]
-    network_config = dict(num_classes=int(attrs["num_classes"]), layers=cfg.layers, channels=cfg.channels,
-                          auxiliary=cfg.auxiliary, in_channels=int(C_stem), in_size=int(H))
-    torch.manual_seed(cfg.seed)
-    net = build_network(genotype, **network_config).to(device)
-    optimizer, scheduler = make_optimizer(net, cfg, cfg.epochs)
-    train_batches, test_batches = _loaders(cfg, store, stem, device)
+class TrainingRun:
+    """One training run: the network, its optimiser and schedule, its batches and history (resumed from
+    ``state`` when given)."""
 
-    start, history = 0, []
-    if cfg.resume and ckpt_path.exists():
-        try:
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            net.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
-        except Exception as e:
-            reason = first_line(e)
-            raise KtnasError(f"cannot resume from {ckpt_path} ({type(e).__name__}: {reason}): rerun with the "
-                             "run's original arguments, or start afresh in another --out") from None
-        if ck["config"]["epochs"] != cfg.epochs:
-            raise KtnasError(f"{ckpt_path} was trained for --epochs {ck['config']['epochs']}, not {cfg.epochs}: "
-                             "resume with the same --epochs")
-        set_rng_state(ck["rng"])
-        start, history = int(ck["epoch"]), list(ck["history"])
+    def __init__(self, cfg, files, state, device, genotype, store):
+        attrs = store.attrs
+        self.cfg, self.files, self.device, self.genotype, self.store = cfg, files, device, genotype, store
+        self.stem = stem_of_store(attrs, store.path).to(device)
+        C_stem, H, _ = store.split("train").sample_shape[1:]
+        self.network_config = network_config(genotype, int(attrs["num_classes"]), auxiliary=cfg.auxiliary,
+                                              in_channels=int(C_stem), in_size=int(H), layers=cfg.layers,
+                                              channels=cfg.channels)
+        torch.manual_seed(cfg.seed)
+        self.net = build_network(genotype, **self.network_config).to(device)
+        self.optimizer, self.scheduler = make_optimizer(self.net, cfg, cfg.epochs)
+        self.batches = loaders(cfg, store, self.stem, device)
+        self.start, self.history = 0, []
+        if state is not None:
+            files.check_config(state["config"], asdict(cfg))
+            self.net.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+            self.start, self.history = int(state["epoch"]), list(state["history"])
 
-    out.mkdir(parents=True, exist_ok=True)
-    layout = getattr(net, "layout", [])
-    resolved = dict(asdict(cfg), network_config=network_config, layout=layout, genotype_json=genotype.to_json(),
-                    device_resolved=str(device), stem=dict(spec=stem.spec, weights=stem.weights_source,
-                                                           fingerprint=stem.fingerprint,
-                                                           preprocessing=stem.preprocessing.to_dict()),
-                    dataset=attrs.get("dataset"), parameters=sum(p.numel() for p in net.parameters()))
-    atomic_write_text(out / "config.json", json.dumps(resolved, indent=1) + "\n")
+    def write_config(self):
+        stem, attrs = self.stem, self.store.attrs
+        self.files.write_json("config.json", dict(
+            asdict(self.cfg), network_config=self.network_config, layout=getattr(self.net, "layout", []),
+            genotype_json=self.genotype.to_json(), device_resolved=str(self.device),
+            stem=dict(spec=stem.spec, weights=stem.weights_source, fingerprint=stem.fingerprint,
+                      preprocessing=stem.preprocessing.to_dict()),
+            dataset=attrs.get("dataset"), parameters=sum(p.numel() for p in self.net.parameters())))
 
-    end = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
-    bar = tqdm(range(start, end), initial=start, total=cfg.epochs, desc="train", unit="epoch",
-               disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
-    try:
-        for epoch in bar:
-            t0 = time.perf_counter()
-            net.drop_path_prob = cfg.drop_path * epoch / cfg.epochs
-            train_batches.set_epoch(epoch)
-            lr = optimizer.param_groups[0]["lr"]
-            tr_loss, tr_acc = _run_epoch(net, train_batches, device, optimizer, cfg, f"epoch {epoch + 1}", cfg.progress)
-            te_loss, te_acc = _run_epoch(net, test_batches, device, desc="test", progress=cfg.progress)
-            scheduler.step()
-            history.append(dict(epoch=epoch + 1, lr=lr, drop_path=net.drop_path_prob, train_loss=tr_loss,
-                                train_acc=tr_acc, test_loss=te_loss, test_acc=te_acc,
-                                seconds=time.perf_counter() - t0))
-            bar.set_postfix(train=f"{tr_acc:.1f}", test=f"{te_acc:.1f}")
-            atomic_write_jsonl(out / "metrics.jsonl", history)
-            atomic_save(dict(model=net.state_dict(), optimizer=optimizer.state_dict(),
-                              scheduler=scheduler.state_dict(), rng=rng_state(), epoch=epoch + 1,
-                              history=history, config=asdict(cfg)), ckpt_path)
-            if epoch + 1 == end or (epoch + 1) % 10 == 0:  # matplotlib costs a good part of a small epoch
-                plot_curves(history, out / "curves.png")
-    finally:
-        bar.close()
-        for b in (train_batches, test_batches):
+    def epoch(self, epoch: int) -> dict:
+        cfg, net, (train_batches, test_batches) = self.cfg, self.net, self.batches
+        t0 = time.perf_counter()
+        net.drop_path_prob = cfg.drop_path * epoch / cfg.epochs
+        train_batches.set_epoch(epoch)
+        lr = self.optimizer.param_groups[0]["lr"]
+        tr_loss, tr_acc = one_epoch(net, train_batches, self.device, self.optimizer, cfg, f"epoch {epoch + 1}",
+                                    cfg.progress)
+        te_loss, te_acc = one_epoch(net, test_batches, self.device, desc="test", progress=cfg.progress)
+        self.scheduler.step()
+        self.history.append(dict(epoch=epoch + 1, lr=lr, drop_path=net.drop_path_prob, train_loss=tr_loss,
+                                 train_acc=tr_acc, test_loss=te_loss, test_acc=te_acc,
+                                 seconds=time.perf_counter() - t0))
+        self.files.write_jsonl("metrics.jsonl", self.history)
+        self.files.save_checkpoint(dict(model=net.state_dict(), optimizer=self.optimizer.state_dict(),
+                                        scheduler=self.scheduler.state_dict(), epoch=epoch + 1,
+                                        history=self.history), asdict(cfg))
+        return self.history[-1]
+
+    def close(self):
+        for b in self.batches:
             getattr(b, "close", lambda: None)()
 
-    summary = dict(out=str(out), epochs_done=len(history), history=history, network_config=network_config,
-                   layout=layout, test_acc=history[-1]["test_acc"] if history else None,
-                   checkpoint=str(ckpt_path), model=None)
+
+def _train(cfg, files, state, device, genotype, store) -> dict:
+    run = TrainingRun(cfg, files, state, device, genotype, store)
+    run.write_config()
+    end = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
+    bar = progress(range(run.start, end), initial=run.start, total=cfg.epochs, desc="train", unit="epoch",
+                   enabled=cfg.progress)
+    try:
+        for epoch in bar:
+            rec = run.epoch(epoch)
+            bar.set_postfix(train=f"{rec['train_acc']:.1f}", test=f"{rec['test_acc']:.1f}")
+            if epoch + 1 == end or (epoch + 1) % 10 == 0:  # matplotlib costs a good part of a small epoch
+                plot_curves(run.history, files.file("curves.png"))
+    finally:
+        bar.close()
+        run.close()
+    history = run.history
+    summary = dict(out=str(files.path), epochs_done=len(history), history=history,
+                   network_config=run.network_config, layout=getattr(run.net, "layout", []),
+                   test_acc=history[-1]["test_acc"] if history else None,
+                   checkpoint=str(files.checkpoint_path), model=None)
     if len(history) == cfg.epochs:
+        attrs = store.attrs
         meta = dict(dataset=attrs.get("dataset"), classes=attrs.get("classes"), test_acc=summary["test_acc"],
                     epochs=cfg.epochs, store=store.path, seed=int(attrs.get("seed", 0)))
-        save_model(out / "model.pt", stem.cpu(), net.cpu(), genotype, network_config, meta)
-        summary["model"] = str(out / "model.pt")
+        save_model(files.file("model.pt"), run.stem.cpu(), run.net.cpu(), genotype, run.network_config, meta)
+        summary["model"] = str(files.file("model.pt"))
     return summary
-
-
-# ------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(model: str, dataset: str | None = None, split: str = "test", *, limit: int | None = None,
-             batch_size: int = 256, data_root: str | None = None, device: str = "auto",
-             progress: bool = False) -> dict:
-    """Accuracy and loss of an exported model (``model.pt``) on the raw images of a data set's split."""
-    dev = resolve_device(device)
-    net = load_model(model).to(dev)
-    dataset = dataset or net.meta.get("dataset")
-    if not dataset:
-        raise KtnasError(f"{model} records no data set: pass --dataset")
-    data = load_split(dataset, split, root=data_root, image_size=net.stem.preprocessing.image_size,
-                      seed=int(net.meta.get("seed", 0)))
-    n = len(data) if limit is None else min(int(limit), len(data))
-    if n < 1 or batch_size < 1:
-        raise KtnasError(f"nothing to evaluate ({n} images, batch size {batch_size}): pass positive --limit and "
-                         "--batch-size")
-    loss_sum, correct = 0.0, 0
-    for a in tqdm(range(0, n, batch_size), desc="evaluate", disable=not progress, file=sys.stderr):
-        b = min(n, a + batch_size)
-        images, labels = data.get_batch(slice(a, b)).to(dev), data.labels[a:b]
-        logits = net(images).cpu()
-        if int(labels.max()) >= logits.shape[1]:
-            raise KtnasError(f"{dataset} has labels up to {int(labels.max())}, the model predicts "
-                             f"{logits.shape[1]} classes: evaluate it on the data set it was trained for")
-        loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(1) == labels).sum())
-    return dict(model=str(model), dataset=dataset, split=split, n=n, correct=correct, accuracy=100.0 * correct / n,
-                loss=loss_sum / n)
 
 
 # -------------------------------------------------------------------------------------------------- CLI
 def cmd_train(args) -> int:
-    cfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)})
-    cfg.progress = not args.quiet
+    cfg = config_from_args(TrainConfig, args)
     s = train(cfg)
     h = s["history"][-1] if s["history"] else {}
     done = f"model {s['model']}" if s["model"] else f"stopped after epoch {s['epochs_done']}: continue with --resume"
@@ -387,61 +348,9 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_evaluate(args) -> int:
-    r = evaluate(args.model, args.dataset, args.split, limit=args.limit, batch_size=args.batch_size,
-                 data_root=args.data_root, device=args.device, progress=not args.quiet)
-    if args.json:
-        print(json.dumps(r))
-    else:
-        print(f"{r['model']} on {r['dataset']} {r['split']} ({r['n']} images): accuracy {r['accuracy']:.2f}% "
-              f"({r['correct']}/{r['n']}), loss {r['loss']:.4f}")
-    return 0
-
-
 def add_train_parser(subparsers):
     """The ``train`` subcommand."""
-    d = TrainConfig()
     s = subparsers.add_parser("train", help="train a genotype's network on cached features and export it")
-    s.add_argument("--features", default=d.features, help="feature store (default: %(default)s)")
-    s.add_argument("--genotype", required=True, help="genotype.json (DARTS or NAS-Bench-201)")
-    s.add_argument("--out", required=True, help="run directory (config, metrics, checkpoint, curves, model.pt)")
-    s.add_argument("--layers", type=int, default=None, help="DARTS: cells of the full network (20, the stem "
-                                                            "replaces the first ones); NB201: cells per stage (5)")
-    s.add_argument("--channels", type=int, default=None, help="first width of the full network (DARTS 36, NB201 16)")
-    s.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
-    s.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
-    s.add_argument("--lr", type=float, default=d.lr, help="initial lr, cosine to 0 (default: %(default)s)")
-    s.add_argument("--momentum", type=float, default=d.momentum)
-    s.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    s.add_argument("--auxiliary", action="store_true", help="auxiliary head at 2/3 depth (DARTS)")
-    s.add_argument("--auxiliary-weight", type=float, default=d.auxiliary_weight)
-    s.add_argument("--drop-path", type=float, default=d.drop_path, help="final drop path prob (default: %(default)s)")
-    s.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    s.add_argument("--seed", type=int, default=d.seed)
-    s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    s.add_argument("--stop-after", type=int, default=None, help="stop after this many epochs (resume later)")
-    s.add_argument("--device", default=d.device, help="auto | cpu | cuda (default: auto)")
-    s.add_argument("--limit", type=int, default=None, help="first N samples of each split only")
-    s.add_argument("--on-the-fly", action="store_true", help="run the frozen stem on augmented images each step")
-    s.add_argument("--dataset", default=None, help="images for --on-the-fly (default: the store's data set)")
-    s.add_argument("--data-root", default=None, help="folder with the data set's files")
-    s.add_argument("--workers", type=int, default=d.workers, help="feature reader threads")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_arguments(s, TrainConfig)
     s.set_defaults(func=cmd_train)
-    return s
-
-
-def add_evaluate_parser(subparsers):
-    """The ``evaluate`` subcommand."""
-    s = subparsers.add_parser("evaluate", help="accuracy of an exported model.pt on raw images")
-    s.add_argument("--model", required=True, help="model.pt written by ktnas train")
-    s.add_argument("--dataset", default=None, help="data set (default: the one the model was trained on)")
-    s.add_argument("--split", default="test", choices=("train", "test"))
-    s.add_argument("--limit", type=int, default=None, help="first N images only")
-    s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--data-root", default=None, help="folder with the data set's files")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--quiet", action="store_true")
-    s.set_defaults(func=cmd_evaluate)
     return s

@@ -92,3 +92,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def search_store(tmp_path_factory):
+    """A tiny store to search on: 64 synthetic images through an untrained mobilenet_v2:features.1 (16x16)."""
+    from ktnas.cache.precompute import precompute
+
+    out = tmp_path_factory.mktemp("search-store") / "s.zarr"
+    with pytest.warns(UserWarning):
+        precompute(dataset="synthetic:200/80", stem="mobilenet_v2:features.1", weights="none", image_size=32,
+                   out=str(out), limit=64, splits=("train",), progress=False)
+    return str(out)

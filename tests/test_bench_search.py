@@ -8,10 +8,13 @@ import pytest
 import torch
 
 from ktnas.bench import search as BS
-from ktnas.bench.search import CONFIGS, _CASES, bench_search, classic_images
+from ktnas.bench.search import CONFIGS, _CASES, bench_search
+from ktnas.bench.search_data import classic_images
 from ktnas.cache.errors import KtnasError
 from ktnas.engine.cli import main
-from ktnas.engine.supernet import Supernet, classic_layout, count_parameters, kt_layout
+from ktnas.engine.layout import resolve_layout
+from ktnas.engine.spaces import get_space
+from ktnas.engine.supernet import Supernet, count_parameters
 
 # synthetic 32 px images through a small random stem: 16x16x16 features, like the default stem's 24x16x16
 TINY = ["--dataset", "synthetic", "--weights", "none", "--stem", "mobilenet_v2:features.1", "--image-size", "32",
@@ -80,11 +83,11 @@ def test_same_network_after_the_stem(cpu_run):
     kt = [rows[k] for k in MEASURED[1:]]
     keys = ("params", "arch_params", "cells", "channels", "reductions", "input_shape")
     assert all(all(r[k] == kt[0][k] for k in keys) for r in kt)
-    layers, channels, reductions = kt_layout("darts", 16)
+    layers, channels, reductions = resolve_layout(get_space("darts"), 16).as_dict().values()
     assert (kt[0]["cells"], kt[0]["channels"], kt[0]["reductions"]) == (layers, channels, list(reductions))
     assert kt[0]["input_shape"] == [16, 16, 16]
     base = rows[("baseline", "images")]
-    layers, channels, reductions = classic_layout("darts")
+    layers, channels, reductions = resolve_layout(get_space("darts"), None).as_dict().values()
     assert (base["cells"], base["channels"], base["reductions"], base["input_shape"]) == \
         (layers, channels, list(reductions), [3, 32, 32])
     assert base["params"] == 1_930_618  # DARTS' own count for 10 classes

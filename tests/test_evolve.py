@@ -24,7 +24,7 @@ FMNIST = "/usr/share/datasets/fashion-mnist"
 # candidates: NB201 1 cell per stage, C=8 (16x16 and 8x8 stages on 16x16x16 features), 2 epochs on 512 samples,
 # measured on 512 others: about 0.6 s each on one core, and their accuracies rank architectures (seed-to-seed
 # Kendall tau about 0.6)
-SMALL = dict(space="nb201", layers=1, channels=8, epochs_per_candidate=2, batch_size=16, lr=0.025, limit=1024,
+SMALL = dict(space="nb201", layers=3, channels=16, epochs_per_candidate=2, batch_size=16, lr=0.025, limit=1024,
              progress=False, device="cpu", pretrain_archs=256, pretrain_steps=100, fit_steps=100, pool=30)
 TINY = dict(SMALL, limit=192, epochs_per_candidate=1, batch_size=32)
 
@@ -69,7 +69,7 @@ def runs(store, tmp_path_factory, one_thread):
     """One seeded run per algorithm on NB201 (random through the `ktnas evolve` command)."""
     d = tmp_path_factory.mktemp("evolve-runs")
     printed = cli("evolve", "--features", store, "--space", "nb201", "--algo", "random", "--population", 3,
-                  "--cycles", 3, "--layers", 1, "--channels", 8, "--epochs-per-candidate", 2, "--batch-size", 16,
+                  "--cycles", 3, "--layers", 3, "--channels", 16, "--epochs-per-candidate", 2, "--batch-size", 16,
                   "--lr", 0.025, "--limit", 1024, "--device", "cpu", "--out", d / "random", "--quiet")
     evolve(EvolveConfig(features=store, out=str(d / "rea"), algo="rea", population=6, sample=3, cycles=10, **SMALL))
     evolve(EvolveConfig(features=store, out=str(d / "predictor"), algo="predictor", population=10, sample=3,
@@ -217,7 +217,7 @@ def test_each_algorithm_writes_its_run_and_a_genotype_ktnas_train_takes(runs, al
     if algo == "random":
         assert f"{len(h)} candidates (random, nb201)" in printed and "genotype" in printed
     out = cli("train", "--features", cfg["features"], "--genotype", run / "genotype.json", "--out", tmp_path / "train",
-              "--epochs", 1, "--layers", 1, "--channels", 4, "--batch-size", 64, "--limit", 128, "--device", "cpu",
+              "--epochs", 1, "--layers", 3, "--channels", 8, "--batch-size", 64, "--limit", 128, "--device", "cpu",
               "--quiet")
     assert "1/1 epochs" in out and (tmp_path / "train" / "model.pt").is_file()
 

@@ -10,20 +10,15 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ktnas.cache.errors import KtnasError
-from ktnas.engine.search import SearchConfig, add_search_parser, resolve_config, search, unrolled_arch_grad
+from ktnas.engine.algorithms import unrolled_arch_grad
+from ktnas.engine.search import SearchConfig, add_search_parser, resolve_config, search
 from ktnas.engine.spaces import load_genotype
 from ktnas.engine.supernet import Supernet
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    from ktnas.cache.precompute import precompute
-
-    out = tmp_path_factory.mktemp("store") / "s.zarr"
-    with pytest.warns(UserWarning):
-        precompute(dataset="synthetic:200/80", stem="mobilenet_v2:features.1", weights="none", image_size=32,
-                   out=str(out), limit=64, splits=("train",), progress=False)
-    return str(out)
+@pytest.fixture
+def store(search_store):
+    return search_store
 
 
 def cfg(store, out, **kw):
@@ -102,17 +97,17 @@ def test_resume_equals_uninterrupted(store, tmp_path, monkeypatch, algo):
     c = dict(algo=algo, epochs=2)
     search(cfg(store, tmp_path / "full", **c))
 
-    real = S._Run.train_epoch
+    real = S.SearchRun.train_epoch
 
     def killed(self, epoch, *a):
         if epoch == 1:
             raise KeyboardInterrupt
         return real(self, epoch, *a)
 
-    monkeypatch.setattr(S._Run, "train_epoch", killed)
+    monkeypatch.setattr(S.SearchRun, "train_epoch", killed)
     with pytest.raises(KeyboardInterrupt):
         search(cfg(store, tmp_path / "cut", **c))
-    monkeypatch.setattr(S._Run, "train_epoch", real)
+    monkeypatch.setattr(S.SearchRun, "train_epoch", real)
     with pytest.raises(KtnasError, match="--resume"):
         search(cfg(store, tmp_path / "cut", **c))
     search(cfg(store, tmp_path / "cut", resume=True, **c))
@@ -169,7 +164,7 @@ def test_cli_parser_maps_flags(store, tmp_path):
 
 
 def test_parse_size():
-    from ktnas.engine.search import parse_size
+    from ktnas.engine.flags import parse_size
 
     assert parse_size("2GiB") == 2 << 30
     assert parse_size("1500MiB") == 1500 << 20
@@ -195,19 +190,19 @@ def test_max_memory_refused_on_cpu(store, tmp_path):
 
 
 def test_image_batches_partition_ranks():
-    from ktnas.engine.search import ImageBatches
+    from ktnas.engine.data import ImageBatches
 
     images, labels = torch.arange(20.0)[:, None], torch.arange(20)
     idx = np.arange(3, 18)  # 15 samples over 2 ranks: 8 each, the last position wraps around
     seen = []
     for rank in range(2):
-        b = ImageBatches(images, labels, idx, 3, seed=1, device="cpu", rank=rank, world_size=2)
+        b = ImageBatches.of_tensors(images, labels, idx, 3, seed=1, device="cpu", rank=rank, world_size=2)
         b.set_epoch(4)
         ys = torch.cat([y for _, y in b]).tolist()
         assert len(ys) == 8 and len(b) == 3
         seen += ys
     assert sorted(set(seen)) == idx.tolist() and len(seen) == 16
-    single = ImageBatches(images, labels, idx, 3, seed=1, device="cpu")
+    single = ImageBatches.of_tensors(images, labels, idx, 3, seed=1, device="cpu")
     single.set_epoch(4)
     assert torch.cat([y for _, y in single]).tolist()[:8] == seen[:8]
 
@@ -216,6 +211,7 @@ def test_image_batches_partition_ranks():
                                                       (10**9, None, 64)])
 def test_max_memory_picks_the_largest_batch_that_fits(monkeypatch, budget, oom_above, want):
     """The batch picker's search over trial peaks (the trial step itself needs CUDA: faked here)."""
+    from ktnas.engine import memory as M
     from ktnas.engine import search as S
 
     tried = []
@@ -224,20 +220,21 @@ def test_max_memory_picks_the_largest_batch_that_fits(monkeypatch, budget, oom_a
         tried.append(b)
         return None if oom_above is not None and b > oom_above else 1_000 + 100 * b
 
-    monkeypatch.setattr(S, "_trial_peak", fake_peak)
-    monkeypatch.setattr(S.torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(M, "trial_peak", fake_peak)
+    monkeypatch.setattr(M.torch.cuda, "empty_cache", lambda: None)
     cfg = S.SearchConfig(batch_size=64, max_memory=budget)
-    assert S.choose_batch_size(cfg, torch.device("cpu"), {}) == want
+    assert M.choose_batch_size(cfg, torch.device("cpu"), {}) == want
     assert len(tried) <= 8  # binary search, not a scan
 
 
 def test_max_memory_refuses_when_not_even_one_sample_fits(monkeypatch):
+    from ktnas.engine import memory as M
     from ktnas.engine import search as S
 
-    monkeypatch.setattr(S, "_trial_peak", lambda cfg, device, info, b: 10_000 + b)
-    monkeypatch.setattr(S.torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(M, "trial_peak", lambda cfg, device, info, b: 10_000 + b)
+    monkeypatch.setattr(M.torch.cuda, "empty_cache", lambda: None)
     with pytest.raises(KtnasError, match="even batch size 1 needs"):
-        S.choose_batch_size(S.SearchConfig(batch_size=16, max_memory=5_000), torch.device("cpu"), {})
+        M.choose_batch_size(S.SearchConfig(batch_size=16, max_memory=5_000), torch.device("cpu"), {})
 
 
 @pytest.mark.parametrize("algo,order", [("darts", 2), ("pcdarts", 1), ("gdas", 1)])

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ktnas.engine.search import all_reduce_grads, all_reduce_mean, genotype_str
+from ktnas.engine.distributed import all_reduce_grads, all_reduce_mean
+from ktnas.engine.spaces import genotype_str
 from ktnas.engine.spaces import load_genotype
 
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable))
@@ -53,7 +54,9 @@ def _grad_worker(rank: int, world: int, port: int, out: str, store: str) -> None
         t = [torch.tensor([float(rank)]), torch.ones(2, 2) * rank]
         all_reduce_mean(t)
         # a search whose weight gradients are not averaged: the end-of-epoch check must catch the divergence
-        S.all_reduce_grads = lambda params: None
+        from ktnas.engine import distributed as D
+
+        D.all_reduce_grads = lambda params: None
         try:
             S.search(features=store, out=os.path.join(out, "run"), epochs=1, batch_size=8, layers=2, channels=4,
                      reductions=(1,), limit=32, device="cpu", progress=False)

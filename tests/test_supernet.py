@@ -7,8 +7,15 @@ import torch.nn.functional as F
 from ktnas.cache.errors import KtnasError
 from ktnas.engine.ops import OPS
 from ktnas.engine.spaces import get_space
-from ktnas.engine.supernet import MixedEdge, Supernet, count_parameters, kt_layout
+from ktnas.engine.layout import resolve_layout
+from ktnas.engine.supernet import MixedEdge, Supernet, count_parameters
 from ktnas.kernels import mixed_op, resolve_impl
+
+
+def kt_layout(space, resolution):
+    """(layers, channels, reductions) of the KT-NAS search network on features of ``resolution`` px."""
+    lay = resolve_layout(get_space(space), resolution)
+    return lay.layers, lay.channels, lay.reductions
 
 
 def tiny(space="darts", stem="cached", **kw):
@@ -128,7 +135,7 @@ def test_gdas_edge_computes_only_the_sampled_op():
 
 
 def test_gdas_supernet_forward_calls_one_body_per_sampled_conv_edge():
-    from ktnas.engine.search import gumbel_arch
+    from ktnas.engine.algorithms import gumbel_arch
 
     m = tiny("darts")
     calls = []
@@ -184,7 +191,7 @@ def test_search_step_with_triton_kernels_equals_torch(space, variant):
     """One supernet step with the fused kernels (interpreted on the CPU) gives the reference's loss and
     gradients (weights and alphas): the full mixed op, PC-DARTS' partial channels, GDAS' sampled ops."""
     from ktnas.kernels import triton_mixed
-    from ktnas.engine.search import gumbel_arch
+    from ktnas.engine.algorithms import gumbel_arch
 
     if not triton_mixed.available("cpu"):
         pytest.skip("triton interpreter not active in this process")
