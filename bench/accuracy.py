@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from ktnas.cache.errors import KtnasError
-from ktnas.cache.precompute import resolve_device
+from ktnas.cache.runtime import resolve_device
 from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM
 from ktnas.engine.runs import read_jsonl
 

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from ktnas.cache.errors import KtnasError
-from ktnas.cache.precompute import PrecomputeConfig, precompute, resolve_device
+from ktnas.cache.precompute import PrecomputeConfig, precompute
+from ktnas.cache.runtime import resolve_device
 from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM
 from ktnas.cache.store import create_store, detect_backend, open_store
 from ktnas.cache.stream import FeatureLoader

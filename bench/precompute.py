@@ -2,7 +2,7 @@
 
 In one run, over the same first N images of the train split, cut into the same chunks and batches:
 
-- (a) the stem alone: ``_run_stem`` chunk by chunk, exactly what ``precompute`` runs (prepare +
+- (a) the stem alone: ``run_stem`` chunk by chunk, exactly what ``precompute`` runs (prepare +
   forward_prepared under inference_mode, features copied to host memory in the stored dtype), no store;
 - (b) the whole ``precompute`` into a fresh store (progress bar off), whose writer thread should hide the
   compression and disk writes behind the stem. Its rate is precompute's own: from its first chunk to its last
@@ -25,7 +25,8 @@ import torch
 
 from ktnas.cache.datasets import load_split
 from ktnas.cache.errors import KtnasError
-from ktnas.cache.precompute import PrecomputeConfig, _auto_chunk_size, _run_stem, precompute, resolve_device
+from ktnas.cache.precompute import PrecomputeConfig, auto_chunk_size, precompute, run_stem
+from ktnas.cache.runtime import resolve_device
 from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM, get_stem
 from ktnas.cache.store import inspect_store, remove_store
 
@@ -76,14 +77,14 @@ def bench_precompute(*, dataset: str = "fashion-mnist", stem: str = DEFAULT_STEM
     cfg = PrecomputeConfig(dataset=dataset, stem=stem, weights=weights, image_size=image_size, splits=("train",),
                            limit=n, device=str(dev), progress=False, overwrite=True,
                            batch_size=batch_size or (256 if dev.type == "cuda" else 64))
-    cfg.chunk_size = chunk_size or _auto_chunk_size(int(np.prod(feat_shape)) * np.dtype(cfg.dtype).itemsize, n)
+    cfg.chunk_size = chunk_size or auto_chunk_size(int(np.prod(feat_shape)) * np.dtype(cfg.dtype).itemsize, n)
     cs = cfg.chunk_size
     chunks = [(a, data.get_batch(slice(a, min(a + cs, n)))) for a in range(0, n, cs)]
 
     def stem_rate() -> float:
         t0 = time.perf_counter()
         for a, images in chunks:
-            _run_stem(net, images, a, cfg, "train", dev, feat_shape)
+            run_stem(net, images, a, cfg, "train", dev, feat_shape)
         return n / (time.perf_counter() - t0)
 
     if work_dir is not None:
@@ -103,7 +104,7 @@ def bench_precompute(*, dataset: str = "fashion-mnist", stem: str = DEFAULT_STEM
 
     a_runs, b_runs = [], []
     try:
-        _run_stem(net, chunks[0][1][:cfg.batch_size], 0, cfg, "train", dev, feat_shape)  # warm-up, untimed
+        run_stem(net, chunks[0][1][:cfg.batch_size], 0, cfg, "train", dev, feat_shape)  # warm-up, untimed
         for i in range(repeats):
             a_runs.append(stem_rate())
             b_runs.append(precompute_rate(i))
@@ -150,7 +151,7 @@ def report(args, work_dir=None) -> Report:
              f"stem batch {row['batch_size']}, chunks of {row['chunk_size']} samples, {row['dtype']} features, "
              f"{row['compressor']}: "
              f"{row['store_raw_bytes'] / 2**20:.1f} MiB raw, {row['store_bytes'] / 2**20:.1f} MiB stored",
-             "(a) stem alone: precompute's _run_stem over the same chunks and batches, no store; (b) the whole "
+             "(a) stem alone: precompute's run_stem over the same chunks and batches, no store; (b) the whole "
              "precompute into a fresh store (its own rate: first chunk to last write)",
              f"alternated a, b x {args.repeats} after an untimed warm-up batch; best of each counts, runs in "
              "brackets in measurement order; ratio = best (b) / best (a)"]

@@ -124,6 +124,8 @@ def write_report(out, report: Report, command: str) -> str:
 
 
 def names(value, allowed, flag: str) -> tuple[str, ...]:
+    """A comma-separated string (or a sequence) of names checked against ``allowed``, duplicates dropped, in
+    order; a one-line KtnasError naming ``flag`` otherwise."""
     items = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
     bad = [v for v in items if v not in allowed]
     if bad or not items:
@@ -133,5 +135,6 @@ def names(value, allowed, flag: str) -> tuple[str, ...]:
 
 
 def positive(name: str, v, low: int = 1) -> None:
+    """``v`` is an integer >= ``low`` (not a bool); a one-line KtnasError naming the flag of ``name`` otherwise."""
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
         raise KtnasError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v!r}: pass a valid value")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ktnas.cache.errors import KtnasError
-from ktnas.cache.precompute import resolve_device
+from ktnas.cache.runtime import resolve_device
 from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM
 from ktnas.cache.store import store_exists
 from ktnas.cache.stream import FeatureLoader
@@ -38,6 +38,7 @@ from ktnas.engine.search import SearchConfig, resolve_config
 from ktnas.engine.searcher import SearchRun
 from ktnas.engine.supernet import count_parameters
 from ktnas.engine.train import stem_of_store
+from ktnas.kernels.errors import KernelError
 
 from .report import names, positive
 from .search_data import CLASSIC_SIZE, HostMemory, SearchData, full_batches, load_data
@@ -188,7 +189,7 @@ def _measure(case: _Case, data: SearchData, cfg: SearchConfig, batch: int, devic
             if case.graph:
                 try:
                     step, _graph = _capture(run, step, fetch(), device)
-                except (torch.cuda.OutOfMemoryError, KtnasError):  # out of memory; the kernels refusing a variant
+                except (torch.cuda.OutOfMemoryError, KtnasError, KernelError):  # out of memory; the kernels refusing
                     raise
                 except Exception as e:  # noqa: BLE001 - any capture failure becomes the row's reason
                     raise _Skip(f"CUDA graph capture failed: {_root_cause(e)}") from None
@@ -200,7 +201,7 @@ def _measure(case: _Case, data: SearchData, cfg: SearchConfig, batch: int, devic
                     torch.cuda.synchronize(device)
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
-        except KtnasError as e:
+        except (KtnasError, KernelError) as e:
             if case.kernels != "triton":
                 raise
             raise _Skip(str(e)) from None  # the fused kernels refuse this variant / dtype
@@ -230,7 +231,7 @@ def _cuda_reason(case: _Case, algo: str, device) -> str | None:
 
         try:
             resolve_impl("triton", device)
-        except KtnasError as e:
+        except KernelError as e:
             return str(e)
     return None
 

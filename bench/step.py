@@ -45,6 +45,7 @@ from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM, get_stem
 from ktnas.engine.algorithms import ALGORITHMS
 from ktnas.engine.search import SearchConfig, resolve_config
 from ktnas.engine.supernet import count_parameters
+from ktnas.kernels.errors import KernelError
 
 from .profile import StepTracker, allocated_bytes
 from .report import Column, Report, names
@@ -205,7 +206,7 @@ def bench_step(*, quick: bool = False, algos=None, spaces=None, configs=None, ba
                                      stem=stem, image_size=image_size)
                     r.update(predict(r, gpu))
                     r["skipped"] = None
-                except (KtnasError, NotImplementedError, RuntimeError) as e:
+                except (KtnasError, KernelError, NotImplementedError, RuntimeError) as e:
                     r = dict(head, skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 rows.append(r)
     _add_ratios(rows)

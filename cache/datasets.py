@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .errors import KtnasError
 
@@ -366,3 +367,18 @@ def _load_synthetic(split: str, sizes: tuple[int, int], seed: int) -> ImageSplit
     return _in_memory("synthetic", split, torch.from_numpy(images),
                       torch.from_numpy(labels.astype(np.int64)),
                       [f"class{i}" for i in range(SYNTHETIC_CLASSES)])
+
+
+def augment(x: torch.Tensor, indices, view: int, seed: int, split: str) -> torch.Tensor:
+    """Random crop (zero padding of image_size/8) + horizontal flip of prepared images ``x`` [B, 3, S, S],
+    drawn per (seed, split, sample index, view), so a sample's views are the same in every run and batching."""
+    s = x.shape[-1]
+    pad = max(1, s // 8)
+    xp = F.pad(x, (pad, pad, pad, pad))
+    out = torch.empty_like(x)
+    sid = zlib.crc32(split.encode())
+    for j, idx in enumerate(indices):
+        dy, dx, flip = np.random.default_rng([seed, sid, int(idx), view]).integers(0, [2 * pad + 1, 2 * pad + 1, 2])
+        crop = xp[j, :, dy:dy + s, dx:dx + s]
+        out[j] = crop.flip(-1) if flip else crop
+    return out

@@ -9,6 +9,7 @@ ranks) write disjoint chunks of one store; whichever finishes last marks it comp
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import queue
@@ -16,23 +17,22 @@ import signal
 import sys
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import datasets
+from .datasets import augment
+from .runtime import DEFAULT_OUT, resolve_device
 from .errors import KtnasError
 from .stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM, get_stem
 from .store import (create_store, is_disk_full, disk_full_error, open_store, remove_store, store_exists,
                     store_lock)
 
 DTYPES = ("float16", "float32")
-DEFAULT_OUT = "runs/fashion-mnist_mobilenet_v2-features.3_64.zarr"
 CHUNK_BYTES = 8 << 20  # target uncompressed bytes per chunk when --chunk-size is not given
 
 
@@ -73,30 +73,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise KtnasError(f"--device {device} asked for, but no CUDA device is available: use --device cpu or auto")
-    return torch.device(device)
-
-
-def augment(x: torch.Tensor, indices, view: int, seed: int, split: str) -> torch.Tensor:
-    """Random crop (zero padding of image_size/8) + horizontal flip of prepared images ``x`` [B, 3, S, S],
-    drawn per (seed, split, sample index, view), so a sample's views are the same in every run and batching."""
-    s = x.shape[-1]
-    pad = max(1, s // 8)
-    xp = F.pad(x, (pad, pad, pad, pad))
-    out = torch.empty_like(x)
-    sid = zlib.crc32(split.encode())
-    for j, idx in enumerate(indices):
-        dy, dx, flip = np.random.default_rng([seed, sid, int(idx), view]).integers(0, [2 * pad + 1, 2 * pad + 1, 2])
-        crop = xp[j, :, dy:dy + s, dx:dx + s]
-        out[j] = crop.flip(-1) if flip else crop
-    return out
-
-
-def _auto_chunk_size(sample_bytes: int, n_max: int) -> int:
+def auto_chunk_size(sample_bytes: int, n_max: int) -> int:
     c = max(64, min(4096, CHUNK_BYTES // max(1, sample_bytes)))
     return int(max(1, min(n_max, c // 64 * 64)))
 
@@ -246,7 +223,7 @@ def precompute(cfg: PrecomputeConfig | None = None, **overrides) -> dict:
     feat_shape = stem.output_shape
     counts = {s: len(d) if cfg.limit is None else min(cfg.limit, len(d)) for s, d in splits.items()}
     sample_bytes = cfg.views * int(np.prod(feat_shape)) * np.dtype(cfg.dtype).itemsize
-    chunk_size = cfg.chunk_size or _auto_chunk_size(sample_bytes, max(counts.values()))
+    chunk_size = cfg.chunk_size or auto_chunk_size(sample_bytes, max(counts.values()))
     if chunk_size < 1:
         raise KtnasError("--chunk-size must be a positive integer")
     req = _request(cfg, stem, splits, chunk_size)
@@ -292,7 +269,7 @@ def precompute(cfg: PrecomputeConfig | None = None, **overrides) -> dict:
             images, labels = nxt.result()
             nxt = pool.submit(load, todo[k + 1]) if k + 1 < len(todo) else None
             a, _ = split_handles[s].chunk_range(i)
-            feats = _run_stem(stem, images, a, cfg, s, device, feat_shape)
+            feats = run_stem(stem, images, a, cfg, s, device, feat_shape)
             bad = ~np.isfinite(feats.reshape(len(feats), -1)).all(axis=1)
             if bad.any():
                 first_bad = a + int(np.flatnonzero(bad)[0])
@@ -327,12 +304,12 @@ def precompute(cfg: PrecomputeConfig | None = None, **overrides) -> dict:
     return summary
 
 
-def _run_stem(stem, images: torch.Tensor, start: int, cfg: PrecomputeConfig, split: str, device, feat_shape):
+def run_stem(stem, images: torch.Tensor, start: int, cfg: PrecomputeConfig, split: str, device, feat_shape):
     """Features [n, V, C, H, W] (numpy, stored dtype) of one chunk's images, in sub-batches from its start."""
     n = len(images)
     out = np.empty((n, cfg.views, *feat_shape), dtype=cfg.dtype)
     cuda = device.type == "cuda"
-    amp = torch.autocast("cuda", dtype=torch.float16) if cuda and cfg.dtype == "float16" else _null()
+    amp = torch.autocast("cuda", dtype=torch.float16) if cuda and cfg.dtype == "float16" else contextlib.nullcontext()
     with torch.inference_mode(), amp:
         for b0 in range(0, n, cfg.batch_size):
             b1 = min(n, b0 + cfg.batch_size)
@@ -350,15 +327,3 @@ def _finite_in_fp32(stem, split_data, idx: int, cfg) -> bool:
         p = next(stem.parameters())
         f = stem(split_data.get_batch([idx]).to(p.device)).float()
     return bool(torch.isfinite(f).all()) and bool(f.abs().max() > np.finfo(np.float16).max)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-def config_dict(cfg: PrecomputeConfig) -> dict:
-    return asdict(cfg)

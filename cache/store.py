@@ -339,9 +339,6 @@ class FeatureStore:
         self._b.set_attrs(attrs)
         self.attrs.update(attrs)
 
-    def refresh(self) -> None:
-        self.attrs = self._b.get_attrs()
-
     def written_counts(self) -> tuple[int, int]:
         done = total = 0
         for s in self.splits:

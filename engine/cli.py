@@ -96,7 +96,8 @@ def cmd_inspect(args) -> int:
 def register_store_commands(sub) -> None:
     """Add ``stems``, ``precompute-features`` and ``inspect`` to the ``ktnas`` subparsers ``sub``."""
     from ktnas.cache.datasets import DATASETS
-    from ktnas.cache.precompute import DEFAULT_OUT, PrecomputeConfig
+    from ktnas.cache.precompute import PrecomputeConfig
+    from ktnas.cache.runtime import DEFAULT_OUT
     from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM
 
     d = PrecomputeConfig()

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from ktnas.cache.datasets import load_split
 from ktnas.cache.errors import KtnasError
-from ktnas.cache.precompute import resolve_device
+from ktnas.cache.runtime import resolve_device
 
 from . import runs
 from .network import load_model

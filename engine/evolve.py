@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ktnas.cache.errors import KtnasError
-from ktnas.cache.precompute import DEFAULT_OUT, resolve_device
+from ktnas.cache.runtime import DEFAULT_OUT, resolve_device
 
 from .candidates import PROXY, CandidateTrainer
 from .flags import add_config_arguments, check_positive, config_from_args

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from ktnas.cache.errors import KtnasError
-from ktnas.cache.precompute import resolve_device
+from ktnas.cache.runtime import resolve_device
 from ktnas.kernels import resolve_impl
 
 from . import distributed

@@ -14,7 +14,8 @@ import torch
 from conftest import TINY, assert_same_store, ktnas, store_contents, tiny_args
 from ktnas.cache import datasets
 from ktnas.cache.errors import KtnasError
-from ktnas.cache.precompute import augment, precompute
+from ktnas.cache.datasets import augment
+from ktnas.cache.precompute import precompute
 from ktnas.cache.stems import get_stem
 from ktnas.cache.store import open_store
 
