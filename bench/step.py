@@ -38,8 +38,6 @@ import sys
 import time
 import warnings
 
-import torch
-
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM, get_stem
 from ktnas.engine.algorithms import ALGORITHMS
@@ -47,11 +45,11 @@ from ktnas.engine.search import SearchConfig, resolve_config
 from ktnas.engine.supernet import count_parameters
 from ktnas.kernels.errors import KernelError
 
-from .profile import StepTracker, allocated_bytes
+from .profile import StepTracker
 from .report import Column, Report, names
 from .search import ALGOS, SPACES
 from .search_data import CLASSIC_SIZE
-from .step_run import fused_counter, gdas_patch, profiled_run, steady_state, step_fn, step_inputs
+from .step_run import fused_counter, gdas_patch, profiled_run, run_sizes, steady_state, step_fn, step_inputs
 
 HELP = ("what one search step costs on a GPU, from any machine: peak memory, kernel launches, FLOPs, bytes moved "
         "and predicted step time, classic DARTS vs KT-NAS (reference and fused ops)")
@@ -140,12 +138,7 @@ def profile_step(config: str = "cached", space: str = "darts", algo: str = "dart
                 triton_counts.clear()
                 with tracker.count(), flops:
                     step(*batch_in)
-            params = list(run.model.parameters())
-            state = [v for opt in (run.w_opt, run.algorithm.a_opt) for st in opt.state.values()
-                     for v in st.values() if isinstance(v, torch.Tensor)]
-            sizes = dict(weights_bytes=allocated_bytes(params),
-                         grads_bytes=allocated_bytes(p.grad for p in params if p.grad is not None),
-                         optimizer_bytes=allocated_bytes(state), inputs_bytes=allocated_bytes(batch_in))
+            sizes = run_sizes(run, batch_in)
     by_op = flops.get_flop_counts().get("Global", {})
     fused_flops = sum(int(v) for op, v in by_op.items() if "ktnas" in str(op))  # the fused op's own formula
     triton_launches = sum(v["launches"] for v in triton_counts.values())

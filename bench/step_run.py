@@ -12,7 +12,7 @@ from ktnas.engine.algorithms.gdas import Gdas, gumbel_noise, hard_sample
 from ktnas.engine.searcher import SearchRun
 from ktnas.engine.supernet import MixedEdge
 
-from .profile import CudaAutocast, saved_for_backward
+from .profile import CudaAutocast, allocated_bytes, saved_for_backward
 
 
 def gumbel_fake_safe(model, tau, gen, tracker):
@@ -60,6 +60,16 @@ def profiled_run(cfg, info: dict, fake: bool, seed: int, darts_edges, precision:
         return out
     run.loss = loss
     return run, saved
+
+
+def run_sizes(run, inputs) -> dict:
+    """Bytes CUDA's allocator books for the run's weights, their gradients, the optimisers' state and ``inputs``."""
+    params = list(run.model.parameters())
+    state = [v for opt in (run.w_opt, run.algorithm.a_opt) for st in opt.state.values() for v in st.values()
+             if isinstance(v, torch.Tensor)]
+    return dict(weights_bytes=allocated_bytes(params),
+                grads_bytes=allocated_bytes(p.grad for p in params if p.grad is not None),
+                optimizer_bytes=allocated_bytes(state), inputs_bytes=allocated_bytes(inputs))
 
 
 def step_inputs(config: str, n: int, feat, raw_shape, num_classes: int) -> list:

@@ -1,6 +1,7 @@
 """ktnas.kernels: fused mixed operations (Triton kernels, their PyTorch reference, autograd wrappers)."""
-from .mixed import mixed_op, resolve_impl
+from .errors import KernelError
+from .mixed import DISPATCH, mixed_op, resolve_impl
 from .reference import edge_relu, mixed_op_reference, mixed_op_reference_gdas, mixed_op_reference_pc
 
-__all__ = ["edge_relu", "mixed_op", "mixed_op_reference", "mixed_op_reference_gdas", "mixed_op_reference_pc",
-           "resolve_impl"]
+__all__ = ["DISPATCH", "KernelError", "edge_relu", "mixed_op", "mixed_op_reference", "mixed_op_reference_gdas",
+           "mixed_op_reference_pc", "resolve_impl"]

@@ -65,12 +65,9 @@ def _run_edge(variant, ops, pool_bn, stride, index, k, shape, dtype):
     w = torch.empty(len(ops), requires_grad=True)
     convs = {o: torch.empty(conv_shape, dtype=dtype, requires_grad=True) for o in ops if is_conv_branch(o, stride)}
     if variant == "gdas":
-        out = tm.mixed_op_triton_gdas(x, w, index, {o: t for o, t in convs.items() if o == ops[index]}, ops, stride,
-                                      pool_bn=pool_bn)
-    elif variant == "pc":
-        out = tm.mixed_op_triton_pc(x, w, convs, ops, stride, k, pool_bn=pool_bn)
-    else:
-        out = tm.mixed_op_triton(x, w, convs, ops, stride, pool_bn=pool_bn)
+        convs = {o: t for o, t in convs.items() if o == ops[index]}
+    fn = {"full": tm.mixed_op_triton, "gdas": tm.mixed_op_triton_gdas, "pc": tm.mixed_op_triton_pc}[variant]
+    out = fn(x, w, convs, ops, stride, pool_bn=pool_bn, index=index, k=k)
     out.backward(torch.empty_like(out))
 
 
@@ -166,7 +163,7 @@ def _compile_one(item: dict) -> dict:
     row = dict(item, compiled=False, error=None, registers=None, spill_stores=None, spill_loads=None, stack=None,
                shared=None)
     try:
-        fn = getattr(tm, item["kernel"])
+        fn = tm.KERNELS[item["kernel"]]
         target = GPUTarget("cuda", item["arch"], 32)
         backend = make_backend(target)
         binder = create_function_from_signature(fn.signature, fn.params, backend)

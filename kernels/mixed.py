@@ -11,6 +11,8 @@ explicit ``'triton'`` is used as asked.
 
 Variants: ``'full'`` (DARTS: ``sum_k w_k op_k(x)``), ``'gdas'`` (only op ``index`` is computed) and ``'pc'``
 (PC-DARTS partial channels: the first ``C/k`` channels through the mixed op, the rest bypass, channel shuffle).
+:data:`DISPATCH` maps (implementation, variant) to the function that computes it; all of them take the same
+arguments. Refusals are one-line ``KernelError`` (kernels/errors.py).
 """
 from __future__ import annotations
 
@@ -19,8 +21,7 @@ import warnings
 
 import torch
 
-from ktnas.cache.errors import KtnasError
-
+from .errors import KernelError
 from .reference import is_conv_branch, mixed_op_reference, mixed_op_reference_gdas, mixed_op_reference_pc
 
 IMPLS = ("auto", "torch", "triton")
@@ -64,9 +65,9 @@ def _probe_run(device, dtype) -> str | None:
                 conv = {n: torch.randn(2, 4 // k, ho, ho, generator=gen).to(device, dtype)
                         for n in ops if is_conv_branch(n, stride)}
                 res = []
-                for fn in (_fused, _reference):
+                for impl in ("triton", "torch"):
                     xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
-                    out = fn(xs, ws, conv, ops, stride, True, variant, None, k, 1e-5)
+                    out = DISPATCH[(impl, variant)](xs, ws, conv, ops, stride, pool_bn=True, k=k, eps=1e-5)
                     out.float().square().sum().backward()
                     res.append((out.float(), xs.grad.float(), ws.grad.float()))
                 for a, b in zip(*res):
@@ -93,7 +94,7 @@ def resolve_impl(impl: str = "auto", device: torch.device | str | None = None, d
     if impl == "auto":
         impl = os.environ.get("KTNAS_KERNELS", "").strip() or "auto"
     if impl not in IMPLS:
-        raise KtnasError(f"unknown kernels {impl!r} (from --kernels or KTNAS_KERNELS): use auto, torch or triton")
+        raise KernelError(f"unknown kernels {impl!r} (from --kernels or KTNAS_KERNELS): use auto, torch or triton")
     if impl == "torch":
         return impl
     from . import triton_mixed  # imported late: TRITON_INTERPRET is read when triton is first imported
@@ -107,35 +108,34 @@ def resolve_impl(impl: str = "auto", device: torch.device | str | None = None, d
               and _probe(device, dtype))
         return "triton" if ok else "torch"
     if not triton_mixed.available(device):
-        raise KtnasError("--kernels triton needs a CUDA device (or TRITON_INTERPRET=1 to interpret the kernels "
-                         "on the CPU): use --kernels torch")
+        raise KernelError("--kernels triton needs a CUDA device (or TRITON_INTERPRET=1 to interpret the kernels "
+                          "on the CPU): use --kernels torch")
     if dtype is not None and dtype not in _TRITON_DTYPES:
-        raise KtnasError(f"the fused Triton kernels take float32, bfloat16 or float16 inputs, not {dtype}: "
-                         f"use --kernels torch")
+        raise KernelError(f"the fused Triton kernels take float32, bfloat16 or float16 inputs, not {dtype}: "
+                          f"use --kernels torch")
     return impl
 
 
-def _reference(x, weights, conv_outs, ops, stride, pool_bn, variant, index, k, eps):
-    if variant == "gdas":
-        return mixed_op_reference_gdas(x, weights, index, conv_outs, ops, stride, eps, pool_bn=pool_bn)
-    if variant == "pc":
-        return mixed_op_reference_pc(x, weights, conv_outs, ops, stride, k, eps, pool_bn=pool_bn)
-    return mixed_op_reference(x, weights, conv_outs, ops, stride, eps, pool_bn=pool_bn)
+def _fused(name: str):
+    """The fused kernels' function ``name``, bound late: ``triton_mixed`` is imported on first use, since
+    TRITON_INTERPRET is read when triton is first imported."""
+    def call(*args, **kwargs):
+        from . import triton_mixed
+
+        return getattr(triton_mixed, name)(*args, **kwargs)
+    call.__name__ = call.__qualname__ = name
+    return call
 
 
-def _fused(x, weights, conv_outs, ops, stride, pool_bn, variant, index, k, eps):
-    from . import triton_mixed as tm
-
-    if variant == "gdas":
-        return tm.mixed_op_triton_gdas(x, weights, index, conv_outs, ops, stride, eps, pool_bn=pool_bn)
-    if variant == "pc":
-        return tm.mixed_op_triton_pc(x, weights, conv_outs, ops, stride, k, eps, pool_bn=pool_bn)
-    return tm.mixed_op_triton(x, weights, conv_outs, ops, stride, eps, pool_bn=pool_bn)
+# (impl, variant) -> f(x, weights, conv_outs, ops, stride, *, pool_bn, index, k, eps)
+DISPATCH = {("torch", "full"): mixed_op_reference, ("torch", "gdas"): mixed_op_reference_gdas,
+            ("torch", "pc"): mixed_op_reference_pc, ("triton", "full"): _fused("mixed_op_triton"),
+            ("triton", "gdas"): _fused("mixed_op_triton_gdas"), ("triton", "pc"): _fused("mixed_op_triton_pc")}
 
 
-def mixed_op(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, ops, stride: int, pool_bn: bool, *,
-             variant: str = "full", index: int | None = None, k: int = 4, impl: str = "auto",
-             eps: float = 1e-5) -> torch.Tensor:
+def mixed_op(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, ops, stride: int, *, variant: str = "full",
+             pool_bn: bool = True, index: int | None = None, k: int = 4, eps: float = 1e-5,
+             impl: str = "auto") -> torch.Tensor:
     """One edge's mixed operation (see ``kernels/reference.py`` for the exact semantics).
 
     x: [N, C, H, W] edge input. weights: [len(ops)]. conv_outs: {op: pre-BN output of its conv body applied to
@@ -144,13 +144,11 @@ def mixed_op(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, ops, strid
     variant: 'full' | 'gdas' (needs ``index``) | 'pc' (uses ``k``). impl: 'auto' | 'torch' | 'triton'.
     """
     if variant not in VARIANTS:
-        raise KtnasError(f"unknown mixed-op variant {variant!r}: use one of {', '.join(VARIANTS)}")
+        raise KernelError(f"unknown mixed-op variant {variant!r}: use one of {', '.join(VARIANTS)}")
     if variant == "gdas" and index is None:
         raise ValueError("variant 'gdas' needs the sampled op's index")
     if variant == "pc" and (not isinstance(k, int) or k < 1 or x.shape[1] % k):
-        raise KtnasError(f"partial-channel factor k={k!r} must be a positive divisor of the edge's {x.shape[1]} "
-                         f"channels: pass --channels divisible by k")
-    args = (x, weights, conv_outs, ops, stride, pool_bn, variant, index, k, eps)
-    if resolve_impl(impl, x.device, x.dtype) == "torch":
-        return _reference(*args)
-    return _fused(*args)
+        raise KernelError(f"partial-channel factor k={k!r} must be a positive divisor of the edge's {x.shape[1]} "
+                          f"channels: pass --channels divisible by k")
+    fn = DISPATCH[(resolve_impl(impl, x.device, x.dtype), variant)]
+    return fn(x, weights, conv_outs, ops, stride, pool_bn=pool_bn, index=index, k=k, eps=eps)

@@ -18,6 +18,10 @@ input's dtype (PyTorch's batch norm accumulates its statistics in float32), so n
 upcast copy, and the weighted sum in float32 (the weights are float32); the result is returned in the dtype of
 ``x``. (The fused kernels do all their arithmetic in float32; both agree within half-precision rounding.)
 Nothing here knows a search space: op names not in the list above are conv branches.
+
+Every variant takes the same arguments, ``(x, weights, conv_outs, ops, stride, *, pool_bn, index, k, eps)``, as
+``ktnas.kernels.mixed_op`` passes them (and the fused kernels' functions in ``triton_mixed.py`` take them too); a
+variant ignores the keywords it has no use for (``index`` outside GDAS, ``k`` outside PC-DARTS).
 """
 from __future__ import annotations
 
@@ -48,7 +52,8 @@ def _bn(y: torch.Tensor, eps: float) -> torch.Tensor:
     return F.batch_norm(y, None, None, training=True, momentum=0.0, eps=eps)
 
 
-def _check(x, weights, ops, stride):
+def check_args(x, weights, ops, stride) -> None:
+    """The checks every implementation makes of an edge's input, stride and weights (ValueError)."""
     if x.dim() != 4:
         raise ValueError(f"x must be [N, C, H, W], got shape {tuple(x.shape)}")
     if stride not in (1, 2):
@@ -75,21 +80,38 @@ def _branch(name, x, conv_outs, stride, eps, pool_bn, shape):
     return _bn(y, eps)
 
 
-def _out_shape(x, stride):
+def check_index(index, ops) -> int:
+    """GDAS' sampled op ``index`` as an int in range(len(ops)) (ValueError otherwise)."""
+    if index is None:
+        raise ValueError("variant 'gdas' needs the sampled op's index")
+    index = int(index)
+    if not 0 <= index < len(ops):
+        raise ValueError(f"index {index} out of range for {len(ops)} ops")
+    return index
+
+
+def check_k(channels: int, k: int) -> None:
+    """PC-DARTS' partial-channel factor ``k`` divides the edge's ``channels`` (ValueError otherwise)."""
+    if k < 1 or channels % k:
+        raise ValueError(f"channels ({channels}) must be divisible by the partial-channel factor k ({k})")
+
+
+def out_shape(x, stride) -> tuple:
+    """(N, C, ceil(H/stride), ceil(W/stride)): the shape of every branch's output."""
     N, C, H, W = x.shape
     return (N, C, -(-H // stride), -(-W // stride))
 
 
-def mixed_op_reference(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, ops, stride: int,
-                       eps: float = 1e-5, *, pool_bn: bool = True) -> torch.Tensor:
+def mixed_op_reference(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, ops, stride: int, *,
+                       pool_bn: bool = True, index: int | None = None, k: int = 4, eps: float = 1e-5) -> torch.Tensor:
     """``sum_k weights[k] * op_k(x)`` (see the module docstring); [N, C, ceil(H/stride), ceil(W/stride)].
 
     x: [N, C, H, W] edge input. weights: [len(ops)] (softmax(alpha) for DARTS). conv_outs: {op name: pre-BN
     output} for every conv branch in ``ops`` (skip_connect too at stride 2). pool_bn: BN after pools (DARTS True,
-    NAS-Bench-201 False).
+    NAS-Bench-201 False). ``index`` and ``k`` are not used.
     """
-    _check(x, weights, ops, stride)
-    dt, shape = _compute_dtype(x), _out_shape(x, stride)
+    check_args(x, weights, ops, stride)
+    dt, shape = _compute_dtype(x), out_shape(x, stride)
     w = weights.to(dt).unbind(0)  # one unbind (one stack in backward), not a select per op
     out = None
     for k, name in enumerate(ops):
@@ -101,19 +123,19 @@ def mixed_op_reference(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, 
     return out.to(x.dtype)
 
 
-def mixed_op_reference_gdas(x: torch.Tensor, weights: torch.Tensor, index: int, conv_outs: dict, ops, stride: int,
-                            eps: float = 1e-5, *, pool_bn: bool = True) -> torch.Tensor:
+def mixed_op_reference_gdas(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, ops, stride: int, *,
+                            pool_bn: bool = True, index: int | None = None, k: int = 4,
+                            eps: float = 1e-5) -> torch.Tensor:
     """GDAS: only op ``index`` is computed; ``weights[index] * op_index(x)``.
 
     ``weights`` is the hard straight-through Gumbel-softmax vector (``one_hot - p.detach() + p``), so the gradient
     reaches every logit through ``weights[index]``. conv_outs needs only the sampled op's entry (if a conv branch).
     AutoDL's GDAS also adds the other (numerically zero) entries of ``weights`` as scalars; that is left out here.
+    ``index`` is required; ``k`` is not used.
     """
-    _check(x, weights, ops, stride)
-    index = int(index)
-    if not 0 <= index < len(ops):
-        raise ValueError(f"index {index} out of range for {len(ops)} ops")
-    dt, shape = _compute_dtype(x), _out_shape(x, stride)
+    check_args(x, weights, ops, stride)
+    index = check_index(index, ops)
+    dt, shape = _compute_dtype(x), out_shape(x, stride)
     y = _branch(ops[index], x, conv_outs, stride, eps, pool_bn, shape)
     if y is None:
         y = x.new_zeros(shape, dtype=dt)
@@ -126,17 +148,17 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.view(N, groups, C // groups, H, W).transpose(1, 2).reshape(N, C, H, W)
 
 
-def mixed_op_reference_pc(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, ops, stride: int, k: int = 4,
-                          eps: float = 1e-5, *, pool_bn: bool = True) -> torch.Tensor:
+def mixed_op_reference_pc(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, ops, stride: int, *,
+                          pool_bn: bool = True, index: int | None = None, k: int = 4,
+                          eps: float = 1e-5) -> torch.Tensor:
     """PC-DARTS partial channels: the first C/k channels go through the mixed op (conv_outs built for C/k
     channels, from ``edge_relu(x[:, :C//k])``), the rest bypass it (identity at stride 1; 2x2 max pool at stride
     2, ceil_mode so odd sizes give ceil(H/2) like the mixed op); both are concatenated and channel-shuffled with
-    ``k`` groups."""
+    ``k`` groups. ``index`` is not used."""
     C = x.shape[1]
-    if k < 1 or C % k:
-        raise ValueError(f"channels ({C}) must be divisible by the partial-channel factor k ({k})")
+    check_k(C, k)
     c = C // k
-    head = mixed_op_reference(x[:, :c], weights, conv_outs, ops, stride, eps, pool_bn=pool_bn)
+    head = mixed_op_reference(x[:, :c], weights, conv_outs, ops, stride, pool_bn=pool_bn, eps=eps)
     rest = x[:, c:]
     if stride == 2:
         rest = F.max_pool2d(rest, 2, 2, ceil_mode=True)

@@ -92,7 +92,7 @@ def test_gdas(stride):
         probs = torch.softmax(logits / 0.5, 0)
         hard = F.one_hot(torch.tensor(index), len(ops)).double() - probs.detach() + probs
         conv_outs = {n: v for n, v in conv_outs_of(mods, ops, x, stride).items() if n == name}
-        out = mixed_op_reference_gdas(x, hard, index, conv_outs, ops, stride)
+        out = mixed_op_reference_gdas(x, hard, conv_outs, ops, stride, index=index)
         torch.testing.assert_close(out, hard[index] * mods[index](x), rtol=1e-10, atol=1e-10)
         if name == "none":
             assert not out.any()

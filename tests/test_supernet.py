@@ -9,7 +9,7 @@ from ktnas.engine.ops import OPS
 from ktnas.engine.spaces import get_space
 from ktnas.engine.layout import resolve_layout
 from ktnas.engine.supernet import MixedEdge, Supernet, count_parameters
-from ktnas.kernels import mixed_op, resolve_impl
+from ktnas.kernels import KernelError, mixed_op, resolve_impl
 
 
 def kt_layout(space, resolution):
@@ -165,24 +165,24 @@ def test_partial_channels_use_one_kth():
 def test_mixed_op_dispatch(monkeypatch):
     x, w = torch.randn(2, 4, 5, 5), torch.softmax(torch.randn(3), 0)
     ops = ("none", "skip_connect", "avg_pool_3x3")
-    assert mixed_op(x, w, {}, ops, 1, False, impl="torch").shape == x.shape
+    assert mixed_op(x, w, {}, ops, 1, pool_bn=False, impl="torch").shape == x.shape
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors and no interpreter: the kernels cannot run
-    with pytest.raises(KtnasError, match="needs a CUDA device.*use --kernels torch") as e:
-        mixed_op(x, w, {}, ops, 1, False, impl="triton")
+    with pytest.raises(KernelError, match="needs a CUDA device.*use --kernels torch") as e:
+        mixed_op(x, w, {}, ops, 1, pool_bn=False, impl="triton")
     assert "\n" not in str(e.value)
     monkeypatch.setenv("KTNAS_KERNELS", "triton")
-    with pytest.raises(KtnasError, match="needs a CUDA device"):
-        mixed_op(x, w, {}, ops, 1, False)
+    with pytest.raises(KernelError, match="needs a CUDA device"):
+        mixed_op(x, w, {}, ops, 1, pool_bn=False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with pytest.raises(KtnasError, match="not torch.float64.*use --kernels torch"):
-        mixed_op(x.double(), w, {}, ops, 1, False, variant="gdas", index=1)
+    with pytest.raises(KernelError, match="not torch.float64.*use --kernels torch"):
+        mixed_op(x.double(), w, {}, ops, 1, pool_bn=False, variant="gdas", index=1)
     monkeypatch.delenv("KTNAS_KERNELS")
     # auto: the reference on CPU tensors, whatever the interpreter (Triton is the default on CUDA tensors only)
     assert resolve_impl("auto", "cpu") == "torch" and resolve_impl("auto", "cpu", torch.float32) == "torch"
     monkeypatch.setenv("KTNAS_KERNELS", "torch")
     assert resolve_impl("auto", "cuda") == "torch"
-    with pytest.raises(KtnasError, match="variant"):
-        mixed_op(x, w, {}, ops, 1, False, variant="fast", impl="torch")
+    with pytest.raises(KernelError, match="variant"):
+        mixed_op(x, w, {}, ops, 1, pool_bn=False, variant="fast", impl="torch")
 
 
 @pytest.mark.parametrize("variant", ["full", "pc", "gdas"])

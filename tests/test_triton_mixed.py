@@ -15,6 +15,7 @@ if _LATE and not torch.cuda.is_available():
     pytest.skip("triton was imported before TRITON_INTERPRET=1 was set and there is no GPU: run this file alone, "
                 "or with TRITON_INTERPRET=1 in the environment", allow_module_level=True)
 
+from ktnas.kernels import launches
 from ktnas.kernels import triton_mixed as tm
 from ktnas.kernels.reference import (is_conv_branch, mixed_op_reference, mixed_op_reference_gdas,
                                      mixed_op_reference_pc)
@@ -32,7 +33,7 @@ DEVICE = "cuda" if torch.cuda.is_available() and (_LATE or os.environ["TRITON_IN
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(tm, "_POISON", True)  # every kernel-written buffer starts as NaN
+    monkeypatch.setattr(launches, "_POISON", True)  # every kernel-written buffer starts as NaN
 
 
 def _nonzero(t):
@@ -73,11 +74,11 @@ def _close(got, ref, tol, what):
 def _variant(variant, index, k):
     """(reference, triton) callables of one variant with the signature f(x, w, conv, ops, stride, pool_bn)."""
     if variant == "gdas":
-        return (lambda x, w, c, ops, s, pool_bn: mixed_op_reference_gdas(x, w, index, c, ops, s, pool_bn=pool_bn),
-                lambda x, w, c, ops, s, pool_bn: tm.mixed_op_triton_gdas(x, w, index, c, ops, s, pool_bn=pool_bn))
+        return (lambda x, w, c, ops, s, pool_bn: mixed_op_reference_gdas(x, w, c, ops, s, pool_bn=pool_bn, index=index),
+                lambda x, w, c, ops, s, pool_bn: tm.mixed_op_triton_gdas(x, w, c, ops, s, pool_bn=pool_bn, index=index))
     if variant == "pc":
-        return (lambda x, w, c, ops, s, pool_bn: mixed_op_reference_pc(x, w, c, ops, s, k, pool_bn=pool_bn),
-                lambda x, w, c, ops, s, pool_bn: tm.mixed_op_triton_pc(x, w, c, ops, s, k, pool_bn=pool_bn))
+        return (lambda x, w, c, ops, s, pool_bn: mixed_op_reference_pc(x, w, c, ops, s, pool_bn=pool_bn, k=k),
+                lambda x, w, c, ops, s, pool_bn: tm.mixed_op_triton_pc(x, w, c, ops, s, pool_bn=pool_bn, k=k))
     return (lambda x, w, c, ops, s, pool_bn: mixed_op_reference(x, w, c, ops, s, pool_bn=pool_bn),
             lambda x, w, c, ops, s, pool_bn: tm.mixed_op_triton(x, w, c, ops, s, pool_bn=pool_bn))
 
@@ -150,7 +151,7 @@ def test_single_and_repeated_ops(ops):
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_several_tiles_per_channel(stride, monkeypatch):
-    monkeypatch.setattr(tm, "_MAX_BLOCK", 32)  # 32 positions per program: the per-tile partials must add up
+    monkeypatch.setattr(launches, "_MAX_BLOCK", 32)  # 32 positions per program: the per-tile partials must add up
     _check((2, 3, 7, 9), DARTS, stride, torch.float32, seed=51 + stride)
     _check((3, 5, 5, 7), NB201, stride, torch.float32, pool_bn=False, seed=61 + stride)
 
@@ -210,7 +211,7 @@ def test_gdas_straight_through_reaches_every_logit():
     p = torch.softmax(alpha, 0)
     index = DARTS.index("avg_pool_3x3")
     hard = torch.nn.functional.one_hot(torch.tensor(index), len(DARTS)).float() - p.detach() + p
-    out = tm.mixed_op_triton_gdas(x, hard, index, {}, DARTS, 1)
+    out = tm.mixed_op_triton_gdas(x, hard, {}, DARTS, 1, index=index)
     (out * _nonzero(torch.randn(out.shape, generator=gen))).sum().backward()
     assert (alpha.grad != 0).all()
 
@@ -240,7 +241,7 @@ def test_pc_k1_is_full():
 
 
 def test_pc_several_tiles(monkeypatch):
-    monkeypatch.setattr(tm, "_MAX_BLOCK", 32)
+    monkeypatch.setattr(launches, "_MAX_BLOCK", 32)
     for stride in (1, 2):
         _check((3, 8, 7, 9), DARTS, stride, torch.float32, seed=141 + stride, variant="pc", k=4)
 
@@ -252,11 +253,14 @@ def test_auto_probe(monkeypatch):
     monkeypatch.setattr(mixed, "_probed", {})
     with torch.inference_mode():  # the first call may come from evaluation code
         assert mixed._probe("cpu", torch.float32) and mixed._probed == {("cpu", torch.float32): None}
-    for broken, why, dtype in ((lambda *a: (_ for _ in ()).throw(RuntimeError("no sm_50 support")), "no sm_50",
-                                torch.bfloat16),
-                               (lambda *a: mixed._reference(*a) * 1.01, "differ from the reference", torch.float32)):
+    reference = {v: mixed.DISPATCH[("torch", v)] for v in mixed.VARIANTS}
+    for broken, why, dtype in ((lambda v: lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("no sm_50 support")),
+                                "no sm_50", torch.bfloat16),
+                               (lambda v: lambda *a, **kw: reference[v](*a, **kw) * 1.01, "differ from the reference",
+                                torch.float32)):
         monkeypatch.setattr(mixed, "_probed", {})
-        monkeypatch.setattr(mixed, "_fused", broken)
+        for v in mixed.VARIANTS:  # the fused kernels of every variant broken
+            monkeypatch.setitem(mixed.DISPATCH, ("triton", v), broken(v))
         with pytest.warns(UserWarning, match=why):
             assert not mixed._probe("cpu", dtype)
         assert not mixed._probe("cpu", dtype)  # decided once: no second warning, no second try

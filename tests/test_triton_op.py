@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 pytest.importorskip("triton", reason="triton is not installed: the fused kernels cannot be tested")
 
+from ktnas.kernels import launches  # noqa: E402
 from ktnas.kernels import triton_mixed as tm  # noqa: E402
 from ktnas.kernels.reference import is_conv_branch  # noqa: E402
 
@@ -41,9 +42,9 @@ def _edge(variant, ops, pool_bn, stride, index, k, dtype=torch.float32, shape=(2
     def f(x, w, *cs):
         conv = dict(zip(names, cs))
         if variant == "gdas":
-            return tm.mixed_op_triton_gdas(x, w, index, conv, ops, stride, pool_bn=pool_bn)
+            return tm.mixed_op_triton_gdas(x, w, conv, ops, stride, pool_bn=pool_bn, index=index)
         if variant == "pc":
-            return tm.mixed_op_triton_pc(x, w, conv, ops, stride, k, pool_bn=pool_bn)
+            return tm.mixed_op_triton_pc(x, w, conv, ops, stride, pool_bn=pool_bn, k=k)
         return tm.mixed_op_triton(x, w, conv, ops, stride, pool_bn=pool_bn)
     return f, x, w, convs
 
@@ -63,7 +64,7 @@ def test_fake_tensors_forward_backward(case, dtype, monkeypatch):
     """Under FakeTensorMode (fake CPU tensors) the op gives outputs and gradients of the right shapes and dtypes
     and launches nothing."""
     for name in tm.LAUNCH_CONFIG:
-        monkeypatch.setattr(tm, name, _NoLaunch(), raising=False)
+        monkeypatch.setitem(launches.KERNELS, name, _NoLaunch())
     with FakeTensorMode():
         f, x, w, convs = _edge(*case, dtype=dtype, shape=(64, 8, 16, 16))
         x, w, *convs = _leaves(x, w, *convs)
@@ -107,7 +108,7 @@ def test_count_launches_totals_and_nesting():
     # full DARTS edge: statistics, finalize, output forward; reduce, finalize, gradients backward
     assert inner.launches == 3 and outer.launches == 6
     assert outer.bytes == sum(c["bytes"] for c in outer.values()) == tm.fused_bytes(x.shape, x.dtype, DARTS)
-    assert not tm._OBSERVERS
+    assert not launches._OBSERVERS
 
 
 def test_torch_compile_fullgraph_matches_eager(one_thread):
