@@ -10,8 +10,6 @@ ranks) write disjoint chunks of one store; whichever finishes last marks it comp
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import queue
 import signal
 import sys
@@ -26,11 +24,11 @@ from tqdm.auto import tqdm
 
 from . import datasets
 from .datasets import augment
-from .runtime import DEFAULT_OUT, resolve_device
 from .errors import KtnasError
+from .files import disk_full_as_error
+from .resume import open_or_create, pending_chunks, request, request_hash
+from .runtime import DEFAULT_OUT, resolve_device
 from .stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM, get_stem
-from .store import (create_store, is_disk_full, disk_full_error, open_store, remove_store, store_exists,
-                    store_lock)
 
 DTYPES = ("float16", "float32")
 CHUNK_BYTES = 8 << 20  # target uncompressed bytes per chunk when --chunk-size is not given
@@ -151,57 +149,41 @@ class _Writer(threading.Thread):
             raise self.error
 
 
-def _request(cfg: PrecomputeConfig, stem, splits: dict, chunk_size: int) -> dict:
-    """What defines the store's content: equal requests write equal stores (resume and shards check it)."""
-    return dict(stem_fingerprint=stem.fingerprint, dataset=cfg.dataset,
-                dataset_fingerprints={k: s.fingerprint for k, s in splits.items()}, limit=cfg.limit,
-                views=cfg.views, dtype=cfg.dtype, chunk_size=chunk_size, compressor=cfg.compressor, seed=cfg.seed)
-
-
-def _request_hash(req: dict) -> str:
-    return hashlib.sha256(json.dumps(req, sort_keys=True).encode()).hexdigest()
-
-
-def _open_or_create(cfg, attrs, shapes, chunk_size):
-    """Create the store, or join/resume an existing one with the same request; refuse anything else."""
-    out, (_, n_shards) = cfg.out, cfg.shard
-    with store_lock(out):
-        if store_exists(out):
-            try:
-                old = open_store(out, "a", require_complete=False)
-            except KtnasError:
-                if not cfg.overwrite:
-                    raise
-                old = None
-            same = old is not None and old.attrs.get("request_hash") == attrs["request_hash"]
-            sibling = same and not old.complete and n_shards > 1  # a store another shard of this run made
-            if cfg.resume or sibling:
-                if not same:
-                    diff = _first_difference(old.attrs.get("request", {}), attrs["request"]) if old else "format"
-                    raise KtnasError(f"cannot resume {out}: it was made with another {diff}; rerun with the "
-                                     "original arguments, or pass --overwrite to replace it")
-                return old
-            if not cfg.overwrite:
-                if old is not None:
-                    old.close()
-                raise KtnasError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
-            if old is not None:
-                old.close()
-            remove_store(out)
-        return create_store(out, attrs=attrs, splits=shapes, dtype=cfg.dtype, chunk_size=chunk_size,
-                            compressor=cfg.compressor)
-
-
-def _first_difference(a: dict, b: dict) -> str:
-    for k in sorted(set(a) | set(b)):
-        if a.get(k) != b.get(k):
-            return f"{k} ({a.get(k)!r} there, {b.get(k)!r} now)"
-    return "configuration"
-
-
 def precompute(cfg: PrecomputeConfig | None = None, **overrides) -> dict:
     """Run the stem over the data set and write the store (see the module docstring). Returns a summary."""
-    cfg = cfg or PrecomputeConfig()
+    cfg = _checked(cfg or PrecomputeConfig(), overrides)
+    device = resolve_device(cfg.device)
+    cfg.batch_size = cfg.batch_size or (256 if device.type == "cuda" else 64)
+    splits = {s: datasets.load_split(cfg.dataset, s, root=cfg.data_root, image_size=cfg.image_size,
+                                     seed=cfg.seed) for s in cfg.splits}
+    stem = get_stem(cfg.stem, cfg.weights, cfg.image_size).to(device)
+    if device.type == "cuda":
+        stem = stem.to(memory_format=torch.channels_last)
+    store = open_or_create(cfg, *_layout(cfg, stem, splits))
+
+    split_handles = {s: store.split(s) for s in cfg.splits}
+    todo = pending_chunks(split_handles, cfg.shard)
+    n_images = sum(b - a for a, b in (split_handles[s].chunk_range(i) for s, i in todo))
+    summary = dict(out=cfg.out, device=str(device), chunks_total=sum(sp.num_chunks for sp in split_handles.values()),
+                   chunks_written=0, chunks_skipped=0, images=int(n_images), seconds=0.0)
+    summary["chunks_skipped"] = summary["chunks_total"] - len(todo) if cfg.shard[1] == 1 else 0
+
+    written, seconds, interrupted = _write_chunks(cfg, stem, splits, split_handles, store, todo, n_images, device)
+    summary["chunks_written"] = written
+    summary["seconds"] = seconds
+    summary["images_per_s"] = n_images / summary["seconds"] if summary["seconds"] > 0 and not interrupted else None
+    if interrupted:
+        store.close()
+        print(f"interrupted: {written} chunks written to {cfg.out}; rerun the same command with --resume "
+              "to finish", file=sys.stderr)
+        raise KeyboardInterrupt
+    summary["complete"] = store.mark_complete_if_done()
+    store.close()
+    return summary
+
+
+def _checked(cfg: PrecomputeConfig, overrides: dict) -> PrecomputeConfig:
+    """``cfg`` with ``overrides`` applied, refused (one line) where its values cannot work together."""
     for k, v in overrides.items():
         setattr(cfg, k, v)
     if cfg.dtype not in DTYPES:
@@ -210,43 +192,33 @@ def precompute(cfg: PrecomputeConfig | None = None, **overrides) -> dict:
         raise KtnasError("--views, --batch-size and --limit must be positive integers")
     if cfg.resume and cfg.overwrite:
         raise KtnasError("--resume and --overwrite exclude each other: pick one")
-    shard_i, n_shards = cfg.shard
-    device = resolve_device(cfg.device)
-    cfg.batch_size = cfg.batch_size or (256 if device.type == "cuda" else 64)
+    return cfg
 
-    splits = {s: datasets.load_split(cfg.dataset, s, root=cfg.data_root, image_size=cfg.image_size,
-                                     seed=cfg.seed) for s in cfg.splits}
-    stem = get_stem(cfg.stem, cfg.weights, cfg.image_size).to(device)
-    cuda = device.type == "cuda"
-    if cuda:
-        stem = stem.to(memory_format=torch.channels_last)
+
+def _layout(cfg: PrecomputeConfig, stem, splits: dict) -> tuple[dict, dict, int]:
+    """The store's attributes, its splits' feature shapes and its chunk size, for this config and stem."""
     feat_shape = stem.output_shape
     counts = {s: len(d) if cfg.limit is None else min(cfg.limit, len(d)) for s, d in splits.items()}
     sample_bytes = cfg.views * int(np.prod(feat_shape)) * np.dtype(cfg.dtype).itemsize
     chunk_size = cfg.chunk_size or auto_chunk_size(sample_bytes, max(counts.values()))
     if chunk_size < 1:
         raise KtnasError("--chunk-size must be a positive integer")
-    req = _request(cfg, stem, splits, chunk_size)
+    req = request(cfg, stem, splits, chunk_size)
     first = next(iter(splits.values()))
-    attrs = dict(stem.describe(), request=req, request_hash=_request_hash(req), dataset=cfg.dataset,
+    attrs = dict(stem.describe(), request=req, request_hash=request_hash(req), dataset=cfg.dataset,
                  dataset_fingerprints=req["dataset_fingerprints"], num_classes=first.num_classes,
                  classes=list(first.classes), views=cfg.views, seed=cfg.seed, limit=cfg.limit,
                  augmentation=dict(view0="plain", others="random crop (zero pad image_size/8) + horizontal flip",
                                    seeded_by="(seed, split, sample index, view)"),
                  versions=_versions(), **cfg.extra)
     shapes = {s: (n, cfg.views, *feat_shape) for s, n in counts.items()}
-    store = _open_or_create(cfg, attrs, shapes, chunk_size)
+    return attrs, shapes, chunk_size
 
-    split_handles = {s: store.split(s) for s in cfg.splits}
-    todo = []
-    for s, sp in split_handles.items():
-        written = sp.written()
-        todo += [(s, i) for i in range(sp.num_chunks) if i % n_shards == shard_i and not written[i]]
-    n_images = sum(b - a for a, b in (split_handles[s].chunk_range(i) for s, i in todo))
-    summary = dict(out=cfg.out, device=str(device), chunks_total=sum(sp.num_chunks for sp in split_handles.values()),
-                   chunks_written=0, chunks_skipped=0, images=int(n_images), seconds=0.0)
-    summary["chunks_skipped"] = summary["chunks_total"] - len(todo) if n_shards == 1 else 0
 
+def _write_chunks(cfg: PrecomputeConfig, stem, splits: dict, split_handles: dict, store, todo: list,
+                  n_images: int, device) -> tuple[int, float, bool]:
+    """The chunk loop over ``todo``: the next chunk's images load in the background while the stem runs on
+    this one and the writer thread writes the last. Returns (chunks written, seconds, interrupted by Ctrl-C)."""
     bar = tqdm(total=n_images, unit="img", unit_scale=True, desc=f"precompute {stem.spec}",
                disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
     writer = _Writer(store)
@@ -269,14 +241,8 @@ def precompute(cfg: PrecomputeConfig | None = None, **overrides) -> dict:
             images, labels = nxt.result()
             nxt = pool.submit(load, todo[k + 1]) if k + 1 < len(todo) else None
             a, _ = split_handles[s].chunk_range(i)
-            feats = run_stem(stem, images, a, cfg, s, device, feat_shape)
-            bad = ~np.isfinite(feats.reshape(len(feats), -1)).all(axis=1)
-            if bad.any():
-                first_bad = a + int(np.flatnonzero(bad)[0])
-                hint = "use --dtype float32 (float16 overflows)" if cfg.dtype == "float16" and \
-                    _finite_in_fp32(stem, splits[s], first_bad, cfg) else "check the weights file"
-                raise KtnasError(f"stem {stem.spec} produced NaN/Inf features for {int(bad.sum())} samples of split "
-                                 f"'{s}' (first: sample {first_bad}): {hint}; nothing bad was written")
+            feats = run_stem(stem, images, a, cfg, s, device, stem.output_shape)
+            _check_finite(feats, a, stem, splits[s], s, cfg)
             writer.put((s, i, feats, labels.numpy(), bar.update))
     except KeyboardInterrupt:
         interrupted = True
@@ -284,24 +250,22 @@ def precompute(cfg: PrecomputeConfig | None = None, **overrides) -> dict:
         stop.restore()
         pool.shutdown(wait=True, cancel_futures=True)
         try:
-            writer.finish()  # whatever was computed is written, also on Ctrl-C
-        except OSError as e:
-            if is_disk_full(e):
-                raise disk_full_error(cfg.out, e, "a chunk") from None
-            raise
+            with disk_full_as_error(cfg.out, "a chunk"):
+                writer.finish()  # whatever was computed is written, also on Ctrl-C
         finally:
             bar.close()
-    summary["chunks_written"] = writer.written
-    summary["seconds"] = time.perf_counter() - t0
-    summary["images_per_s"] = n_images / summary["seconds"] if summary["seconds"] > 0 and not interrupted else None
-    if interrupted:
-        store.close()
-        print(f"interrupted: {writer.written} chunks written to {cfg.out}; rerun the same command with --resume "
-              "to finish", file=sys.stderr)
-        raise KeyboardInterrupt
-    summary["complete"] = store.mark_complete_if_done()
-    store.close()
-    return summary
+    return writer.written, time.perf_counter() - t0, interrupted
+
+
+def _check_finite(feats: np.ndarray, start: int, stem, split_data, split: str, cfg: PrecomputeConfig) -> None:
+    """Refuse a chunk with NaN/Inf features before it is written, naming the likely cause."""
+    bad = ~np.isfinite(feats.reshape(len(feats), -1)).all(axis=1)
+    if bad.any():
+        first_bad = start + int(np.flatnonzero(bad)[0])
+        hint = "use --dtype float32 (float16 overflows)" if cfg.dtype == "float16" and \
+            _finite_in_fp32(stem, split_data, first_bad, cfg) else "check the weights file"
+        raise KtnasError(f"stem {stem.spec} produced NaN/Inf features for {int(bad.sum())} samples of split "
+                         f"'{split}' (first: sample {first_bad}): {hint}; nothing bad was written")
 
 
 def run_stem(stem, images: torch.Tensor, start: int, cfg: PrecomputeConfig, split: str, device, feat_shape):

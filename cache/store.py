@@ -12,219 +12,28 @@ A chunk's features and labels are written before its ``written`` flag, so a flag
 whole; Zarr writes every object through a temporary file and a rename, so a killed writer leaves no torn
 chunk behind. Several processes may write disjoint chunks of one store at once (``--shard I/N``): Zarr
 needs nothing for that (one file per chunk, one flag per chunk); HDF5 serialises writers with a lock file.
+
+The backends are in :mod:`ktnas.cache.backends`, the store's place on disk (lock, removal, disk-full errors) in
+:mod:`ktnas.cache.files`; their public names are importable from here as well.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
-import json
-import os
-import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
 
-from .errors import KtnasError
+from .backends import BACKENDS, detect_backend, open_backend
+from .errors import KtnasError, first_line
+from .files import disk_full_as_error, disk_full_error, is_disk_full, remove_store, store_exists, store_lock
+
+__all__ = ["BACKENDS", "COMPRESSORS", "FORMAT_VERSION", "FeatureStore", "StoreSplit", "create_store", "detect_backend",
+           "disk_full_error", "inspect_store", "is_disk_full", "open_store", "remove_store", "store_exists",
+           "store_lock"]
 
 FORMAT_VERSION = 1
-BACKENDS = ("zarr", "hdf5")
 COMPRESSORS = ("zstd", "none")
-_H5_SUFFIXES = (".h5", ".hdf5")
 
 
-def detect_backend(path) -> str:
-    """'hdf5' for a ``.h5``/``.hdf5`` path, 'zarr' otherwise (a ``.zarr`` directory)."""
-    return "hdf5" if str(path).lower().endswith(_H5_SUFFIXES) else "zarr"
-
-
-def store_exists(path) -> bool:
-    return os.path.lexists(path)
-
-
-def remove_store(path) -> None:
-    """Delete a store (directory or file) and its lock file."""
-    p = Path(path)
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p)
-    elif p.exists() or p.is_symlink():
-        p.unlink()
-    Path(_lock_path(p)).unlink(missing_ok=True)
-
-
-def _lock_path(path) -> str:
-    p = Path(path)
-    return str(p.parent / f".{p.name}.lock")
-
-
-_LOCKS: dict[str, list] = {}  # lock path -> [RLock, depth, open file holding the flock]
-_LOCKS_GUARD = threading.Lock()
-
-
-@contextlib.contextmanager
-def store_lock(path):
-    """An exclusive lock tied to a store path (creation races, HDF5 writes): between processes through
-    ``flock`` on a lock file beside the store, between threads of one process through an RLock. Re-entrant."""
-    lp = _lock_path(path)
-    with _LOCKS_GUARD:
-        entry = _LOCKS.setdefault(lp, [threading.RLock(), 0, None])
-    with entry[0]:
-        if entry[1] == 0:
-            Path(lp).parent.mkdir(parents=True, exist_ok=True)
-            fh = open(lp, "a+")
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            entry[2] = fh
-        entry[1] += 1
-        try:
-            yield
-        finally:
-            entry[1] -= 1
-            if entry[1] == 0:
-                fcntl.flock(entry[2], fcntl.LOCK_UN)
-                entry[2].close()
-                entry[2] = None
-
-
-def disk_full_error(path, exc: OSError, what: str) -> KtnasError:
-    """The one-line message for a write that ran out of space (or quota)."""
-    return KtnasError(
-        f"disk full while writing {what} to {path} ({os.strerror(exc.errno)}): free some space, then rerun "
-        "the same command with --resume (chunks already written are kept)"
-    )
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-# --------------------------------------------------------------------------------------------- backends
-class _ZarrBackend:
-    def __init__(self, path, mode: str):
-        import zarr
-
-        self._zarr = zarr
-        self.group = zarr.open_group(store=str(path), mode=mode)
-
-    def create_array(self, name, shape, chunks, dtype, compressor, fill_value):
-        from zarr.codecs import ZstdCodec
-
-        compressors = [ZstdCodec(level=1)] if compressor == "zstd" else None
-        self.group.create_array(name=name, shape=shape, chunks=chunks, dtype=dtype,
-                                compressors=compressors, fill_value=fill_value)
-
-    def array(self, name):
-        return self.group[name]
-
-    def read(self, name, sel=slice(None)):
-        return np.asarray(self.group[name][sel])
-
-    def write(self, name, sel, value):
-        self.group[name][sel] = value
-
-    def get_attrs(self) -> dict:
-        return dict(self.group.attrs)
-
-    def set_attrs(self, attrs: dict):
-        self.group.attrs.update(attrs)
-
-    def keys(self):
-        return list(self.group.group_keys())
-
-    def shape(self, name):
-        return tuple(self.group[name].shape)
-
-    def dtype(self, name):
-        return np.dtype(self.group[name].dtype)
-
-    def stored_bytes(self, name) -> int:
-        return int(self.group[name].nbytes_stored())
-
-    def close(self):
-        pass
-
-
-class _H5Backend:
-    """HDF5 through h5py. In append mode every operation opens the file under the store lock and closes it,
-    so several writer processes take turns and a killed writer leaves the file closed between chunks."""
-
-    def __init__(self, path, mode: str):
-        import h5py
-        import hdf5plugin  # noqa: F401  (registers the zstd filter)
-
-        self._h5py = h5py
-        self._hdf5plugin = hdf5plugin
-        self.path = str(path)
-        self.mode = mode
-        if mode == "w":
-            with self._h5file("w"):
-                pass
-            self.mode = "a"
-        self._file = self._h5file("r") if self.mode == "r" else None
-
-    def _h5file(self, mode):
-        # HDF5's own file locking would make a reader (`ktnas inspect`, a loader) break a running writer, and
-        # one writer shard break another: writers take turns through store_lock instead
-        return self._h5py.File(self.path, mode, locking=False)
-
-    @contextlib.contextmanager
-    def _open(self, write=False):
-        if self._file is not None:
-            yield self._file
-            return
-        with store_lock(self.path), self._h5file("r+" if write else "r") as f:
-            yield f
-
-    def create_array(self, name, shape, chunks, dtype, compressor, fill_value):
-        kw = dict(self._hdf5plugin.Zstd(clevel=1)) if compressor == "zstd" else {}
-        with self._open(write=True) as f:
-            f.create_dataset(name, shape=shape, chunks=chunks, dtype=dtype, fillvalue=fill_value, **kw)
-
-    def read(self, name, sel=slice(None)):
-        with self._open() as f:
-            return np.asarray(f[name][sel])
-
-    def write(self, name, sel, value):
-        with self._open(write=True) as f:
-            f[name][sel] = value
-            f.flush()
-
-    def get_attrs(self) -> dict:
-        with self._open() as f:
-            return {k: json.loads(v) for k, v in f.attrs.items()}
-
-    def set_attrs(self, attrs: dict):
-        with self._open(write=True) as f:
-            for k, v in attrs.items():
-                f.attrs[k] = json.dumps(v)
-
-    def keys(self):
-        with self._open() as f:
-            return [k for k in f.keys() if isinstance(f[k], self._h5py.Group)]
-
-    def shape(self, name):
-        with self._open() as f:
-            return tuple(f[name].shape)
-
-    def dtype(self, name):
-        with self._open() as f:
-            return np.dtype(f[name].dtype)
-
-    def stored_bytes(self, name) -> int:
-        with self._open() as f:
-            return int(f[name].id.get_storage_size())
-
-    def close(self):
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-def _backend(path, mode):
-    return (_H5Backend if detect_backend(path) == "hdf5" else _ZarrBackend)(path, mode)
-
-
-# ------------------------------------------------------------------------------------------- the store
 class StoreSplit:
     """One split of a store: ``features`` [N, V, C, H, W] chunked along N, ``labels`` [N], ``written``."""
 
@@ -254,18 +63,15 @@ class StoreSplit:
 
     def _guard(self, what, fn):
         try:
-            return fn()
+            with disk_full_as_error(self.store.path, what):
+                return fn()
         except KtnasError:
             raise
-        except OSError as e:
-            if is_disk_full(e):
-                raise disk_full_error(self.store.path, e, what) from None
-            raise self._corrupt(what, e) from None
-        except Exception as e:  # decompression, truncated files, bad metadata
+        except Exception as e:  # decompression, truncated files, bad metadata, any other OSError
             raise self._corrupt(what, e) from None
 
     def _corrupt(self, what, e):
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        reason = first_line(e, 160)
         return KtnasError(
             f"{what} of store {self.store.path} is corrupt or truncated ({type(e).__name__}: {reason}): run "
             f"`ktnas inspect {self.store.path} --verify --repair`, then finish it with precompute --resume"
@@ -295,12 +101,11 @@ class StoreSplit:
                              f"{(stop - start, *self.shape[1:])}, got {tuple(features.shape)}")
         b, what = self.store._b, f"chunk {i} of split '{self.name}'"
         try:
-            b.write(f"{self.name}/features", slice(start, stop), features.astype(self.dtype, copy=False))
-            b.write(f"{self.name}/labels", slice(start, stop), labels.astype(np.int64, copy=False))
-            b.write(f"{self.name}/written", slice(i, i + 1), np.ones(1, dtype=bool))
+            with disk_full_as_error(self.store.path, what):
+                b.write(f"{self.name}/features", slice(start, stop), features.astype(self.dtype, copy=False))
+                b.write(f"{self.name}/labels", slice(start, stop), labels.astype(np.int64, copy=False))
+                b.write(f"{self.name}/written", slice(i, i + 1), np.ones(1, dtype=bool))
         except OSError as e:
-            if is_disk_full(e):
-                raise disk_full_error(self.store.path, e, what) from None
             raise KtnasError(f"cannot write {what} to {self.store.path} ({type(e).__name__}: {e}): fix the cause, "
                              "then rerun the same command with --resume (chunks already written are kept)") from None
 
@@ -322,7 +127,7 @@ class FeatureStore:
         self.path = str(path)
         self.backend = detect_backend(path)
         self.mode = mode
-        self._b = _backend(path, mode)
+        self._b = open_backend(path, mode)
         self.attrs = self._b.get_attrs()
 
     @property
@@ -384,8 +189,8 @@ def create_store(path, *, attrs: dict, splits: dict[str, tuple[int, ...]], dtype
     meta.update(format_version=FORMAT_VERSION, dtype=str(np.dtype(dtype)), chunk_size=int(chunk_size),
                 compressor=compressor, backend=detect_backend(path), complete=False,
                 splits={k: list(v) for k, v in splits.items()})
-    try:
-        b = _backend(path, "w")
+    with disk_full_as_error(path, "the store's layout"):
+        b = open_backend(path, "w")
         for name, shape in splits.items():
             n = shape[0]
             nchunks = max(1, -(-n // chunk_size))
@@ -395,10 +200,6 @@ def create_store(path, *, attrs: dict, splits: dict[str, tuple[int, ...]], dtype
             b.create_array(f"{name}/written", (nchunks,), (1,), bool, "none", False)
         b.set_attrs(meta)  # last: a store without format_version was never finished being created
         b.close()
-    except OSError as e:
-        if is_disk_full(e):
-            raise disk_full_error(path, e, "the store's layout") from None
-        raise
     return FeatureStore(path, "a")
 
 
@@ -417,7 +218,7 @@ def open_store(path, mode: str = "r", *, require_complete: bool = True,
     except KtnasError:
         raise
     except Exception as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        reason = first_line(e, 160)
         raise KtnasError(f"{path} is not a readable ktnas feature store ({type(e).__name__}: {reason}): "
                          f"rebuild it with `ktnas precompute-features ... --out {path} --overwrite`") from None
     if version != FORMAT_VERSION:
@@ -459,24 +260,7 @@ def inspect_store(path, *, verify: bool = False, repair: bool = False, progress:
                         chunks=sp.num_chunks, chunks_written=int(w.sum()), nbytes=sp.nbytes(),
                         stored_bytes=stored, compression_ratio=written_bytes / stored if written_bytes else None)
             if verify:
-                bad = {}
-                chunks = range(sp.num_chunks)
-                if progress:
-                    from tqdm.auto import tqdm
-
-                    chunks = tqdm(chunks, desc=f"verify {name}", unit="chunk")
-                for i in chunks:
-                    if not w[i]:
-                        continue
-                    try:
-                        f, y = sp.read_chunk(i)
-                    except KtnasError as e:
-                        bad[i] = str(e).split(" (")[1].split(")")[0] if " (" in str(e) else "unreadable"
-                        continue
-                    if not np.isfinite(f).all():
-                        bad[i] = "NaN/Inf features"
-                    elif ncls is not None and ((y < 0) | (y >= ncls)).any():
-                        bad[i] = f"labels outside 0..{ncls - 1}"
+                bad = _bad_chunks(sp, w, ncls, progress)
                 info["bad_chunks"] = {int(k): v for k, v in bad.items()}
                 if repair and bad:
                     sp.mark_unwritten(bad)
@@ -489,3 +273,27 @@ def inspect_store(path, *, verify: bool = False, repair: bool = False, progress:
         return report
     finally:
         store.close()
+
+
+def _bad_chunks(sp: StoreSplit, written: np.ndarray, num_classes: int | None, progress: bool) -> dict:
+    """Read every written chunk of ``sp``: {chunk: why it is bad} for those that do not decode, hold NaN/Inf
+    features or labels outside ``[0, num_classes)``."""
+    bad = {}
+    chunks = range(sp.num_chunks)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc=f"verify {sp.name}", unit="chunk")
+    for i in chunks:
+        if not written[i]:
+            continue
+        try:
+            f, y = sp.read_chunk(i)
+        except KtnasError as e:
+            bad[i] = str(e).split(" (")[1].split(")")[0] if " (" in str(e) else "unreadable"
+            continue
+        if not np.isfinite(f).all():
+            bad[i] = "NaN/Inf features"
+        elif num_classes is not None and ((y < 0) | (y >= num_classes)).any():
+            bad[i] = f"labels outside 0..{num_classes - 1}"
+    return bad

@@ -47,10 +47,16 @@ from concurrent.futures import Future
 import numpy as np
 import torch
 
+from . import sampling
 from .errors import KtnasError
 from .store import FeatureStore, open_store
 
 _DONE = object()
+
+
+def _is_int(value, low: int) -> bool:
+    """An integer (numpy's too, not a bool) of at least ``low``."""
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= low
 
 
 class _ReaderPool:
@@ -101,9 +107,9 @@ class FeatureLoader:
         for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1),
                                  ("chunks_per_group", chunks_per_group, 1), ("prefetch", prefetch, 1),
                                  ("workers", workers, 1), ("seed", seed, 0), ("memory_budget", memory_budget, 0)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            if not _is_int(value, low):
                 raise KtnasError(f"{name} must be an integer >= {low}, got {value!r}: pass a valid {name}")
-        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < world_size:
+        if not _is_int(rank, 0) or rank >= world_size:
             raise KtnasError(f"rank {rank!r} is not in [0, world_size={world_size}): pass the process's rank "
                              "within its world size")
         if in_memory not in (True, False, "auto"):
@@ -141,40 +147,11 @@ class FeatureLoader:
     def _setup(self, indices, view):
         """Validate the selection and the view; find the chunks that hold the selected samples."""
         sp = self.split
-        total, views = sp.shape[0], sp.views
-        if indices is None:
-            sel = np.arange(total, dtype=np.int64)
-        else:
-            arr = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
-            if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-                raise KtnasError(f"indices must be a 1-D sequence of integer sample indices (got dtype {arr.dtype}, "
-                                 f"shape {arr.shape}): pass integer indices into split '{sp.name}'")
-            sel = np.sort(arr.astype(np.int64))
-            if sel.size and (sel[0] < 0 or sel[-1] >= total):
-                bad = sel[0] if sel[0] < 0 else sel[-1]
-                raise KtnasError(f"index {bad} is out of range for split '{sp.name}' of {total} samples: pass "
-                                 f"indices in [0, {total})")
-            dup = sel[1:][sel[1:] == sel[:-1]]
-            if dup.size:
-                raise KtnasError(f"indices repeat sample {dup[0]} ({dup.size} duplicates): pass each sample "
-                                 "index at most once")
-        if sel.size == 0:
-            raise KtnasError(f"no samples selected from split '{sp.name}' of store {self.store.path}: pass a "
-                             "non-empty split or indices")
-        if isinstance(view, str):
-            if view != "random":
-                raise KtnasError(f"view must be 'random' or a view index, got {view!r}: pass one of those")
-            self._view = None if views > 1 else 0
-        elif isinstance(view, (int, np.integer)) and not isinstance(view, bool) and 0 <= view < views:
-            self._view = int(view)
-        else:
-            raise KtnasError(f"view {view!r} is out of range: split '{sp.name}' has {views} view(s), pass an "
-                             f"index in [0, {views}) or 'random'")
-        self._sel, self._n, self._total = sel, int(sel.size), total
-        self._mem_views = views if self._view is None else 1
-        chunk_ids = sel // sp.chunk_size
-        self._chunks, starts, counts = np.unique(chunk_ids, return_index=True, return_counts=True)
-        self._chunk_slices = [sel[s:s + c] for s, c in zip(starts, counts)]
+        self._sel = sampling.select(indices, sp.shape[0], sp.name, self.store.path)
+        self._view = sampling.fixed_view(view, sp.views, sp.name)
+        self._n, self._total = int(self._sel.size), sp.shape[0]
+        self._mem_views = sp.views if self._view is None else 1
+        self._chunks, self._chunk_slices = sampling.chunk_pieces(self._sel, sp.chunk_size)
         if not self.store.complete:
             missing = self._chunks[~sp.written()[self._chunks]]
             if missing.size:
@@ -204,7 +181,7 @@ class FeatureLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order the next iteration follows (call it on every rank, every epoch)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+        if not _is_int(epoch, 0):
             raise KtnasError(f"epoch must be an integer >= 0, got {epoch!r}: pass the epoch number")
         self.epoch = int(epoch)
 
@@ -215,31 +192,15 @@ class FeatureLoader:
     # ------------------------------------------------------------------------------------------ the order
     def _order(self, epoch: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """This rank's sample order for ``epoch`` and its shuffle groups (position ranges into the order)."""
-        pieces = self._chunk_slices
-        if self.shuffle:
-            perm = np.random.default_rng([self.seed, epoch, 0]).permutation(len(pieces))
-            order = np.concatenate([pieces[p] for p in perm])
-        else:
-            order = self._sel
-        L = self.num_samples
-        order = order[np.arange(self.rank * L, (self.rank + 1) * L) % self._n]
-        cid = order // self.split.chunk_size
-        seg = np.concatenate([[0], np.flatnonzero(cid[1:] != cid[:-1]) + 1])
-        bounds = [*seg[::self.chunks_per_group].tolist(), L]
-        groups = list(zip(bounds[:-1], bounds[1:]))
-        if self.shuffle:
-            order = order.copy()
-            rng = np.random.default_rng([self.seed, epoch, 1, self.rank])
-            for s, e in groups:
-                order[s:e] = order[s:e][rng.permutation(e - s)]
-        return order, groups
+        return sampling.epoch_order(self._sel, self._chunk_slices, self.split.chunk_size, epoch=epoch,
+                                    seed=self.seed, shuffle=self.shuffle, rank=self.rank,
+                                    world_size=self.world_size, chunks_per_group=self.chunks_per_group)
 
     def _views(self, epoch: int, order: np.ndarray) -> np.ndarray | None:
         """The view of each sample of ``order`` when views are random (None when fixed)."""
         if self._view is not None:
             return None
-        draw = np.random.default_rng([self.seed, epoch, 2]).integers(0, self.split.views, size=self._total)
-        return draw[order]
+        return sampling.epoch_views(order, epoch=epoch, seed=self.seed, views=self.split.views, total=self._total)
 
     # ------------------------------------------------------------------------------------------ iteration
     def __iter__(self):
