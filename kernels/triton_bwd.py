@@ -12,12 +12,7 @@ position; :func:`_pools_dx`). ``_pc_bypass_bwd_kernel``: dx of PC-DARTS' bypasse
 """
 from __future__ import annotations
 
-try:  # the module imports without triton; KERNELS is empty then
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
+from .triton_jit import tl, triton  # None without triton; KERNELS is empty then
 
 KERNELS: dict = {}
 

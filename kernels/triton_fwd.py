@@ -10,12 +10,7 @@ at the channel-shuffled places, ``_pc_bypass_fwd_kernel`` writing the bypassed c
 """
 from __future__ import annotations
 
-try:  # the module imports without triton; KERNELS is empty then
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
+from .triton_jit import tl, triton  # None without triton; KERNELS is empty then
 
 KERNELS: dict = {}
 
