@@ -5,7 +5,9 @@
   up to a multiple of 512 B; freed in a ``weakref.finalize`` on the storage), so ``peak`` is what
   ``torch.cuda.max_memory_allocated`` would report, and it counts the operations that would launch a CUDA kernel
   (views, ``empty*`` and metadata-only operations excluded; a ``foreach`` operation as the launches of CUDA's
-  multi-tensor apply; ``.item()`` and its kin apart, as host syncs), with the bytes each one reads and writes.
+  multi-tensor apply; ``.item()`` and its kin apart, as host syncs), with the bytes each one reads and writes,
+  and the FLOPs of each (``torch.utils.flop_counter``'s formulas; counted here rather than under its
+  ``FlopCounterMode``, whose module hooks keep recomputed tensors alive under activation checkpointing).
   Run under ``FakeTensorMode`` with fake CPU tensors, a batch-64 step is measured without being computed.
 - :func:`saved_for_backward`: bytes of the unique storages autograd saves for backward (parameters excluded).
 - :class:`CudaAutocast`: CUDA's autocast cast policy (bfloat16) as a ``TorchFunctionMode``, so a CPU run casts
@@ -26,6 +28,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
 
 ALLOC_ROUND = 512  # CUDA's caching allocator rounds every request up to a multiple of 512 bytes
 # operations that launch nothing on a GPU (allocation without initialisation, metadata, aliasing)
@@ -78,6 +81,7 @@ class StepTracker(TorchDispatchMode):
         self.launches = 0
         self.syncs = 0
         self.bytes_moved = 0
+        self.flops: Counter = Counter()  # FLOPs per operation (torch.utils.flop_counter's formulas)
 
     # -------------------------------------------------------------------------------------------- memory
     def track(self, *tensors) -> None:
@@ -122,6 +126,9 @@ class StepTracker(TorchDispatchMode):
         return out
 
     def _count(self, func, args, kwargs, out) -> None:
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops[str(func._overloadpacket)] += int(formula(*args, **kwargs, out_val=out))
         ns, _, name = func._schema.name.rpartition("::")
         if ns != "aten":  # prim:: metadata; custom operators count their own launches (the fused mixed op does)
             return
@@ -209,10 +216,10 @@ class CudaAutocast(TorchFunctionMode):
     def _cast(self, v, dtype):
         if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != dtype and v.dtype != torch.float64:
             if v.is_leaf and v.requires_grad:
-                key = id(v)
+                key = id(v)  # the entry keeps v alive, so its id is not reused while cached
                 if key not in self.cache:
-                    self.cache[key] = v.to(dtype)
-                return self.cache[key]
+                    self.cache[key] = (v, v.to(dtype))
+                return self.cache[key][1]
             return v.to(dtype)
         if isinstance(v, (list, tuple)):
             return type(v)(self._cast(x, dtype) for x in v)
@@ -229,8 +236,13 @@ class CudaAutocast(TorchFunctionMode):
                 kwargs = {k: self._cast(v, torch.float32) for k, v in kwargs.items()}
         return func(*args, **kwargs)
 
-    def __exit__(self, *exc):
+    def clear(self) -> None:
+        """Forget the cast weights (as autocast does at the end of its region); for a mode kept active over a
+        whole step, so that activation checkpointing's recomputation in backward casts as its forward did."""
         self.cache.clear()
+
+    def __exit__(self, *exc):
+        self.clear()
         return super().__exit__(*exc)
 
 

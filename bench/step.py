@@ -54,6 +54,7 @@ from .step_run import fused_counter, gdas_patch, profiled_run, run_sizes, steady
 HELP = ("what one search step costs on a GPU, from any machine: peak memory, kernel launches, FLOPs, bytes moved "
         "and predicted step time, classic DARTS vs KT-NAS (reference and fused ops)")
 CONFIGS = ("baseline", "stem-on-the-fly", "cached", "cached-darts-edges", "cached-fused")
+AS_AUTHORS = ("baseline", "cached-darts-edges")  # DARTS' own computation: nothing recomputed
 FULL = dict(algos=tuple(ALGOS), spaces=SPACES, batch_size=None)
 QUICK = dict(algos=("darts-1",), spaces=("darts",), batch_size=4)
 # GPUs: memory bandwidth (bytes/s) and dense peak FLOP/s (SXM parts, NVIDIA's data sheets)
@@ -83,7 +84,7 @@ def _stem(spec: str, image_size: int):
 
 
 def _profile_config(config, space, algo, order, batch, precision, seed, stem, image_size, num_classes, layers,
-                    channels):
+                    channels, recompute=None):
     """(resolved SearchConfig, data info, frozen stem or None, the step's input shape) of a configuration."""
     if config not in CONFIGS:
         raise KtnasError(f"unknown configuration {config!r}: use one of {', '.join(CONFIGS)}")
@@ -96,7 +97,9 @@ def _profile_config(config, space, algo, order, batch, precision, seed, stem, im
     kw = dict(stem="none", dataset="profile") if baseline else dict(stem="features", features="profile")
     cfg = resolve_config(SearchConfig(space=space, algo=algo, order=order, batch_size=batch, device="cpu",
                                       kernels="triton" if config == "cached-fused" else "torch", seed=seed,
-                                      progress=False, layers=layers, channels=channels, **kw))
+                                      progress=False, layers=layers, channels=channels,
+                                      recompute="none" if config in AS_AUTHORS else recompute or "auto",
+                                      **kw))
     return cfg, info, frozen, feat
 
 
@@ -104,7 +107,7 @@ def profile_step(config: str = "cached", space: str = "darts", algo: str = "dart
                  batch: int = 64, *, precision: str = "fp32", fake: bool = True, seed: int = 0,
                  stem: str = DEFAULT_STEM, image_size: int = DEFAULT_IMAGE_SIZE, raw_shape=(1, 28, 28),
                  num_classes: int = 10, layers: int | None = None, channels: int | None = None,
-                 darts_edges: bool | None = None) -> dict:
+                 darts_edges: bool | None = None, recompute: str | None = None) -> dict:
     """Profile one ``SearchRun.search_step`` of ``config`` (see the module docstring) at ``batch``; a row dict.
 
     ``fake``: on fake tensors (nothing computed; False: on real CPU tensors, to check the instruments). ``stem`` /
@@ -112,12 +115,13 @@ def profile_step(config: str = "cached", space: str = "darts", algo: str = "dart
     images it gets (default: Fashion-MNIST's 1x28x28 through ``mobilenet_v2:features.3`` at 64 px). ``layers`` /
     ``channels``: override the layout (tests use tiny networks). ``darts_edges``: compute every edge as DARTS' own
     ``MixedOp`` (a ReLU per conv op, 'none' a zero tensor; see ``MixedEdge``); default: as the configuration does
-    (the baseline does, KT-NAS does not); True on KT-NAS: DARTS' own code on the cached input (the H100 anchor)."""
+    (the baseline does, KT-NAS does not); True on KT-NAS: DARTS' own code on the cached input (the H100 anchor).
+    ``recompute``: ``ktnas search --recompute`` of the KT-NAS configurations (default: search's, edge); the
+    baseline and cached-darts-edges compute as DARTS' own code, recomputing nothing."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
 
     cfg, info, frozen, feat = _profile_config(config, space, algo, order, batch, precision, seed, stem, image_size,
-                                              num_classes, layers, channels)
+                                              num_classes, layers, channels, recompute)
     baseline, fused = config == "baseline", config == "cached-fused"
     darts_edges = True if config == "cached-darts-edges" else darts_edges
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
@@ -125,7 +129,7 @@ def profile_step(config: str = "cached", space: str = "darts", algo: str = "dart
     with mode, fused_counter(fused) as triton_counts:
         tracker = StepTracker()
         with tracker:
-            run, saved = profiled_run(cfg, info, fake, seed, darts_edges, precision)
+            run, saved, amp = profiled_run(cfg, info, fake, seed, darts_edges, precision)
             if frozen is not None:
                 tracker.track(*frozen.parameters(), *frozen.buffers())
             step = step_fn(run, config, frozen, precision, seed, cfg.warmup)
@@ -134,23 +138,22 @@ def profile_step(config: str = "cached", space: str = "darts", algo: str = "dart
                 batch_in = step_inputs(config, batch, feat, raw_shape, num_classes)
                 base = tracker.current
                 tracker.reset_peak()
-                flops = FlopCounterMode(display=False)
                 triton_counts.clear()
-                with tracker.count(), flops:
+                with tracker.count(), amp or contextlib.nullcontext():
                     step(*batch_in)
             sizes = run_sizes(run, batch_in)
-    by_op = flops.get_flop_counts().get("Global", {})
-    fused_flops = sum(int(v) for op, v in by_op.items() if "ktnas" in str(op))  # the fused op's own formula
+    fused_flops = sum(v for op, v in tracker.flops.items() if "ktnas" in op)  # the fused op's own formula
     triton_launches = sum(v["launches"] for v in triton_counts.values())
     triton_bytes = sum(v["bytes"] for v in triton_counts.values())
     row = dict(config=config, space=space, algo=algo, order=order, batch=batch, precision=precision,
+               recompute=cfg.recompute,
                kernels="triton" if fused else "torch", fake=fake,
                darts_edges=baseline if darts_edges is None else darts_edges, params=count_parameters(run.model),
                cells=run.layout["layers"], channels=run.layout["channels"], input_shape=list(feat), **sizes,
                saved_bytes=max((s["bytes"] for s in saved), default=0), forwards=len(saved),
                start_bytes=base, peak_bytes=tracker.peak, aten_launches=tracker.launches,
                triton_launches=triton_launches, launches=tracker.launches + triton_launches, syncs=tracker.syncs,
-               flops=int(flops.get_total_flops()) - fused_flops, fused_op_flops=fused_flops,
+               flops=sum(tracker.flops.values()) - fused_flops, fused_op_flops=fused_flops,
                bytes_moved=tracker.bytes_moved + triton_bytes,
                top_ops=dict(tracker.ops.most_common(8)), profile_s=time.perf_counter() - t0)
     row.update(predict(row))
@@ -173,7 +176,8 @@ def predict(row: dict, gpu: str = "H100") -> dict:
 # ---------------------------------------------------------------------------------------------- all rows
 def bench_step(*, quick: bool = False, algos=None, spaces=None, configs=None, batch_size: int | None = None,
                precision: str = "fp32", fake: bool = True, seed: int = 0, stem: str = DEFAULT_STEM,
-               image_size: int = DEFAULT_IMAGE_SIZE, gpu: str = "H100", notes: list | None = None) -> list[dict]:
+               image_size: int = DEFAULT_IMAGE_SIZE, gpu: str = "H100", notes: list | None = None,
+               recompute: str | None = None) -> list[dict]:
     """Rows of :func:`profile_step` for every (space, algorithm, configuration); ratios against the baseline of
     the same space, algorithm and batch. A configuration that cannot be profiled here is a row with its reason."""
 
@@ -196,7 +200,7 @@ def bench_step(*, quick: bool = False, algos=None, spaces=None, configs=None, ba
                 head = dict(config=config, space=space, algo=algo, order=order, batch=batch, precision=precision)
                 try:
                     r = profile_step(config, space, algo, order, batch, precision=precision, fake=fake, seed=seed,
-                                     stem=stem, image_size=image_size)
+                                     stem=stem, image_size=image_size, recompute=recompute)
                     r.update(predict(r, gpu))
                     r["skipped"] = None
                 except (KtnasError, KernelError, NotImplementedError, RuntimeError) as e:
@@ -268,7 +272,7 @@ def _cell(key, fmt):
 
 
 COLUMNS = [Column("space", "space"), Column(None, "algo", _algo_label), Column("batch", "batch"),
-           Column("config", "config"), Column("precision", "precision"),
+           Column("config", "config"), Column("precision", "precision"), Column("recompute", "recompute"),
            Column(None, "peak MiB (exact)", _cell("peak_bytes", _mib)),
            Column(None, "saved for bwd MiB (exact)", _cell("saved_bytes", _mib)),
            Column(None, "mem vs baseline", lambda r: _x(r.get("mem_ratio"))),
@@ -325,12 +329,15 @@ def add_arguments(p) -> None:
     p.add_argument("--stem", default=DEFAULT_STEM, help="the KT-NAS configurations' frozen stem (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="its input size (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="initialisation (default: 0)")
+    p.add_argument("--recompute", default=None, choices=("none", "edge", "cell"),
+                   help="the KT-NAS configurations' ktnas search --recompute (default: search's own, edge)")
 
 
 def report(args, work_dir=None) -> Report:
     notes: list[str] = []
     rows = bench_step(quick=args.quick, algos=args.algos, spaces=args.spaces, configs=args.configs,
                       batch_size=args.batch_size, precision=args.precision, fake=not args.real, seed=args.seed,
-                      stem=args.stem, image_size=args.image_size, gpu=args.gpu, notes=notes)
+                      stem=args.stem, image_size=args.image_size, gpu=args.gpu, notes=notes,
+                      recompute=args.recompute)
     return Report("step", "ktnas bench step: one search step's GPU cost, measured without a GPU", rows, COLUMNS,
                   _chart, device="cpu", notes=notes, chart_panels=2)

@@ -36,7 +36,9 @@ def gumbel_fake_safe(model, tau, gen, tracker):
 
 def profiled_run(cfg, info: dict, fake: bool, seed: int, darts_edges, precision: str):
     """The search run to profile, set up as on CUDA (foreach optimisers and clipping, autocast by the CUDA policy
-    instead of the CPU's), its loss recording what each forward saves for backward: (run, saved)."""
+    instead of the CPU's), its loss recording what each forward saves for backward: (run, saved, amp). ``amp``: the
+    CUDA autocast mode to keep active over the whole step (None in fp32): the recomputation of checkpointed edges
+    in backward then casts as their forward did; each forward starts with an empty weight-cast cache."""
     torch.manual_seed(seed)
     with stay_on_cpu(fake):
         run = SearchRun(cfg, torch.device("cpu"), info)
@@ -51,15 +53,17 @@ def profiled_run(cfg, info: dict, fake: bool, seed: int, darts_edges, precision:
     run.amp = dict(run.amp, enabled=False)
     run.foreach = True
     saved, orig_loss = [], run.loss
+    amp = CudaAutocast() if precision == "bf16" else None
 
     def loss(x, y, arch=None):  # one forward: its saved tensors; CUDA's autocast policy under bf16
-        with saved_for_backward(exclude=list(run.model.parameters())) as s, \
-                (CudaAutocast() if precision == "bf16" else contextlib.nullcontext()):
+        if amp is not None:
+            amp.clear()
+        with saved_for_backward(exclude=list(run.model.parameters())) as s:
             out = orig_loss(x, y, arch)
         saved.append(s)
         return out
     run.loss = loss
-    return run, saved
+    return run, saved, amp
 
 
 def run_sizes(run, inputs) -> dict:

@@ -24,7 +24,7 @@ from .plots import plot_alphas
 from .runs import RunDir, peak_memory, seed_all, set_rng_state
 from .searcher import SearchRun
 from .spaces import SPACES, alpha_entropy, count_skips, genotype_str, get_space, load_genotype
-from .supernet import count_parameters
+from .supernet import RECOMPUTE, count_parameters
 
 
 def _opt(help: str, **kw):
@@ -66,6 +66,9 @@ class SearchConfig:
     device: str = field(default="auto", metadata=dict(help="auto | cpu | cuda"))
     precision: str = field(default="fp32", metadata=dict(choices=("fp32", "bf16")))
     kernels: str = field(default="auto", metadata=dict(choices=("auto", "triton", "torch")))
+    recompute: str = field(default="auto", metadata=dict(choices=("auto", "none", "edge", "cell"), help=(
+        "what backward recomputes instead of keeping: edge (each mixed edge keeps only its input), cell, none; "
+        "auto: edge for the KT-NAS supernet, none for --stem none (classic DARTS)")))
     resume: bool = field(default=False, metadata=dict(help="continue the run in --out"))
     limit: int | None = _opt("first N samples of the train split only")
     pc_k: int = field(default=4, metadata=dict(help="pcdarts: 1/K of the channels enter the mixed op"))
@@ -110,6 +113,10 @@ def resolve_config(cfg: SearchConfig) -> SearchConfig:
         cfg.reductions = tuple(int(r) for r in cfg.reductions)
     if cfg.max_memory is not None:
         cfg.max_memory = parse_size(cfg.max_memory)
+    if cfg.recompute not in ("auto", *RECOMPUTE):
+        raise KtnasError(f"unknown --recompute {cfg.recompute!r}: use auto, {', '.join(RECOMPUTE)}")
+    if cfg.recompute == "auto":
+        cfg.recompute = "none" if cfg.stem == "none" else "edge"
     cfg.arch_betas = tuple(cfg.arch_betas)
     return cfg
 

@@ -36,6 +36,7 @@ class SearchRun:
         self.layout = search_layout(cfg, info).as_dict()
         self.model = Supernet(cfg.space, info["num_classes"], info["in_channels"],
                               stem="cached" if cfg.stem == "features" else "conv", kernels=cfg.kernels,
+                              recompute=cfg.recompute,
                               **algo.supernet_options(cfg), **self.layout).to(device)
         self.w_opt = torch.optim.SGD(self.model.weight_parameters(), cfg.lr, momentum=cfg.momentum,
                                      weight_decay=cfg.weight_decay, nesterov=bool(cfg.nesterov))

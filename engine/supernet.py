@@ -19,11 +19,14 @@ op's BN has none, and this keeps evaluation consistent with it and the state fre
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import _get_current_function_mode_stack
+from torch.utils.checkpoint import checkpoint
 
 from ktnas.cache.errors import KtnasError
 from ktnas.kernels import edge_relu, mixed_op, resolve_impl
@@ -32,6 +35,36 @@ from ktnas.kernels.errors import KernelError
 from .layout import Layout
 from .ops import conv_body, has_params
 from .spaces import SearchSpace, get_space
+
+RECOMPUTE = ("none", "edge", "cell")
+
+
+def recomputed(module: nn.Module) -> nn.Module:
+    """Make ``module`` keep only its inputs for backward and run its forward again there (activation
+    checkpointing, ``torch.utils.checkpoint`` with ``use_reentrant=False``): the same values and gradients, its
+    intermediate tensors freed after the forward. Nothing inside draws random numbers (the supernet's BNs keep no
+    running statistics), so the RNG state is not stashed -- which also keeps it capturable in a CUDA graph."""
+    forward = module.forward
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        modes = _get_current_function_mode_stack()  # e.g. a cast policy: the recomputation must cast alike
+        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _entered(modes)), **kwargs)
+    module.forward = run
+    return module
+
+
+@contextlib.contextmanager
+def _entered(modes):
+    """The torch-function modes that were active at a checkpointed forward, active again for its recomputation
+    (autograd runs backward without them; autocast itself checkpoint restores)."""
+    with contextlib.ExitStack() as stack:
+        for mode in modes:
+            stack.enter_context(mode)
+        yield
+
 
 def _no_running_stats(module: nn.Module) -> None:
     for m in module.modules():
@@ -88,11 +121,13 @@ class Supernet(nn.Module):
     space: 'darts' | 'nb201'. in_channels: stem input channels (cached features' C_f, or 3 for images).
     stem: 'cached' (1x1 conv + BN adapter) | 'conv' (3x3 conv + BN). layers/channels/reductions: the layout.
     k: partial-channel factor (1 = all channels; PC-DARTS 4). edge_norm: PC-DARTS' edge normalisation betas.
-    kernels: the mixed-op implementation ('auto' | 'torch' | 'triton').
+    kernels: the mixed-op implementation ('auto' | 'torch' | 'triton'). recompute: what backward recomputes
+    instead of keeping ('none'; 'edge': each mixed edge keeps its input only; 'cell': each cell keeps its inputs).
     """
 
     def __init__(self, space: str, num_classes: int, in_channels: int, *, stem: str = "cached", layers: int = 5,
-                 channels: int = 32, reductions=(2,), k: int = 1, edge_norm: bool = False, kernels: str = "auto"):
+                 channels: int = 32, reductions=(2,), k: int = 1, edge_norm: bool = False, kernels: str = "auto",
+                 recompute: str = "none"):
         super().__init__()
         self.space = get_space(space)
         if stem not in ("cached", "conv"):
@@ -107,6 +142,8 @@ class Supernet(nn.Module):
             raise KtnasError(f"bad layout: layers={layout.layers}, channels={layout.channels}, reductions="
                              f"{list(layout.reductions)}: pass layers >= 1, channels >= 1 and reduction positions "
                              f"in 0..{layout.layers - 1}")
+        if recompute not in RECOMPUTE:
+            raise KtnasError(f"unknown --recompute {recompute!r}: use one of {', '.join(RECOMPUTE)}")
         self.layout = dict(layout.as_dict(), stem=stem, k=k)
         C_stem = self.space.stem_multiplier * channels
         conv = (nn.Conv2d(in_channels, C_stem, 1, bias=False) if stem == "cached"
@@ -115,6 +152,11 @@ class Supernet(nn.Module):
         classic = stem == "conv"  # the baseline's edges compute as the authors' MixedOp (see MixedEdge)
         edge = lambda C, stride: MixedEdge(C, stride, self.space, k, kernels, classic)  # kernels resolved per call
         self.cells, self.head, C_p = self.space.search_cells(C_stem, layout, edge)
+        self.recompute = recompute
+        units = {"none": [], "cell": list(self.cells),
+                 "edge": [m for m in self.cells.modules() if isinstance(m, MixedEdge)]}[recompute]
+        for m in units:
+            recomputed(m)
         self.cell_types = self.space.cell_types  # DARTS' alpha_reduce exists (unused) without reductions too
         self.classifier = nn.Linear(C_p, num_classes)
         E, K = self.space.edges, len(self.space.ops)
