@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import types
 
 import torch
 import torch.nn as nn
@@ -43,17 +44,19 @@ def recomputed(module: nn.Module) -> nn.Module:
     """Make ``module`` keep only its inputs for backward and run its forward again there (activation
     checkpointing, ``torch.utils.checkpoint`` with ``use_reentrant=False``): the same values and gradients, its
     intermediate tensors freed after the forward. Nothing inside draws random numbers (the supernet's BNs keep no
-    running statistics), so the RNG state is not stashed -- which also keeps it capturable in a CUDA graph."""
-    forward = module.forward
-
-    def run(*args, **kwargs):
-        if not torch.is_grad_enabled():
-            return forward(*args, **kwargs)
-        modes = _get_current_function_mode_stack()  # e.g. a cast policy: the recomputation must cast alike
-        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False,
-                          context_fn=lambda: (contextlib.nullcontext(), _entered(modes)), **kwargs)
-    module.forward = run
+    running statistics), so the RNG state is not stashed -- which also keeps it capturable in a CUDA graph. The
+    wrapper is a method bound to ``module``, so a deep copy of the network recomputes with its own weights."""
+    module.forward = types.MethodType(_checkpointed_forward, module)
     return module
+
+
+def _checkpointed_forward(module: nn.Module, *args, **kwargs):
+    forward = type(module).forward.__get__(module)
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    modes = _get_current_function_mode_stack()  # e.g. a cast policy: the recomputation must cast alike
+    return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _entered(modes)), **kwargs)
 
 
 @contextlib.contextmanager
@@ -152,9 +155,10 @@ class Supernet(nn.Module):
         classic = stem == "conv"  # the baseline's edges compute as the authors' MixedOp (see MixedEdge)
         edge = lambda C, stride: MixedEdge(C, stride, self.space, k, kernels, classic)  # kernels resolved per call
         self.cells, self.head, C_p = self.space.search_cells(C_stem, layout, edge)
-        self.recompute = recompute
-        units = {"none": [], "cell": list(self.cells),
-                 "edge": [m for m in self.cells.modules() if isinstance(m, MixedEdge)]}[recompute]
+        if recompute == "cell":
+            units = list(self.cells)
+        else:
+            units = [m for m in self.cells.modules() if isinstance(m, MixedEdge)] if recompute == "edge" else []
         for m in units:
             recomputed(m)
         self.cell_types = self.space.cell_types  # DARTS' alpha_reduce exists (unused) without reductions too

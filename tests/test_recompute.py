@@ -95,3 +95,20 @@ def test_profile_tracker_sees_what_the_allocator_sees_under_recompute():
             step()
     assert abs((tr.peak - base) / truth - 1) < 0.05, (tr.peak - base, truth)
     assert sum(tr.flops.values()) > 0 and any("convolution" in k for k in tr.flops)
+
+
+def test_deep_copy_recomputes_with_its_own_weights():
+    """A deep copy of a recomputing supernet computes with the copy's weights, not the original's."""
+    import copy
+
+    torch.manual_seed(0)
+    m = Supernet("darts", 10, 6, layers=2, channels=4, reductions=(1,), kernels="torch", recompute="edge")
+    twin = copy.deepcopy(m)
+    with torch.no_grad():
+        for p in twin.weight_parameters():
+            p.mul_(0.5)
+    x = torch.randn(4, 6, 8, 8)
+    fresh = Supernet("darts", 10, 6, layers=2, channels=4, reductions=(1,), kernels="torch", recompute="none")
+    fresh.load_state_dict(twin.state_dict())
+    torch.testing.assert_close(twin(x), fresh(x))
+    assert not torch.allclose(twin(x), m(x))
