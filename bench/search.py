@@ -4,7 +4,8 @@ In one process and one run, for every space and algorithm at the same batch size
 step (``SearchRun.search_step``) of each configuration: ``baseline`` (classic DARTS, ``--stem none``, 32x32
 images), ``stem-on-the-fly`` (the frozen stem on each batch of raw images), ``cached`` (cached features from disk;
 ``cached-memory``: held in device memory), ``cached-fused`` (the fused Triton mixed ops, CUDA only) and
-``cached-fused-graph`` (the whole step captured in one CUDA graph). Every configuration gets a freshly seeded
+``cached-fused-graph`` (the whole step captured in one CUDA graph: ``ktnas search --capture graph``'s own
+path, ``ktnas.engine.capture``). Every configuration gets a freshly seeded
 network; ``warmup`` untimed steps, then ``steps`` timed ones (median ``step_ms``, ``samples_per_s``); memory on
 CUDA by ``max_memory_allocated``, on the CPU by the resident set's increase over the configuration. The README
 ("ktnas bench search") gives the details and the measured tables.
@@ -29,6 +30,7 @@ from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM
 from ktnas.cache.store import store_exists
 from ktnas.cache.stream import FeatureLoader
 from ktnas.engine.algorithms import ALGORITHMS
+from ktnas.engine.capture import GRAPH_WARMUP
 from ktnas.engine.data import ImageBatches
 from ktnas.engine.distributed import tensor_hash
 from ktnas.engine.flags import parse_size
@@ -49,12 +51,9 @@ CONFIGS = ("baseline", "stem-on-the-fly", "cached", "cached-fused", "cached-fuse
 CASES = ("baseline", "stem-on-the-fly", "cached", "cached-memory", "cached-fused", "cached-fused-graph")
 FULL = dict(algos=tuple(ALGOS), spaces=SPACES, steps=20, warmup=5, batch_size=None)
 QUICK = dict(algos=("darts-1", "darts-2"), spaces=("darts",), steps=3, warmup=1, batch_size=8)
-GRAPH_WARMUP = 3  # eager steps on a side stream before the capture (lazy optimiser state, cuDNN, autotuning)
 NEEDS_CUDA_FUSED = ("needs CUDA: the fused Triton kernels run on the CPU only under Triton's interpreter "
                     "(TRITON_INTERPRET=1), far too slow to time")
 NEEDS_CUDA_GRAPH = "needs CUDA: the step is captured in a CUDA graph"
-GDAS_GRAPH = ("GDAS draws its Gumbel sample on the host and computes one op per edge chosen there each step "
-              "(data-dependent control flow): a CUDA graph cannot capture it")
 
 
 class _Skip(Exception):
@@ -80,46 +79,6 @@ _CASES = {c.name: c for c in (
 
 
 # ---------------------------------------------------------------------------------------------- one config
-def _capture(run: SearchRun, step, example, device):
-    """Capture ``step(xt, yt, xv, yv)`` (the whole search step: forward, backward, both optimisers) in one CUDA
-    graph over static copies of ``example``'s tensors; returns ``replay(xt, yt, xv, yv)`` that copies a batch into
-    those buffers, replays the graph and returns the captured (loss, logits)."""
-    static = [t.clone() for t in example]
-    for group in run.algorithm.a_opt.param_groups:  # Adam's step counter on the device (set before its first step)
-        group["capturable"] = True
-    run.amp = dict(run.amp, cache_enabled=False)  # autocast's weight-cast cache is not capture-safe
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # lazy state (momentum buffers, Adam moments), cuDNN plans, Triton compiles
-        for _ in range(GRAPH_WARMUP):
-            step(*static)
-    torch.cuda.current_stream(device).wait_stream(side)
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    # thread_local: the FeatureLoader's threads (pinned host buffers) may run while this thread captures
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        out = step(*static)
-    torch.cuda.synchronize(device)
-
-    def replay(xt, yt, xv, yv):
-        for dst, src in zip(static, (xt, yt, xv, yv)):
-            dst.copy_(src, non_blocking=True)
-        graph.replay()
-        return out
-    return replay, graph
-
-
-def _root_cause(e: BaseException) -> str:
-    """``Type: first line`` of the exception that started ``e``'s chain (a failed capture raises again when it
-    ends: the first error is the one that names the operation)."""
-    seen = {id(e)}
-    while e.__context__ is not None and id(e.__context__) not in seen:
-        e = e.__context__
-        seen.add(id(e))
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
-
-
 def _store_stem(attrs: dict):
     """The frozen stem that made a store, rebuilt from its attributes and checked against its fingerprint
     (``ktnas train``'s own :func:`stem_of_store`); a _Skip when it cannot be rebuilt here."""
@@ -180,19 +139,10 @@ def _measure(case: _Case, data: SearchData, cfg: SearchConfig, batch: int, devic
         fetch = _inputs(case, data, run, batch, device, cfg.seed, stack)
         gen, rng = torch.Generator().manual_seed(cfg.seed), np.random.default_rng(cfg.seed)
         epoch = cfg.warmup  # the architecture parameters train from this epoch on (PC-DARTS' warm-up)
-
-        def step(xt, yt, xv, yv):
-            return run.search_step(epoch, xt, yt, xv, yv, gen, rng)
-
+        # ktnas search's own step as --capture runs it: graph rows capture after GRAPH_WARMUP eager steps
+        step = stack.enter_context(run.stepper(epoch, gen, rng))
         w0, a0 = tensor_hash(run.model.weight_parameters()), tensor_hash(run.model.arch_parameters())
         try:
-            if case.graph:
-                try:
-                    step, _graph = _capture(run, step, fetch(), device)
-                except (torch.cuda.OutOfMemoryError, KtnasError, KernelError):  # out of memory; the kernels refusing
-                    raise
-                except Exception as e:  # noqa: BLE001 - any capture failure becomes the row's reason
-                    raise _Skip(f"CUDA graph capture failed: {_root_cause(e)}") from None
             times = []
             for i in range(warmup + steps):
                 t0 = time.perf_counter()
@@ -224,8 +174,6 @@ def _cuda_reason(case: _Case, algo: str, device) -> str | None:
     """Why ``case`` cannot run for ``algo`` on ``device`` (None: it can)."""
     if case.kernels == "triton" and device.type != "cuda":
         return NEEDS_CUDA_GRAPH if case.graph else NEEDS_CUDA_FUSED
-    if case.graph and algo == "gdas":
-        return GDAS_GRAPH
     if case.kernels == "triton":
         from ktnas.kernels.mixed import resolve_impl
 
@@ -244,7 +192,10 @@ def _run_case(case: _Case, data: SearchData, space: str, algo: str, order: int, 
     kw = (dict(stem="none", dataset=data.attrs.get("dataset", "?")) if case.config == "baseline"
           else dict(stem="features", features=data.store))
     cfg = resolve_config(SearchConfig(space=space, algo=algo, order=order, batch_size=batch, device=str(device),
-                                      precision=precision, kernels=case.kernels, seed=seed, progress=False, **kw))
+                                      precision=precision, kernels=case.kernels, seed=seed, progress=False,
+                                      capture="graph" if case.graph else "none", **kw))
+    if case.graph:  # the eager steps before the capture, and the capture, are not timed
+        warmup = row["warmup"] = max(warmup, GRAPH_WARMUP + 1)
     reason = _cuda_reason(case, algo, device) or (broken[0] if broken and device.type == "cuda" else None)
     oom = False
     if reason is None:
@@ -263,7 +214,8 @@ def _run_case(case: _Case, data: SearchData, space: str, algo: str, order: int, 
             with contextlib.suppress(KtnasError):  # the largest batch whose eager step fits (the search's own picker)
                 C, H, W = (3, CLASSIC_SIZE, CLASSIC_SIZE) if case.config == "baseline" else data.feat_shape
                 info = dict(in_channels=C, resolution=min(H, W), shape=[C, H, W], num_classes=data.num_classes)
-                row["fits_batch"] = choose_batch_size(dataclasses.replace(cfg, max_memory=memory_cap), device, info)
+                row["fits_batch"] = choose_batch_size(dataclasses.replace(cfg, max_memory=memory_cap), device,
+                                                     info).batch
                 reason += f"; batch {row['fits_batch']} fits"
     if reason is not None:
         row["skipped"] = reason

@@ -7,7 +7,7 @@ supernet on cached features, reference ops; ``cached-fused``: the same with the 
 a zero tensor; DARTS' own code with its first cells replaced by the cached input, what the KT-NAS anchor measured
 on the H100), algorithm (DARTS first and second order, PC-DARTS, GDAS) and space (DARTS, NAS-Bench-201), it runs
 ``ktnas search``'s own step
-(``SearchRun.search_step``) once under the instruments of :mod:`ktnas.bench.profile`, by default on fake tensors
+(``SearchRun.search_step``) once under the instruments of :mod:`ktnas.engine.profile`, by default on fake tensors
 (``FakeTensorMode``: shapes and dtypes without data, so the papers' batch 64 costs no memory and little time; a
 step at a small batch gives the same figures on real tensors, which the tests check). The step finds what a step
 finds after the first: the optimiser state (momentum and Adam buffers) and the previous step's gradients.
@@ -28,12 +28,11 @@ Per row:
   launch-bound time (launches x a per-launch cost calibrated on DARTS' own code, :data:`LAUNCH_US`); the predicted
   step time is the larger of the two.
 
-``--precision bf16`` applies CUDA's autocast cast policy (:class:`~ktnas.bench.profile.CudaAutocast`), not the
+``--precision bf16`` applies CUDA's autocast cast policy (:class:`~ktnas.engine.profile.CudaAutocast`), not the
 CPU's, whatever the machine.
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 import warnings
@@ -42,14 +41,13 @@ from ktnas.cache.errors import KtnasError
 from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM, get_stem
 from ktnas.engine.algorithms import ALGORITHMS
 from ktnas.engine.search import SearchConfig, resolve_config
+from ktnas.engine.step_profile import profile_search_step
 from ktnas.engine.supernet import count_parameters
 from ktnas.kernels.errors import KernelError
 
-from .profile import StepTracker
 from .report import Column, Report, names
 from .search import ALGOS, SPACES
 from .search_data import CLASSIC_SIZE
-from .step_run import fused_counter, gdas_patch, profiled_run, run_sizes, steady_state, step_fn, step_inputs
 
 HELP = ("what one search step costs on a GPU, from any machine: peak memory, kernel launches, FLOPs, bytes moved "
         "and predicted step time, classic DARTS vs KT-NAS (reference and fused ops)")
@@ -118,30 +116,16 @@ def profile_step(config: str = "cached", space: str = "darts", algo: str = "dart
     (the baseline does, KT-NAS does not); True on KT-NAS: DARTS' own code on the cached input (the H100 anchor).
     ``recompute``: ``ktnas search --recompute`` of the KT-NAS configurations (default: search's, edge); the
     baseline and cached-darts-edges compute as DARTS' own code, recomputing nothing."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     cfg, info, frozen, feat = _profile_config(config, space, algo, order, batch, precision, seed, stem, image_size,
                                               num_classes, layers, channels, recompute)
     baseline, fused = config == "baseline", config == "cached-fused"
     darts_edges = True if config == "cached-darts-edges" else darts_edges
-    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     t0 = time.perf_counter()
-    with mode, fused_counter(fused) as triton_counts:
-        tracker = StepTracker()
-        with tracker:
-            run, saved, amp = profiled_run(cfg, info, fake, seed, darts_edges, precision)
-            if frozen is not None:
-                tracker.track(*frozen.parameters(), *frozen.buffers())
-            step = step_fn(run, config, frozen, precision, seed, cfg.warmup)
-            with gdas_patch(algo, fake, tracker):
-                steady_state(run)  # as after earlier steps: optimiser state and gradients in place
-                batch_in = step_inputs(config, batch, feat, raw_shape, num_classes)
-                base = tracker.current
-                tracker.reset_peak()
-                triton_counts.clear()
-                with tracker.count(), amp or contextlib.nullcontext():
-                    step(*batch_in)
-            sizes = run_sizes(run, batch_in)
+    prof = profile_search_step(cfg, info, batch, fake=fake, seed=seed, precision=precision, darts_edges=darts_edges,
+                               frozen=frozen if config == "stem-on-the-fly" else None, raw_shape=raw_shape)
+    tracker, run, saved, sizes, triton_counts = (prof[k] for k in ("tracker", "run", "saved", "sizes",
+                                                                  "triton_counts"))
+    base = prof["start_bytes"]
     fused_flops = sum(v for op, v in tracker.flops.items() if "ktnas" in op)  # the fused op's own formula
     triton_launches = sum(v["launches"] for v in triton_counts.values())
     triton_bytes = sum(v["bytes"] for v in triton_counts.values())

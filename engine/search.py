@@ -17,6 +17,7 @@ from ktnas.kernels import resolve_impl
 
 from . import distributed
 from .algorithms import ALGORITHMS, get_algorithm
+from .capture import CAPTURE
 from .data import search_data
 from .flags import add_config_arguments, check_positive, comma_tuple, config_from_args, format_bytes, parse_size
 from .memory import choose_batch_size
@@ -69,6 +70,11 @@ class SearchConfig:
     recompute: str = field(default="auto", metadata=dict(choices=("auto", "none", "edge", "cell"), help=(
         "what backward recomputes instead of keeping: edge (each mixed edge keeps only its input), cell, none; "
         "auto: edge for the KT-NAS supernet, none for --stem none (classic DARTS)")))
+    capture: str = field(default="auto", metadata=dict(choices=CAPTURE, help=(
+        "how the step runs: graph (one CUDA graph per step, CUDA), compile (torch.compile, any device), none "
+        "(eager); auto: graph on one CUDA device where the algorithm allows, else none")))
+    compile_backend: str = field(default="inductor", metadata=dict(help=(
+        "with --capture compile: torch.compile's backend (inductor; aot_eager compiles fast and fuses nothing)")))
     resume: bool = field(default=False, metadata=dict(help="continue the run in --out"))
     limit: int | None = _opt("first N samples of the train split only")
     pc_k: int = field(default=4, metadata=dict(help="pcdarts: 1/K of the channels enter the mixed op"))
@@ -76,12 +82,16 @@ class SearchConfig:
     tau_max: float = 10.0
     tau_min: float = 0.1
     candidates: int = field(default=100, metadata=dict(help="random: genotypes evaluated at the end"))
-    max_memory: int | str | None = _opt("CUDA: the largest batch size up to --batch-size whose search step peaks "
-                                        "within SIZE (e.g. 2GiB, 1500MiB, 8GB, bytes)", metavar="SIZE", type=str)
+    max_memory: int | str | None = _opt("the largest batch size up to --batch-size whose search step peaks within "
+                                        "SIZE (e.g. 2GiB, 1500MiB, 8GB, bytes), by the step profile (CUDA: "
+                                        "confirmed by a trial step)", metavar="SIZE", type=str)
     progress: bool = field(default=True, metadata=dict(flag="quiet", help="no progress bars"))
 
 
-NOT_COMPARED = ("resume", "progress", "device", "kernels", "out", "max_memory")  # a resumed run may change these
+# a resumed run may change these (how the step runs, not what it computes: recompute and capture give the same
+# values and gradients, tested)
+NOT_COMPARED = ("resume", "progress", "device", "kernels", "out", "max_memory", "recompute", "capture",
+                "compile_backend")
 
 
 def resolve_config(cfg: SearchConfig) -> SearchConfig:
@@ -117,6 +127,8 @@ def resolve_config(cfg: SearchConfig) -> SearchConfig:
         raise KtnasError(f"unknown --recompute {cfg.recompute!r}: use auto, {', '.join(RECOMPUTE)}")
     if cfg.recompute == "auto":
         cfg.recompute = "none" if cfg.stem == "none" else "edge"
+    if cfg.capture not in CAPTURE:
+        raise KtnasError(f"unknown --capture {cfg.capture!r}: use one of {', '.join(CAPTURE)}")
     cfg.arch_betas = tuple(cfg.arch_betas)
     return cfg
 
@@ -151,8 +163,11 @@ def _batch_size(cfg, state, device, info, main: bool) -> int | None:
     if state is not None:
         chosen, how = int(state["config"]["batch_size"]), "the resumed run's"
     else:
-        chosen, how = choose_batch_size(cfg, device, info), "largest fitting"
-        seed_all(cfg.seed)  # the trials drew from the global generators
+        pick = choose_batch_size(cfg, device, info)
+        chosen = pick.batch
+        how = (f"largest fitting: {format_bytes(pick.peak)} by the step profile, {format_bytes(pick.per_sample)} "
+               f"per sample" + ("; confirmed by a CUDA trial step" if pick.confirmed else ""))
+        seed_all(cfg.seed)  # the profile and the trials drew from the global generators
     if main:
         print(f"ktnas search: --max-memory {format_bytes(cfg.max_memory)}: batch size {chosen} per rank ({how}; "
               f"asked for {cfg.batch_size})", file=sys.stderr)
@@ -160,9 +175,6 @@ def _batch_size(cfg, state, device, info, main: bool) -> int | None:
 
 
 def _search(cfg: SearchConfig, device, rank: int, world_size: int) -> dict:
-    if cfg.max_memory is not None and device.type != "cuda":
-        raise KtnasError(f"--max-memory needs a CUDA device: this search runs on {device}; drop --max-memory or "
-                         f"use --device cuda")
     cfg = dataclasses.replace(cfg, progress=cfg.progress and rank == 0)
     files = RunDir(cfg.out, "search", resume=cfg.resume, main=rank == 0, ignore=NOT_COMPARED)
     state = distributed.from_rank0(files.read_checkpoint)
@@ -173,7 +185,7 @@ def _search(cfg: SearchConfig, device, rank: int, world_size: int) -> dict:
         cfg = dataclasses.replace(cfg, batch_size=chosen)
     train, val = make_loaders(cfg.batch_size)
     try:
-        run = SearchRun(cfg, device, info, ddp=world_size > 1)
+        run = SearchRun(cfg, device, info, ddp=world_size > 1, world_size=world_size)
         start, history, alpha_hist = 0, [], {}
         if state is not None:
             files.check_config(state["config"], config_json(cfg))
@@ -185,7 +197,7 @@ def _search(cfg: SearchConfig, device, rank: int, world_size: int) -> dict:
         resolved = dict(config_json(cfg), layout=run.layout, data=info, world_size=world_size,
                         effective_batch_size=cfg.batch_size * world_size, params=count_parameters(run.model),
                         arch_params=sum(p.numel() for p in run.model.arch_parameters()),
-                        kernels_used=resolve_impl(cfg.kernels, device))
+                        kernels_used=resolve_impl(cfg.kernels, device), capture_used=run.capture)
         if chosen is not None:
             resolved["batch_size_chosen"] = chosen
         files.write_json("config.json", resolved)

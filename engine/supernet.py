@@ -55,8 +55,8 @@ def _checkpointed_forward(module: nn.Module, *args, **kwargs):
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
     modes = _get_current_function_mode_stack()  # e.g. a cast policy: the recomputation must cast alike
-    return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False,
-                      context_fn=lambda: (contextlib.nullcontext(), _entered(modes)), **kwargs)
+    extra = dict(context_fn=lambda: (contextlib.nullcontext(), _entered(modes))) if modes else {}  # (torch.compile
+    return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=False, **extra, **kwargs)  # takes none)
 
 
 @contextlib.contextmanager

@@ -177,18 +177,6 @@ def test_parse_size():
     assert resolve_config(SearchConfig(features="x", max_memory="1MiB")).max_memory == 1 << 20
 
 
-def test_max_memory_refused_on_cpu(store, tmp_path):
-    with pytest.raises(KtnasError, match="--max-memory needs a CUDA device") as e:
-        search(cfg(store, tmp_path / "run", device="cpu", max_memory="1GiB"))
-    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
-    p = argparse.ArgumentParser()
-    add_search_parser(p.add_subparsers(dest="command"))
-    args = p.parse_args(["search", "--features", store, "--out", str(tmp_path / "run"), "--device", "cpu",
-                         "--max-memory", "2GiB"])
-    with pytest.raises(KtnasError, match="--max-memory needs a CUDA device"):
-        args.func(args)
-
-
 def test_image_batches_partition_ranks():
     from ktnas.engine.data import ImageBatches
 
@@ -205,36 +193,6 @@ def test_image_batches_partition_ranks():
     single = ImageBatches.of_tensors(images, labels, idx, 3, seed=1, device="cpu")
     single.set_epoch(4)
     assert torch.cat([y for _, y in single]).tolist()[:8] == seen[:8]
-
-
-@pytest.mark.parametrize("budget, oom_above, want", [(5_000, None, 40), (3_050, None, 20), (10**9, 33, 33),
-                                                      (10**9, None, 64)])
-def test_max_memory_picks_the_largest_batch_that_fits(monkeypatch, budget, oom_above, want):
-    """The batch picker's search over trial peaks (the trial step itself needs CUDA: faked here)."""
-    from ktnas.engine import memory as M
-    from ktnas.engine import search as S
-
-    tried = []
-
-    def fake_peak(cfg, device, info, b):
-        tried.append(b)
-        return None if oom_above is not None and b > oom_above else 1_000 + 100 * b
-
-    monkeypatch.setattr(M, "trial_peak", fake_peak)
-    monkeypatch.setattr(M.torch.cuda, "empty_cache", lambda: None)
-    cfg = S.SearchConfig(batch_size=64, max_memory=budget)
-    assert M.choose_batch_size(cfg, torch.device("cpu"), {}) == want
-    assert len(tried) <= 8  # binary search, not a scan
-
-
-def test_max_memory_refuses_when_not_even_one_sample_fits(monkeypatch):
-    from ktnas.engine import memory as M
-    from ktnas.engine import search as S
-
-    monkeypatch.setattr(M, "trial_peak", lambda cfg, device, info, b: 10_000 + b)
-    monkeypatch.setattr(M.torch.cuda, "empty_cache", lambda: None)
-    with pytest.raises(KtnasError, match="even batch size 1 needs"):
-        M.choose_batch_size(S.SearchConfig(batch_size=16, max_memory=5_000), torch.device("cpu"), {})
 
 
 @pytest.mark.parametrize("algo,order", [("darts", 2), ("pcdarts", 1), ("gdas", 1)])

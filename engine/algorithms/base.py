@@ -38,6 +38,9 @@ class Algorithm:
     defaults: dict = DARTS_DEFAULTS
     orders: tuple[int, ...] = (1,)
     uses_arch_optimizer = True
+    capturable = True       # its step has a fixed shape when run.fixed_arch (``--capture graph|compile``)
+    capture_refusal = ""    # why not, when it is not
+    dense_grads = False     # every weight gets a gradient each step (zeros for the ops a sample leaves out)
 
     def __init__(self, run):
         self.run, self.cfg, self.model = run, run.cfg, run.model
@@ -73,6 +76,9 @@ class Algorithm:
         if epoch >= self.cfg.warmup:
             self.arch_step(xt, yt, xv, yv)
         return self.run.weight_step(xt, yt)
+
+    def seed_device(self, epoch: int) -> None:
+        """Seed what the step draws on the device under ``--capture graph`` (nothing for DARTS)."""
 
     # ------------------------------------------------------------------------------------------- results
     def epoch_info(self, epoch: int) -> dict:

@@ -19,6 +19,8 @@ class RandomWS(Algorithm):
     the most accurate one is the result (its one-hot encoding is stored as the final alphas; earlier epochs keep
     the untrained, uniform alphas). Trains as DARTS."""
     name = "random"
+    capturable = False
+    capture_refusal = "random search draws a new genotype on the host every step, a step of another shape each time"
 
     def random_arch(self, rng):
         return one_hot_arch(self.model, self.model.space.random_genotype(rng))

@@ -1,24 +1,26 @@
-"""How ``ktnas bench step`` sets a search run up to be profiled as on CUDA, on fake tensors: the run's hooks
-(saved tensors per forward, CUDA's autocast policy and foreach defaults), steady-state optimiser state, the GDAS
-sample on fake tensors, and the fused op's launch counter."""
+"""The step profile: one search step run under the instruments of :mod:`ktnas.engine.profile`, set up as on CUDA,
+by default on fake tensors (shapes without data: the papers' batch 64 costs no memory and little time). The run's
+hooks (saved tensors per forward, CUDA's autocast policy and foreach defaults), steady-state optimiser state, the
+GDAS sample on fake tensors and the fused op's launch counter; :func:`profile_search_step` puts them together.
+``--max-memory`` (``ktnas.engine.memory``) and ``ktnas bench step`` both read it."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import numpy as np
 import torch
 
-from ktnas.engine.algorithms.gdas import Gdas, gumbel_noise, hard_sample
-from ktnas.engine.searcher import SearchRun
-from ktnas.engine.supernet import MixedEdge
-
-from .profile import CudaAutocast, allocated_bytes, saved_for_backward
+from .algorithms.gdas import Gdas, gumbel_arch, gumbel_noise, hard_sample
+from .profile import CudaAutocast, StepTracker, allocated_bytes, saved_for_backward
+from .searcher import SearchRun
+from .supernet import MixedEdge
 
 
 def gumbel_fake_safe(model, tau, gen, tracker):
     """GDAS' sample for fake tensors: the same operations on the device (``hard_sample``), the sampled indices
     drawn on real tensors (at the start of a search the alphas are ~0, so the argmax of the Gumbel noise is the
-    sample) and the host reads the real step does (``isfinite().all()``, ``tolist()``) counted as syncs."""
+    sample) and the host read the real step does (``tolist()``) counted as a sync."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     arch = {}
@@ -27,9 +29,8 @@ def gumbel_fake_safe(model, tau, gen, tracker):
         with unset_fake_temporarily():
             idx_real = gumbel_noise(shape, gen).argmax(-1)
         # the same draw on fake tensors (which take no generator: torch's reference ops refuse one)
-        w, _ = hard_sample(a, gumbel_noise(shape, None).to(a.device, a.dtype), tau)
-        torch.isfinite(w).all()
-        tracker.syncs += 2
+        w, _, _ = hard_sample(a, gumbel_noise(shape, None, a.device).to(a.device, a.dtype), tau)
+        tracker.syncs += 1
         arch[t] = (w, idx_real.tolist())
     return arch
 
@@ -38,10 +39,14 @@ def profiled_run(cfg, info: dict, fake: bool, seed: int, darts_edges, precision:
     """The search run to profile, set up as on CUDA (foreach optimisers and clipping, autocast by the CUDA policy
     instead of the CPU's), its loss recording what each forward saves for backward: (run, saved, amp). ``amp``: the
     CUDA autocast mode to keep active over the whole step (None in fp32): the recomputation of checkpointed edges
-    in backward then casts as their forward did; each forward starts with an empty weight-cast cache."""
+    in backward then casts as their forward did; each forward starts with an empty weight-cast cache. The step
+    runs eagerly; a ``cfg.capture`` other than none only makes GDAS sample as a captured step does (fixed shape):
+    a captured step keeps what the eager one keeps (a CUDA graph's pool holds the eager step's peak)."""
     torch.manual_seed(seed)
+    fixed = cfg.capture not in ("none", "auto")
     with stay_on_cpu(fake):
-        run = SearchRun(cfg, torch.device("cpu"), info)
+        run = SearchRun(dataclasses.replace(cfg, capture="none"), torch.device("cpu"), info)
+    run.fixed_arch = fixed
     run.model.train()
     if darts_edges is not None:
         for m in run.model.modules():
@@ -76,21 +81,22 @@ def run_sizes(run, inputs) -> dict:
                 optimizer_bytes=allocated_bytes(state), inputs_bytes=allocated_bytes(inputs))
 
 
-def step_inputs(config: str, n: int, feat, raw_shape, num_classes: int) -> list:
-    """A step's (xt, yt, xv, yv): the training batch serves as the validation batch too, so its bytes count once
-    (at batch 64, 1.5 MiB of images or features less than two distinct batches)."""
-    if config == "stem-on-the-fly":
+def step_inputs(raw: bool, n: int, feat, raw_shape, num_classes: int) -> list:
+    """A step's (xt, yt, xv, yv), raw uint8 images with ``raw`` (the stem on the fly), else features: the
+    training batch serves as the validation batch too, so its bytes count once (at batch 64, 1.5 MiB of images or
+    features less than two distinct batches)."""
+    if raw:
         return [torch.randint(0, 256, (n, *raw_shape), dtype=torch.uint8), torch.randint(0, num_classes, (n,))] * 2
     return [torch.randn(n, *feat), torch.randint(0, num_classes, (n,))] * 2
 
 
-def step_fn(run, config: str, frozen, precision: str, seed: int, epoch: int):
+def step_fn(run, frozen, precision: str, seed: int, epoch: int):
     """The step to profile: ``run.search_step`` at ``epoch`` (the architecture parameters train from the
-    warm-up on), after the frozen stem on the device for stem-on-the-fly (as bench search)."""
+    warm-up on), after the ``frozen`` stem on the device when given (the stem on the fly, as bench search)."""
     gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
 
     def step(xt, yt, xv, yv):
-        if config == "stem-on-the-fly":
+        if frozen is not None:
             with CudaAutocast() if precision == "bf16" else contextlib.nullcontext():
                 xt, xv = frozen(xt).float(), frozen(xv).float()
         return run.search_step(epoch, xt, yt, xv, yv, gen, rng)
@@ -137,12 +143,18 @@ def stay_on_cpu(fake: bool):
 @contextlib.contextmanager
 def gdas_patch(algo: str, fake: bool, tracker):
     """On fake tensors GDAS' sample cannot be read by the host: draw its indices on real tensors (see
-    :func:`gumbel_fake_safe`)."""
+    :func:`gumbel_fake_safe`); the fixed-shape sample of a captured step reads nothing, its noise is drawn without
+    a generator (fake tensors take none)."""
     if algo != "gdas" or not fake:
         yield
         return
     orig = Gdas.sample
-    Gdas.sample = lambda self, epoch, gen: gumbel_fake_safe(self.model, self.tau(epoch), gen, tracker)
+
+    def sample(self, epoch, gen):
+        if self.run.fixed_arch:
+            return gumbel_arch(self.model, self.tau(epoch), None, fixed=True)
+        return gumbel_fake_safe(self.model, self.tau(epoch), gen, tracker)
+    Gdas.sample = sample
     try:
         yield
     finally:
@@ -159,3 +171,34 @@ def fused_counter(fused: bool):
 
     with triton_mixed.count_launches() as counts:
         yield counts
+
+
+def profile_search_step(cfg, info: dict, batch: int, *, fake: bool = True, seed: int = 0, precision: str | None = None,
+                        darts_edges: bool | None = None, frozen=None, raw_shape=(1, 28, 28)) -> dict:
+    """Run one search step of the resolved ``cfg`` at ``batch`` under a :class:`StepTracker` (see the module
+    docstring): {tracker, run, saved (per forward), sizes (weights, gradients, optimiser state, inputs), start_bytes
+    (live before the step), peak_bytes, triton_counts}. ``frozen``: the stem run on raw images of ``raw_shape``
+    first (KT-NAS on the fly); ``darts_edges``: every edge computed as DARTS' own ``MixedOp``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    precision = precision or cfg.precision
+    feat = tuple(info["shape"])
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    with mode, fused_counter(cfg.kernels == "triton") as triton_counts:
+        tracker = StepTracker()
+        with tracker:
+            run, saved, amp = profiled_run(cfg, info, fake, seed, darts_edges, precision)
+            if frozen is not None:
+                tracker.track(*frozen.parameters(), *frozen.buffers())
+            step = step_fn(run, frozen, precision, seed, cfg.warmup)
+            with gdas_patch(cfg.algo, fake, tracker):
+                steady_state(run)  # as after earlier steps: optimiser state and gradients in place
+                batch_in = step_inputs(frozen is not None, batch, feat, raw_shape, info["num_classes"])
+                base = tracker.current
+                tracker.reset_peak()
+                triton_counts.clear()
+                with tracker.count(), amp or contextlib.nullcontext():
+                    step(*batch_in)
+            sizes = run_sizes(run, batch_in)
+    return dict(tracker=tracker, run=run, saved=saved, sizes=sizes, start_bytes=base, peak_bytes=tracker.peak,
+                triton_counts=dict(triton_counts))
