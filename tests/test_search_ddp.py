@@ -83,14 +83,14 @@ def test_all_reduce_grads_averages_over_ranks(store, tmp_path):
         assert r["error"] and "ranks disagree after epoch 1" in r["error"] and "\n" not in r["error"]
 
 
-def torchrun_search(*args):
+def torchrun_search(*args, timeout=120):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "ktnas.engine.cli", "search", "--device", "cpu",
            "--layers", "2", "--channels", "4", "--reductions", "1", "--batch-size", "8", "--epochs", "1",
            "--limit", "64", "--quiet", *map(str, args)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}"
     return r
 
@@ -111,3 +111,18 @@ def test_torchrun_search_ranks_agree(store, tmp_path, algo, extra):
         before = (out / "metrics.jsonl").read_text()
         torchrun_search("--features", store, "--out", out, "--algo", algo, "--resume")
         assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_torchrun_search_compiled_equals_plain(store, tmp_path):
+    """Under torchrun with --capture compile (GDAS: its fixed-shape sample) the search ends as the plain one."""
+    runs = {}
+    for capture in ("none", "compile"):
+        out = tmp_path / capture
+        torchrun_search("--features", store, "--out", out, "--algo", "gdas", "--capture", capture,
+                        "--compile-backend", "aot_eager", timeout=600)
+        conf = json.loads((out / "config.json").read_text())
+        assert conf["capture_used"] == capture and conf["world_size"] == 2
+        runs[capture] = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert runs["compile"]["genotype"] == runs["none"]["genotype"]
+    for key in ("train_loss", "val_loss"):
+        assert runs["compile"][key] == pytest.approx(runs["none"][key], rel=1e-5), key
