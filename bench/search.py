@@ -3,7 +3,8 @@
 In one process and one run, for every space and algorithm at the same batch size, it times ``ktnas search``'s own
 step (``SearchRun.search_step``) of each configuration: ``baseline`` (classic DARTS, ``--stem none``, 32x32
 images), ``stem-on-the-fly`` (the frozen stem on each batch of raw images), ``cached`` (cached features from disk;
-``cached-memory``: held in device memory), ``cached-fused`` (the fused Triton mixed ops, CUDA only) and
+``cached-memory``: held in device memory; ``cached-compiled``: ``--capture compile``, on request only),
+``cached-fused`` (the fused Triton mixed ops, CUDA only) and
 ``cached-fused-graph`` (the whole step captured in one CUDA graph: ``ktnas search --capture graph``'s own
 path, ``ktnas.engine.capture``). Every configuration gets a freshly seeded
 network; ``warmup`` untimed steps, then ``steps`` timed ones (median ``step_ms``, ``samples_per_s``); memory on
@@ -38,7 +39,7 @@ from ktnas.engine.memory import choose_batch_size
 from ktnas.engine.runs import seed_all
 from ktnas.engine.search import SearchConfig, resolve_config
 from ktnas.engine.searcher import SearchRun
-from ktnas.engine.supernet import count_parameters
+from ktnas.engine.supernet import RECOMPUTE, count_parameters
 from ktnas.engine.train import stem_of_store
 from ktnas.kernels.errors import KernelError
 
@@ -47,8 +48,10 @@ from .search_data import CLASSIC_SIZE, HostMemory, SearchData, full_batches, loa
 
 ALGOS = {"darts-1": ("darts", 1), "darts-2": ("darts", 2), "pcdarts": ("pcdarts", 1), "gdas": ("gdas", 1)}
 SPACES = ("darts", "nb201")
-CONFIGS = ("baseline", "stem-on-the-fly", "cached", "cached-fused", "cached-fused-graph")
-CASES = ("baseline", "stem-on-the-fly", "cached", "cached-memory", "cached-fused", "cached-fused-graph")
+CONFIGS = ("baseline", "stem-on-the-fly", "cached", "cached-compiled", "cached-fused", "cached-fused-graph")
+CASES = ("baseline", "stem-on-the-fly", "cached", "cached-memory", "cached-compiled", "cached-fused",
+         "cached-fused-graph")
+DEFAULT_CASES = tuple(c for c in CASES if c != "cached-compiled")  # compiling (minutes on a CPU): on request
 FULL = dict(algos=tuple(ALGOS), spaces=SPACES, steps=20, warmup=5, batch_size=None)
 QUICK = dict(algos=("darts-1", "darts-2"), spaces=("darts",), steps=3, warmup=1, batch_size=8)
 NEEDS_CUDA_FUSED = ("needs CUDA: the fused Triton kernels run on the CPU only under Triton's interpreter "
@@ -66,7 +69,11 @@ class _Case:
     config: str     # the row's config
     source: str     # images | disk | memory
     kernels: str    # torch | triton
-    graph: bool = False
+    capture: str = "none"  # ktnas search --capture
+
+    @property
+    def graph(self) -> bool:
+        return self.capture == "graph"
 
 
 _CASES = {c.name: c for c in (
@@ -74,8 +81,9 @@ _CASES = {c.name: c for c in (
     _Case("stem-on-the-fly", "stem-on-the-fly", "images", "torch"),
     _Case("cached", "cached", "disk", "torch"),
     _Case("cached-memory", "cached", "memory", "torch"),
+    _Case("cached-compiled", "cached-compiled", "disk", "torch", capture="compile"),
     _Case("cached-fused", "cached-fused", "disk", "triton"),
-    _Case("cached-fused-graph", "cached-fused-graph", "disk", "triton", graph=True))}
+    _Case("cached-fused-graph", "cached-fused-graph", "disk", "triton", capture="graph"))}
 
 
 # ---------------------------------------------------------------------------------------------- one config
@@ -185,15 +193,17 @@ def _cuda_reason(case: _Case, algo: str, device) -> str | None:
 
 
 def _run_case(case: _Case, data: SearchData, space: str, algo: str, order: int, batch: int, device, *, steps: int,
-              warmup: int, precision: str, seed: int, memory: HostMemory, memory_cap: int | None, broken: list) -> dict:
+              warmup: int, precision: str, seed: int, memory: HostMemory, memory_cap: int | None, broken: list,
+              recompute: str | None = None, compile_backend: str = "inductor") -> dict:
     row = dict(config=case.config, source=case.source, space=space, algo=algo, order=order, batch=batch,
                device=str(device), precision=precision, kernels=case.kernels, step_ms=None, samples_per_s=None,
                peak_mem_bytes=None, mem_increase_bytes=None, skipped=None, steps=steps, warmup=warmup)
     kw = (dict(stem="none", dataset=data.attrs.get("dataset", "?")) if case.config == "baseline"
-          else dict(stem="features", features=data.store))
+          else dict(stem="features", features=data.store, recompute=recompute or "auto"))
     cfg = resolve_config(SearchConfig(space=space, algo=algo, order=order, batch_size=batch, device=str(device),
                                       precision=precision, kernels=case.kernels, seed=seed, progress=False,
-                                      capture="graph" if case.graph else "none", **kw))
+                                      capture=case.capture, compile_backend=compile_backend, **kw))
+    row["recompute"], row["capture"] = cfg.recompute, cfg.capture
     if case.graph:  # the eager steps before the capture, and the capture, are not timed
         warmup = row["warmup"] = max(warmup, GRAPH_WARMUP + 1)
     reason = _cuda_reason(case, algo, device) or (broken[0] if broken and device.type == "cuda" else None)
@@ -278,7 +288,8 @@ def _apply_cap(cap, dev, notes: list) -> None:
                  f"(torch.cuda.set_per_process_memory_fraction)")
 
 
-def _run_all(cases, data, spaces, algos, batches, dev, steps, warmup, precision, seed, memory, cap) -> list[dict]:
+def _run_all(cases, data, spaces, algos, batches, dev, steps, warmup, precision, seed, memory, cap,
+             recompute=None, compile_backend="inductor") -> list[dict]:
     """Every configuration of every space and algorithm, after one untimed priming step."""
     rows, broken = [], []
     # one untimed step first, discarded: the process's one-time costs (code pages of the libraries, thread
@@ -297,7 +308,8 @@ def _run_all(cases, data, spaces, algos, batches, dev, steps, warmup, precision,
                 print(f"ktnas bench search: {space} {a} batch {batches[a]}: {name} ...", file=sys.stderr)
                 rows.append(_run_case(case, data, space, algo, order, batches[a], dev, steps=steps,
                                       warmup=warmup, precision=precision, seed=seed, memory=memory,
-                                      memory_cap=cap, broken=broken))
+                                      memory_cap=cap, broken=broken, recompute=recompute,
+                                      compile_backend=compile_backend))
     return rows
 
 
@@ -306,7 +318,8 @@ def bench_search(features=None, *, samples: int | None = None, dataset: str = "f
                  device: str = "auto", quick: bool = False, algos=None, spaces=None, configs=None,
                  steps: int | None = None, warmup: int | None = None, batch_size: int | None = None,
                  precision: str = "fp32", memory_cap=None, seed: int = 0, work_dir=None,
-                 notes: list | None = None) -> list[dict]:
+                 notes: list | None = None, recompute: str | None = None,
+                 compile_backend: str = "inductor") -> list[dict]:
     """Rows ``{config, source, space, algo, order, batch, device, step_ms, samples_per_s, peak_mem_bytes,
     mem_increase_bytes, speedup, mem_ratio, stream_overhead, params, cells, loss, skipped, ...}``, one per
     configuration, space and algorithm (see the module docstring). ``features``: a store of stem features (None:
@@ -316,7 +329,9 @@ def bench_search(features=None, *, samples: int | None = None, dataset: str = "f
     mode = QUICK if quick else FULL
     algos = names(algos or mode["algos"], tuple(ALGOS), "--algos")
     spaces = names(spaces or mode["spaces"], SPACES, "--spaces")
-    cases = names(configs or CASES, CASES, "--configs")
+    cases = names(configs or DEFAULT_CASES, CASES, "--configs")
+    if recompute is not None and recompute not in RECOMPUTE:
+        raise KtnasError(f"unknown --recompute {recompute!r}: use one of {', '.join(RECOMPUTE)}")
     steps = mode["steps"] if steps is None else steps
     warmup = mode["warmup"] if warmup is None else warmup
     batch_size = mode["batch_size"] if batch_size is None else batch_size
@@ -340,7 +355,8 @@ def bench_search(features=None, *, samples: int | None = None, dataset: str = "f
     notes.append(f"memory: {memory.kind}")
     _apply_cap(cap, dev, notes)
     try:
-        rows = _run_all(cases, data, spaces, algos, batches, dev, steps, warmup, precision, seed, memory, cap)
+        rows = _run_all(cases, data, spaces, algos, batches, dev, steps, warmup, precision, seed, memory, cap,
+                        recompute, compile_backend)
     finally:
         if cap is not None:
             torch.cuda.set_per_process_memory_fraction(1.0, dev)

@@ -51,7 +51,7 @@ COLUMNS = [Column("space", "space"), Column(None, "algo", _algo_label), Column("
 
 COLORS = {("baseline", "images"): "tab:gray", ("stem-on-the-fly", "images"): "tab:orange",
           ("cached", "disk"): "tab:blue", ("cached", "memory"): "tab:cyan", ("cached-fused", "disk"): "tab:green",
-          ("cached-fused-graph", "disk"): "tab:red"}
+          ("cached-fused-graph", "disk"): "tab:red", ("cached-compiled", "disk"): "tab:olive"}
 
 
 def _kind_label(kind) -> str:
@@ -104,8 +104,8 @@ def add_arguments(p) -> None:
     p.add_argument("--spaces", default=None, help="comma-separated subset of darts,nb201 (default: both; --quick: "
                                                   "darts)")
     p.add_argument("--configs", default=None,
-                   help=f"comma-separated subset of {','.join(CASES)} (default: all; cached-memory is the 'cached' "
-                        f"row with source memory)")
+                   help=f"comma-separated subset of {','.join(CASES)} (default: all but cached-compiled; "
+                        f"cached-memory is the 'cached' row with source memory)")
     p.add_argument("--steps", type=int, default=None, help=f"timed steps; the median counts (default: "
                                                            f"{FULL['steps']}; --quick: {QUICK['steps']})")
     p.add_argument("--warmup", type=int, default=None, help=f"untimed steps first (default: {FULL['warmup']}; "
@@ -114,6 +114,11 @@ def add_arguments(p) -> None:
                    help=f"one batch for every algorithm (default: the papers': darts 64, pcdarts 256, gdas 64; "
                         f"--quick: {QUICK['batch_size']})")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="autocast (default: fp32)")
+    p.add_argument("--recompute", default=None, choices=("none", "edge", "cell"),
+                   help="ktnas search --recompute of the KT-NAS configurations (default: search's; the baseline "
+                        "recomputes nothing, as DARTS' own code)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="cached-compiled: torch.compile's backend (default: %(default)s; aot_eager compiles fast)")
     p.add_argument("--memory-cap", default=None, metavar="SIZE",
                    help="CUDA: cap the process's memory (set_per_process_memory_fraction), e.g. 2GiB; a configuration "
                         "that runs out is skipped, with the largest batch that fits")
@@ -135,7 +140,8 @@ def report(args, work_dir=None) -> Report:
                         weights=args.weights, image_size=args.image_size, device=args.device, quick=args.quick,
                         algos=args.algos, spaces=args.spaces, configs=args.configs, steps=args.steps,
                         warmup=args.warmup, batch_size=args.batch_size, precision=args.precision,
-                        memory_cap=args.memory_cap, seed=args.seed, work_dir=work_dir, notes=notes)
+                        memory_cap=args.memory_cap, seed=args.seed, work_dir=work_dir, notes=notes,
+                        recompute=args.recompute, compile_backend=args.compile_backend)
     r0 = rows[0]
     notes += [f"each configuration: a freshly seeded network, {r0['warmup']} untimed step(s), then {r0['steps']} "
               "timed step(s) (the median counts); a step = fetching a training and a validation batch (+ the frozen "
@@ -144,8 +150,9 @@ def report(args, work_dir=None) -> Report:
               "baseline: --stem none, classic network on 32x32 images (host memory, copied per batch); "
               "stem-on-the-fly: the store's frozen stem on the raw images (host memory, copied per batch); cached "
               "(disk): FeatureLoader streaming the store (page cache warm); cached (memory): FeatureLoader "
-              "in_memory=True (GPU memory on CUDA); fused: --kernels triton; graph: the whole step captured in one "
-              "CUDA graph",
+              "in_memory=True (GPU memory on CUDA); compiled: --capture compile (torch.compile, its compile in the "
+              "untimed steps); fused: --kernels triton; graph: --capture graph, the whole step in one CUDA graph; "
+              f"KT-NAS configurations: --recompute {args.recompute or 'auto (edge)'}",
               "samples/s vs baseline and mem vs baseline: against the baseline of the same space, algorithm and "
               "batch; on the CPU peak mem is the process's RSS peak during the configuration, (+N) its increase "
               "over the RSS at its start, and mem vs baseline compares the increases",
