@@ -4,6 +4,9 @@ a tensor operation of fixed shape with the values and gradients of its one-op fo
 torch.compile runs with the aot_eager backend here: the same tracing (dynamo, AOT autograd) as inductor, which
 takes minutes per network on this CPU to generate and build its C++ kernels."""
 
+import contextlib
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -161,3 +164,50 @@ def test_compiled_search_resumes(search_store, tmp_path, monkeypatch):
     resumed = _search(search_store, tmp_path / "cut", capture="compile", resume=True)
     assert resumed["genotype"] == whole["genotype"]
     assert resumed["last"]["val_loss"] == pytest.approx(whole["last"]["val_loss"], rel=1e-5)
+
+
+def test_graph_step_warms_up_captures_once_then_replays(monkeypatch):
+    """GraphStep's order of work, with CUDA's stream and graph primitives stood in for (no GPU here): the epoch's
+    first GRAPH_WARMUP steps run eagerly on the side stream, the next is captured on static copies of its batch and
+    replayed, later full batches only replay (their data copied into the static buffers), a batch of another
+    shape runs eagerly; close frees the graph."""
+    from ktnas.engine import capture as C
+
+    log = []
+
+    class Graph:
+        def replay(self):
+            log.append("replay")
+
+    @contextlib.contextmanager
+    def ctx(tag):
+        log.append(f"enter {tag}")
+        yield
+        log.append(f"exit {tag}")
+
+    monkeypatch.setattr(C.torch.cuda, "Stream", lambda device: types.SimpleNamespace(wait_stream=lambda s: None))
+    monkeypatch.setattr(C.torch.cuda, "current_stream", lambda device: types.SimpleNamespace(wait_stream=lambda s: None))
+    monkeypatch.setattr(C.torch.cuda, "stream", lambda s: ctx("side"))
+    monkeypatch.setattr(C.torch.cuda, "synchronize", lambda device: None)
+    monkeypatch.setattr(C.torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(C.torch.cuda, "graph", lambda g, capture_error_mode: ctx("capture"))
+
+    def step(x, y):
+        log.append(("step", float(x.sum()), tuple(x.shape)))
+        return x * 2, y
+
+    run = types.SimpleNamespace(device=torch.device("cpu"))
+    g = C.GraphStep(run, step)
+    batches = [(torch.full((2, 3), float(i)), torch.tensor([i, i])) for i in range(6)]
+    outs = [g(*b) for b in batches[:C.GRAPH_WARMUP + 2]]
+    assert log[:3 * C.GRAPH_WARMUP] == [x for i in range(C.GRAPH_WARMUP)
+                                        for x in ("enter side", ("step", 6.0 * i, (2, 3)), "exit side")]
+    k = C.GRAPH_WARMUP
+    assert log[3 * k:] == ["enter capture", ("step", 6.0 * k, (2, 3)), "exit capture", "replay", "replay"]
+    assert outs[-1][0] is outs[-2][0]  # a replay returns the captured outputs, refilled
+    torch.testing.assert_close(g.static[0], batches[k + 1][0])  # the last batch copied into the static buffer
+    log.clear()
+    g(torch.ones(1, 3), torch.tensor([0]))  # a smaller last batch: eager
+    assert log == [("step", 3.0, (1, 3))]
+    g.close()
+    assert g.graph is None and g.static is None
