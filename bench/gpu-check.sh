@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of ktnas in one run of at most 8 minutes on a bare GPU machine; every report under $OUT.
+# Every GPU check of ktnas in one run of at most 9 minutes on a bare GPU machine; every report under $OUT.
 #
 # Where a GPU is lent (no network there): stage here with `bash ../shared/gpu/prepare.sh`, then run through the
 # device tool with carry [".gpu"]:   source .gpu/setup.sh && bash bench/gpu-check.sh
@@ -15,7 +15,10 @@
 #   4. kernels        ktnas bench kernels --device cuda
 #   5. search         ktnas bench search --device cuda, DARTS 1st and 2nd order, DARTS space (builds its store of
 #                     Fashion-MNIST through the ImageNet MobileNetV2 stem)
-#   6. compare        predicted (profile) against measured (search) peak memory and step time: compare.md
+#   6. captured       ktnas search itself on that store, its default step (--capture auto: one CUDA graph per step,
+#                     --recompute edge), second order, --max-memory 2GiB (the profile's pick, a trial confirms):
+#                     one epoch of 2048 samples; metrics.jsonl has its seconds and peak memory
+#   7. compare        predicted (profile) against measured (search) peak memory and step time: compare.md
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -49,6 +52,8 @@ PROFILE=(bench step --algos darts-1,darts-2 --spaces darts --out "$OUT/bench-ste
 KERNELS=(bench kernels --device cuda --out "$OUT/bench-kernels")
 SEARCH=(bench search --device cuda --algos darts-1,darts-2 --spaces darts --steps 10 --warmup 3
         --out "$OUT/bench-search")
+CAPTURED=(search --features "$OUT/bench-search/features.zarr" --device cuda --order 2 --epochs 1 --limit 2048
+          --batch-size 64 --max-memory 2GiB --quiet --out "$OUT/search-captured")
 TRITON_TESTS=(-m pytest -q -x tests/test_triton_mixed.py -p no:cacheprovider)
 if [ $DRY = 1 ]; then  # the CPU branch: small enough for a test
   PROFILE=(bench step --quick --configs baseline,cached --batch-size 2 --out "$OUT/bench-step")
@@ -99,23 +104,26 @@ t_prof=$SECONDS
 timeout --kill-after=10 420 "${KTNAS[@]}" "${PROFILE[@]}" > "$OUT/profile.log" 2>&1 &
 PROF_PID=$!
 
-# 3-5. on the GPU
+# 3-6. on the GPU
 if [ $DRY = 1 ]; then
   check triton-tests 300 "$PY" "${TRITON_TESTS[@]}"
   parses kernels "${KERNELS[@]}"
   parses search "${SEARCH[@]}"
+  parses captured "${CAPTURED[@]}"
 else
-  check triton-tests 150 env -u TRITON_INTERPRET "$PY" "${TRITON_TESTS[@]}"
-  check kernels 100 "${KTNAS[@]}" "${KERNELS[@]}"
-  check search 210 "${KTNAS[@]}" "${SEARCH[@]}"
+  check triton-tests 120 env -u TRITON_INTERPRET "$PY" "${TRITON_TESTS[@]}"
+  check kernels 80 "${KTNAS[@]}" "${KERNELS[@]}"
+  check search 200 "${KTNAS[@]}" "${SEARCH[@]}"
+  check captured 90 "${KTNAS[@]}" "${CAPTURED[@]}"
+  cp "$OUT/search-captured/metrics.jsonl" "$OUT/search-captured/config.json" "$OUT/" 2>/dev/null
 fi
 
 wait $PROF_PID
 rc=$?
 record profile "$([ $rc = 0 ] && echo ok || echo "failed (exit $rc)")" $((SECONDS - t_prof))
 
-# 6. predicted against measured
-check compare 60 "$PY" -m ktnas.bench.compare "$OUT/bench-step/results.json" "$OUT/bench-search/results.json" \
+# 7. predicted against measured
+check compare 30 "$PY" -m ktnas.bench.compare "$OUT/bench-step/results.json" "$OUT/bench-search/results.json" \
   --out "$OUT/compare.md"
 echo "" >> "$SUMMARY"
 echo "total: $(( $(date +%s) - START )) s" >> "$SUMMARY"
