@@ -40,7 +40,7 @@ import warnings
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM, get_stem
 from ktnas.engine.algorithms import ALGORITHMS
-from ktnas.engine.search import SearchConfig, resolve_config
+from ktnas.engine.search import SearchConfig, default_recompute, resolve_config
 from ktnas.engine.step_profile import profile_search_step
 from ktnas.engine.supernet import count_parameters
 from ktnas.kernels.errors import KernelError
@@ -96,7 +96,8 @@ def _profile_config(config, space, algo, order, batch, precision, seed, stem, im
     cfg = resolve_config(SearchConfig(space=space, algo=algo, order=order, batch_size=batch, device="cpu",
                                       kernels="triton" if config == "cached-fused" else "torch", seed=seed,
                                       progress=False, layers=layers, channels=channels,
-                                      recompute="none" if config in AS_AUTHORS else recompute or "auto",
+                                      recompute="none" if config in AS_AUTHORS
+                                      else recompute or default_recompute("features", "cuda"),  # CUDA's default
                                       **kw))
     return cfg, info, frozen, feat
 

@@ -11,13 +11,15 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.runtime import resolve_device
 from ktnas.kernels import resolve_impl
 
 from . import distributed
 from .algorithms import ALGORITHMS, get_algorithm
-from .capture import CAPTURE
+from .capture import CAPTURE, resolve_capture
 from .data import search_data
 from .flags import add_config_arguments, check_positive, comma_tuple, config_from_args, format_bytes, parse_size
 from .memory import choose_batch_size
@@ -69,7 +71,7 @@ class SearchConfig:
     kernels: str = field(default="auto", metadata=dict(choices=("auto", "triton", "torch")))
     recompute: str = field(default="auto", metadata=dict(choices=("auto", "none", "edge", "cell"), help=(
         "what backward recomputes instead of keeping: edge (each mixed edge keeps only its input), cell, none; "
-        "auto: edge for the KT-NAS supernet, none for --stem none (classic DARTS)")))
+        "auto: edge for the KT-NAS supernet on CUDA, none on the CPU and for --stem none (classic DARTS)")))
     capture: str = field(default="auto", metadata=dict(choices=CAPTURE, help=(
         "how the step runs: graph (one CUDA graph per step, CUDA), compile (torch.compile, any device), none "
         "(eager); auto: graph on one CUDA device where the algorithm allows, else none")))
@@ -126,11 +128,19 @@ def resolve_config(cfg: SearchConfig) -> SearchConfig:
     if cfg.recompute not in ("auto", *RECOMPUTE):
         raise KtnasError(f"unknown --recompute {cfg.recompute!r}: use auto, {', '.join(RECOMPUTE)}")
     if cfg.recompute == "auto":
-        cfg.recompute = "none" if cfg.stem == "none" else "edge"
+        cfg.recompute = default_recompute(cfg.stem, cfg.device)
     if cfg.capture not in CAPTURE:
         raise KtnasError(f"unknown --capture {cfg.capture!r}: use one of {', '.join(CAPTURE)}")
     cfg.arch_betas = tuple(cfg.arch_betas)
     return cfg
+
+
+def default_recompute(stem: str, device: str) -> str:
+    """``--recompute auto``, chosen by the measurements (README, "What each lever does"): ``edge`` for the KT-NAS
+    supernet on CUDA (a step of 1/42 of the classic one's memory), ``none`` on the CPU (recomputing costs 38% step
+    time there, where memory is plentiful) and for ``--stem none`` (classic DARTS as its authors run it)."""
+    on_cuda = str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return "edge" if stem != "none" and on_cuda else "none"
 
 
 def config_json(cfg: SearchConfig) -> dict:
@@ -175,7 +185,8 @@ def _batch_size(cfg, state, device, info, main: bool) -> int | None:
 
 
 def _search(cfg: SearchConfig, device, rank: int, world_size: int) -> dict:
-    cfg = dataclasses.replace(cfg, progress=cfg.progress and rank == 0)
+    cfg = dataclasses.replace(cfg, progress=cfg.progress and rank == 0,  # auto resolved: the profile needs it
+                              capture=resolve_capture(cfg.capture, get_algorithm(cfg.algo), device, world_size))
     files = RunDir(cfg.out, "search", resume=cfg.resume, main=rank == 0, ignore=NOT_COMPARED)
     state = distributed.from_rank0(files.read_checkpoint)
     seed_all(cfg.seed)

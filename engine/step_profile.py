@@ -43,7 +43,7 @@ def profiled_run(cfg, info: dict, fake: bool, seed: int, darts_edges, precision:
     runs eagerly; a ``cfg.capture`` other than none only makes GDAS sample as a captured step does (fixed shape):
     a captured step keeps what the eager one keeps (a CUDA graph's pool holds the eager step's peak)."""
     torch.manual_seed(seed)
-    fixed = cfg.capture not in ("none", "auto")
+    fixed = cfg.capture in ("graph", "compile")  # ktnas search resolves auto before it profiles
     with stay_on_cpu(fake):
         run = SearchRun(dataclasses.replace(cfg, capture="none"), torch.device("cpu"), info)
     run.fixed_arch = fixed

@@ -55,7 +55,8 @@ def test_recompute_keeps_less_for_backward():
 
 def test_default_and_refusal():
     base = dict(features="s", batch_size=8, device="cpu")
-    assert resolve_config(SearchConfig(**base)).recompute == "edge"
+    assert resolve_config(SearchConfig(**base)).recompute == "none"  # the CPU: recomputing costs time, not needed
+    assert resolve_config(SearchConfig(**dict(base, device="cuda"))).recompute == "edge"
     assert resolve_config(SearchConfig(stem="none", dataset="fashion-mnist", batch_size=8)).recompute == "none"
     with pytest.raises(KtnasError, match="unknown --recompute 'all'"):
         resolve_config(SearchConfig(**base, recompute="all"))
