@@ -20,14 +20,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import datasets
 from .datasets import augment
 from .errors import KtnasError
 from .files import disk_full_as_error
 from .resume import open_or_create, pending_chunks, request, request_hash
-from .runtime import DEFAULT_OUT, resolve_device
+from .runtime import DEFAULT_OUT, progress, resolve_device
 from .stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM, get_stem
 
 DTYPES = ("float16", "float32")
@@ -219,8 +218,8 @@ def _write_chunks(cfg: PrecomputeConfig, stem, splits: dict, split_handles: dict
                   n_images: int, device) -> tuple[int, float, bool]:
     """The chunk loop over ``todo``: the next chunk's images load in the background while the stem runs on
     this one and the writer thread writes the last. Returns (chunks written, seconds, interrupted by Ctrl-C)."""
-    bar = tqdm(total=n_images, unit="img", unit_scale=True, desc=f"precompute {stem.spec}",
-               disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
+    bar = progress(total=n_images, unit="img", unit_scale=True, desc=f"precompute {stem.spec}",
+                   enabled=cfg.progress)
     writer = _Writer(store)
     writer.start()
     t0 = time.perf_counter()

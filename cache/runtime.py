@@ -1,9 +1,14 @@
 """What every ktnas command shares at run time: the device it runs on and the default store's path."""
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 
 from .errors import KtnasError
+
+LOG_INTERVAL_S = 30.0  # seconds between progress lines when standard error is not a terminal
 
 DEFAULT_OUT = "runs/fashion-mnist_mobilenet_v2-features.3_64.zarr"  # the embedded default's store
 
@@ -15,3 +20,17 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise KtnasError(f"--device {device} asked for, but no CUDA device is available: use --device cpu or auto")
     return torch.device(device)
+
+
+def progress(iterable=None, *, desc: str, enabled: bool = True, file=None, **kw):
+    """The one progress bar of every long loop of ktnas (tqdm on standard error). On a terminal it redraws as tqdm
+    does; written to a log (CI, a cluster job, ``make demo > log``) it prints a line at most every
+    :data:`LOG_INTERVAL_S` seconds (``KTNAS_PROGRESS_INTERVAL`` overrides) and when it ends, never one per step."""
+    from tqdm.auto import tqdm
+
+    file = file or sys.stderr
+    tty = bool(getattr(file, "isatty", lambda: False)())
+    if not tty:
+        every = float(os.environ.get("KTNAS_PROGRESS_INTERVAL", LOG_INTERVAL_S))
+        kw = dict(dict(mininterval=every, maxinterval=every, ncols=100), **kw)  # maxinterval: tqdm's monitor
+    return tqdm(iterable, desc=desc, disable=not enabled, file=file, dynamic_ncols=tty, **kw)

@@ -281,9 +281,9 @@ def _bad_chunks(sp: StoreSplit, written: np.ndarray, num_classes: int | None, pr
     bad = {}
     chunks = range(sp.num_chunks)
     if progress:
-        from tqdm.auto import tqdm
+        from .runtime import progress as bar
 
-        chunks = tqdm(chunks, desc=f"verify {sp.name}", unit="chunk")
+        chunks = bar(chunks, desc=f"verify {sp.name}", unit="chunk")
     for i in chunks:
         if not written[i]:
             continue

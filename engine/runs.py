@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ktnas.cache.errors import KtnasError, first_line
+from ktnas.cache.runtime import progress  # noqa: F401 - the bars of search, train and evolve
 
 
 def atomic_write(path, write) -> None:
@@ -69,9 +69,6 @@ def peak_memory(device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def progress(iterable=None, *, desc: str, enabled: bool = True, **kw):
-    """A tqdm bar on stderr (the one style every long loop of ktnas shows)."""
-    return tqdm(iterable, desc=desc, disable=not enabled, file=sys.stderr, dynamic_ncols=True, **kw)
 
 
 class RunDir:

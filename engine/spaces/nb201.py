@@ -96,7 +96,8 @@ def derive_nb201(alpha, ops: tuple[str, ...] = NB201_OPS) -> NB201Genotype:
 # ------------------------------------------------------------------------------------------- the networks
 class ResNetBasicBlock(nn.Module):
     """NAS-Bench-201's reduction: two 3x3 ReLUConvBN (the first strided) plus an avg-pool + 1x1 conv shortcut.
-    ``ceil_mode``: the shortcut's pooling rounds odd sizes up (the search network's), as the strided conv does."""
+    ``ceil_mode``: the shortcut's pooling rounds odd sizes up, as the strided conv does (both networks use it; at
+    the even sizes of NB201's own 32 px inputs it pools as NB201's code)."""
 
     def __init__(self, C_in, C_out, ceil_mode: bool = False):
         super().__init__()
@@ -172,7 +173,7 @@ class NetworkNB201(nn.Module):
                     self.layout.append(f"stage {stage}: {run} cells C={C}")
                 if i == layout.layers:
                     break
-                cells.append(ResNetBasicBlock(C, 2 * C))
+                cells.append(ResNetBasicBlock(C, 2 * C, ceil_mode=True))  # odd sizes as the search network
                 C, stage, run = 2 * C, stage + 1, 0
                 self.layout.append(f"resnet basic block /2 -> {C}")
             else:
