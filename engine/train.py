@@ -33,7 +33,7 @@ from .evaluate import add_evaluate_parser, evaluate
 from .flags import add_config_arguments, check_positive, config_from_args
 from .network import build_network, load_model, network_config, save_model
 from .runs import RunDir, atomic_write, progress, set_rng_state
-from .spaces import load_genotype
+from .genotypes import parse_genotype
 
 __all__ = ["TrainConfig", "train", "evaluate", "load_model", "stem_of_store", "stem_images", "stem_batches",
            "make_optimizer", "train_step", "run_epoch", "add_train_parser", "add_evaluate_parser"]
@@ -48,7 +48,8 @@ class TrainConfig:
     """Everything ``ktnas train`` takes; defaults are DARTS' evaluation recipe."""
 
     features: str = field(default=DEFAULT_OUT, **_h("feature store"))
-    genotype: str = field(default="", **_h("genotype.json (DARTS or NAS-Bench-201)", required=True))
+    genotype: str = field(default="", **_h("genotype.json, DARTS Genotype(...) text or FILE[:NAME], or an NB201 "
+                                           "architecture string", required=True))
     out: str = field(default="runs/train", **_h("run directory (config, metrics, checkpoint, curves, model.pt)",
                                                  required=True))
     layers: int | None = field(default=None, **_h(
@@ -242,7 +243,7 @@ def train(cfg: TrainConfig | None = None, **overrides) -> dict:
     files = RunDir(cfg.out, "training run", resume=cfg.resume, ignore=NOT_COMPARED)
     state = files.read_checkpoint()
     device = resolve_device(cfg.device)
-    genotype = load_genotype(cfg.genotype)
+    genotype = parse_genotype(cfg.genotype)
     store = open_store(cfg.features)
     try:
         return _train(cfg, files, state, device, genotype, store)
