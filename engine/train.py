@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ktnas.cache.errors import KtnasError
-from ktnas.cache.datasets import augment, load_split
+from ktnas.cache.datasets import augment, load_split, relabel
 from ktnas.cache.runtime import DEFAULT_OUT, resolve_device
 from ktnas.cache.stems import get_stem
 from ktnas.cache.store import open_store
@@ -117,6 +117,8 @@ def stem_images(store, stem, split: str, dataset: str | None = None, data_root: 
     dataset = dataset or store.attrs.get("dataset")
     images = load_split(dataset, split, root=data_root, image_size=stem.preprocessing.image_size,
                         seed=int(store.attrs.get("seed", 0)))
+    if store.attrs.get("classes"):  # an image folder's class folders onto the store's classes, by name
+        images = relabel(images, list(store.attrs["classes"]), f"store {store.path}")
     want = store.attrs.get("dataset_fingerprints", {}).get(split)
     if want is not None and images.fingerprint != want:
         raise KtnasError(f"the {split} images of {dataset} differ from those store {store.path} was built from "
