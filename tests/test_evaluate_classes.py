@@ -106,3 +106,32 @@ def test_class_mapping_rules():
     assert class_mapping(["0", "2"], want, "f", "m") == [0, 2]
     one_line_error(lambda: class_mapping(["3"], want, "f", "m"), "'3' name none of m's")
     one_line_error(lambda: class_mapping(["Trouser", "trouser"], want, "f", "m"), "two classes map to one")
+
+
+def test_predict_on_png_files(model, tmp_path):
+    """ktnas predict on real PNG files (grayscale 28x28, an RGB copy at 50x40, a folder): class names and
+    probabilities; the top class is evaluate's prediction (the model's argmax on the same image)."""
+    from PIL import Image
+
+    from ktnas.engine.network import load_model
+
+    split = load_split("fashion-mnist", "test")
+    classes = split.classes
+    for i in range(4):
+        Image.fromarray(split.get_batch([i])[0, 0].numpy()).save(tmp_path / f"g{i}.png")
+    Image.fromarray(split.get_batch([0])[0, 0].numpy()).convert("RGB").resize((50, 40)).save(tmp_path / "rgb.jpg")
+    r = ktnas("predict", "--model", model, tmp_path / "g0.png", tmp_path, "--top", "3", "--json", "--device", "cpu")
+    rows = json.loads(r.stdout)
+    assert len(rows) == 1 + 5 and all(len(x["top"]) == 3 for x in rows)
+    net = load_model(model).eval()
+    for x in rows[:1] + [x for x in rows[1:] if x["path"].endswith(".png")]:
+        i = int(os.path.basename(x["path"])[1])
+        want = int(net(split.get_batch([i])).argmax(1))
+        assert x["top"][0]["class"] == classes[want] and x["top"][0]["index"] == want
+        ps = [t["probability"] for t in x["top"]]
+        assert ps == sorted(ps, reverse=True) and 0 < sum(ps) <= 1 + 1e-6
+    assert any(x["path"].endswith("rgb.jpg") for x in rows)
+    text = ktnas("predict", "--model", model, tmp_path / "g1.png", "--device", "cpu").stdout
+    assert text.startswith(str(tmp_path / "g1.png") + ": ") and "%" in text
+    bad = ktnas("predict", "--model", model, tmp_path / "nothing.png", check=False)
+    assert bad.returncode == 2 and "no such image file" in bad.stderr
