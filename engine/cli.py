@@ -141,8 +141,9 @@ def register_store_commands(sub) -> None:
 
 
 def register_engine_commands(sub) -> None:
-    """Add ``search``, ``train``, ``evaluate``, ``evolve``, ``genotype`` and ``predict`` to the ``ktnas`` subparsers ``sub``."""
+    """Add ``search``, ``train``, ``evaluate``, ``evolve``, ``genotype``, ``predict`` and ``export`` to the ``ktnas`` subparsers ``sub``."""
     from ktnas.engine.evolve import add_evolve_parser
+    from ktnas.engine.export import add_export_parser
     from ktnas.engine.genotypes import add_genotype_parser
     from ktnas.engine.predict import add_predict_parser
     from ktnas.engine.search import add_search_parser
@@ -154,6 +155,7 @@ def register_engine_commands(sub) -> None:
     add_evolve_parser(sub)
     add_genotype_parser(sub)
     add_predict_parser(sub)
+    add_export_parser(sub)
 
 
 def register_plugin_commands(sub) -> None:

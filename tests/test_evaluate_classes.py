@@ -135,3 +135,36 @@ def test_predict_on_png_files(model, tmp_path):
     assert text.startswith(str(tmp_path / "g1.png") + ": ") and "%" in text
     bad = ktnas("predict", "--model", model, tmp_path / "nothing.png", check=False)
     assert bad.returncode == 2 and "no such image file" in bad.stderr
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_runs_on_raw_images_as_the_model(model, tmp_path, fmt):
+    """ktnas export: the model as one ONNX (checked in onnxruntime) or TorchScript file on raw uint8 images,
+    any batch size: the PyTorch model's logits within 1e-4 and the same accuracy on real test images."""
+    import torch
+
+    from ktnas.engine.network import load_model
+
+    out = tmp_path / f"m.{fmt}"
+    r = ktnas("export", "--model", model, "--format", fmt, "--out", out)
+    assert "uint8 images [N, 1, 28, 28] -> logits [N, 10]" in r.stdout and out.stat().st_size > 10_000
+    split = load_split("fashion-mnist", "test")
+    net = load_model(model).eval()
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        run = lambda x: sess.run(None, {"images": x.numpy()})[0]  # the README's three lines
+    else:
+        ts = torch.jit.load(str(out))
+        run = lambda x: ts(x).numpy()
+    correct = {"export": 0, "torch": 0}
+    for a, b in ((0, 50), (50, 57)):  # batches of 50 and 7
+        x, y = split.get_batch(slice(a, b)), split.labels[a:b].numpy()
+        got = run(x)
+        with torch.no_grad():
+            ref = net(x).numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+        correct["export"] += int((got.argmax(1) == y).sum())
+        correct["torch"] += int((ref.argmax(1) == y).sum())
+    assert correct["export"] == correct["torch"] > 57 * 0.4

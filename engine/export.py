@@ -1,0 +1,81 @@
+"""``ktnas export``: an exported model (``model.pt``: the frozen stem, its preprocessing and the trained cells)
+written as one ONNX or TorchScript model that runs on raw images, any batch size, for deployment runtimes."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from ktnas.cache.errors import KtnasError
+
+from .network import load_model
+
+FORMATS = ("onnx", "torchscript")
+OPSET = 18  # ONNX Resize with antialias (the stem's antialiased bilinear resize) needs opset 18
+
+
+def input_shape(net, shape=None) -> tuple[int, int, int]:
+    """The raw image shape (C, H, W) the export takes: ``shape`` (e.g. "1,28,28"), or that of the first test image
+    of the model's data set."""
+    if shape:
+        try:
+            c, h, w = (int(v) for v in str(shape).split(","))
+        except ValueError:
+            raise KtnasError(f"--input-shape {shape!r}: give C,H,W, e.g. 1,28,28 or 3,32,32") from None
+        if c not in (1, 3) or h < 1 or w < 1:
+            raise KtnasError(f"--input-shape {shape!r}: C must be 1 or 3 and H, W positive")
+        return c, h, w
+    from ktnas.cache.datasets import load_split
+
+    dataset = net.meta.get("dataset")
+    try:
+        x = load_split(dataset, "test", image_size=net.stem.preprocessing.image_size).get_batch([0])
+    except (KtnasError, OSError, TypeError) as e:
+        raise KtnasError(f"the model's data set {dataset!r} cannot be read here ({str(e).splitlines()[0][:80]}): "
+                         f"pass --input-shape C,H,W") from None
+    return tuple(int(v) for v in x.shape[1:])
+
+
+def export_model(model, fmt: str, out, *, shape=None) -> dict:
+    """Write ``model`` (a model.pt) as ``fmt`` to ``out``; the input is a uint8 batch [N, C, H, W] (N free), the
+    output the logits [N, classes]. Returns {out, format, input_shape, classes}."""
+    if fmt not in FORMATS:
+        raise KtnasError(f"unknown --format {fmt!r}: use {' or '.join(FORMATS)}")
+    net = load_model(model).eval().requires_grad_(False)  # inference only: outputs need no graph
+    c, h, w = input_shape(net, shape)
+    example = torch.randint(0, 256, (2, c, h, w), dtype=torch.uint8)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fmt == "torchscript":
+            with torch.no_grad():
+                torch.jit.trace(net, example).save(str(out))
+        else:
+            try:
+                import onnxscript  # noqa: F401 - torch.onnx's exporter needs it
+            except ImportError:
+                raise KtnasError("--format onnx needs the onnx and onnxscript packages: pip install "
+                                 "'ktnas[export]' (or onnx onnxscript)") from None
+            torch.onnx.export(net, (example,), str(out), dynamo=True, input_names=["images"],
+                              output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                              opset_version=OPSET, verbose=False)
+    return dict(out=str(out), format=fmt, input_shape=[c, h, w], classes=net.meta.get("classes"))
+
+
+def cmd_export(args) -> int:
+    r = export_model(args.model, args.format, args.out, shape=args.input_shape)
+    print(f"wrote {r['out']} ({r['format']}): uint8 images [N, {', '.join(map(str, r['input_shape']))}] -> "
+          f"logits [N, {len(r['classes']) if r['classes'] else '?'}]")
+    return 0
+
+
+def add_export_parser(subparsers) -> None:
+    s = subparsers.add_parser("export", help="write a model.pt as one ONNX or TorchScript model on raw images")
+    s.add_argument("--model", required=True, help="model.pt written by ktnas train")
+    s.add_argument("--format", required=True, choices=FORMATS)
+    s.add_argument("--out", required=True, help="the file to write (e.g. model.onnx, model.ts)")
+    s.add_argument("--input-shape", default=None, metavar="C,H,W",
+                   help="raw image shape (default: the model's data set's, e.g. 1,28,28 for Fashion-MNIST)")
+    s.set_defaults(func=cmd_export)
