@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ktnas.cache.datasets import load_split, relabel
+from ktnas.cache.classes import relabel
+from ktnas.cache.datasets import load_split
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.runtime import resolve_device
 

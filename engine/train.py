@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 
 from ktnas.cache.errors import KtnasError
-from ktnas.cache.datasets import augment, load_split, relabel
+from ktnas.cache.classes import relabel
+from ktnas.cache.datasets import augment, load_split
 from ktnas.cache.runtime import DEFAULT_OUT, resolve_device
 from ktnas.cache.stems import get_stem
 from ktnas.cache.store import open_store

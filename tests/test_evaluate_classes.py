@@ -12,7 +12,8 @@ import pytest
 
 from conftest import ktnas, one_line_error
 
-from ktnas.cache.datasets import class_mapping, load_split, relabel
+from ktnas.cache.classes import class_mapping, relabel
+from ktnas.cache.datasets import load_split
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 pytestmark = pytest.mark.skipif(not os.path.isdir(FMNIST), reason="dataset-fashion-mnist not installed")
