@@ -26,11 +26,16 @@ CAPTURE = ("auto", "none", "graph", "compile")
 GRAPH_WARMUP = 3  # eager steps of each epoch before its capture
 
 
-def resolve_capture(capture: str, algorithm, device, world_size: int = 1) -> str:
-    """``--capture`` as run here: 'none', 'graph' or 'compile' (one-line KtnasError where it cannot run)."""
+def check_capture(capture: str) -> str:
+    """``capture`` if it is a ``--capture`` value (one-line KtnasError otherwise)."""
     if capture not in CAPTURE:
         raise KtnasError(f"unknown --capture {capture!r}: use one of {', '.join(CAPTURE)}")
-    if capture == "auto":
+    return capture
+
+
+def resolve_capture(capture: str, algorithm, device, world_size: int = 1) -> str:
+    """``--capture`` as run here: 'none', 'graph' or 'compile' (one-line KtnasError where it cannot run)."""
+    if check_capture(capture) == "auto":
         return "graph" if device.type == "cuda" and world_size == 1 and algorithm.capturable else "none"
     if capture != "none" and not algorithm.capturable:
         raise KtnasError(f"--capture {capture} with --algo {algorithm.name}: {algorithm.capture_refusal}; use "

@@ -121,6 +121,7 @@ def choose_batch_size(cfg, device, info: dict) -> ProfileChoice:
     step profile (:func:`profile_batch_size`), on CUDA confirmed by trial steps (``confirmed``); under torchrun
     the smallest choice of the ranks. KtnasError if not even batch size 1 fits."""
     pick = profile_batch_size(cfg, info, cfg.max_memory)
+    profiled = pick.batch
     one = pick.peak if pick.batch == 0 else None  # the profiled peak of batch 1 when even that is too much
     pick.confirmed = pick.batch > 0 and device.type == "cuda"
     if pick.confirmed:
@@ -131,5 +132,6 @@ def choose_batch_size(cfg, device, info: dict) -> ProfileChoice:
                f"runs out of it in trial steps on {device}" if pick.confirmed else "does not fit on another rank")
         raise KtnasError(f"--max-memory {format_bytes(cfg.max_memory)}: even batch size 1 {how}: allow more memory, "
                          f"or search a smaller network (--channels, --layers)")
-    pick.peak = profile_peak(cfg, info, pick.batch) if pick.confirmed else pick.peak
+    if pick.batch != profiled:  # the trials or another rank chose less: that batch's profiled peak
+        pick.peak = profile_peak(cfg, info, pick.batch)
     return pick

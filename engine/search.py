@@ -19,7 +19,7 @@ from ktnas.kernels import resolve_impl
 
 from . import distributed
 from .algorithms import ALGORITHMS, get_algorithm
-from .capture import CAPTURE, resolve_capture
+from .capture import CAPTURE, check_capture, resolve_capture
 from .data import search_data
 from .flags import add_config_arguments, check_positive, comma_tuple, config_from_args, format_bytes, parse_size
 from .memory import choose_batch_size
@@ -129,8 +129,7 @@ def resolve_config(cfg: SearchConfig) -> SearchConfig:
         raise KtnasError(f"unknown --recompute {cfg.recompute!r}: use auto, {', '.join(RECOMPUTE)}")
     if cfg.recompute == "auto":
         cfg.recompute = default_recompute(cfg.stem, cfg.device)
-    if cfg.capture not in CAPTURE:
-        raise KtnasError(f"unknown --capture {cfg.capture!r}: use one of {', '.join(CAPTURE)}")
+    check_capture(cfg.capture)
     cfg.arch_betas = tuple(cfg.arch_betas)
     return cfg
 
@@ -196,7 +195,7 @@ def _search(cfg: SearchConfig, device, rank: int, world_size: int) -> dict:
         cfg = dataclasses.replace(cfg, batch_size=chosen)
     train, val = make_loaders(cfg.batch_size)
     try:
-        run = SearchRun(cfg, device, info, ddp=world_size > 1, world_size=world_size)
+        run = SearchRun(cfg, device, info, ddp=world_size > 1)
         start, history, alpha_hist = 0, [], {}
         if state is not None:
             files.check_config(state["config"], config_json(cfg))

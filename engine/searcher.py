@@ -36,9 +36,8 @@ class SearchRun:
     clipping's multi-tensor kernels; None: torch's default) may be changed before the first step. ``capture``: how
     the step runs (``ktnas.engine.capture``); ``fixed_arch``: the algorithm samples as tensors of fixed shape."""
 
-    def __init__(self, cfg, device, info: dict, ddp: bool = False, world_size: int | None = None):
+    def __init__(self, cfg, device, info: dict, ddp: bool = False):
         self.cfg, self.device, self.info, self.ddp = cfg, device, info, ddp
-        world_size = world_size or (2 if ddp else 1)
         algo = get_algorithm(cfg.algo)
         self.layout = search_layout(cfg, info).as_dict()
         self.model = Supernet(cfg.space, info["num_classes"], info["in_channels"],
@@ -52,7 +51,7 @@ class SearchRun:
         self.criterion = nn.CrossEntropyLoss()
         self.amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
         self.foreach = None
-        self.capture = resolve_capture(getattr(cfg, "capture", "none"), algo, device, world_size)
+        self.capture = resolve_capture(getattr(cfg, "capture", "none"), algo, device, 2 if ddp else 1)
         self.net = (compile_network(self.model, getattr(cfg, "compile_backend", "inductor"))
                     if self.capture == "compile" else self.model)
         self.fixed_arch = self.capture != "none"

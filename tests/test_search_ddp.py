@@ -5,7 +5,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -21,15 +20,9 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or TORCHRUN is None, rea
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    from ktnas.cache.precompute import precompute
-
-    out = tmp_path_factory.mktemp("store") / "s.zarr"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        precompute(dataset="synthetic:200/80", stem="mobilenet_v2:features.1", weights="none", image_size=32,
-                   out=str(out), limit=64, splits=("train",), progress=False)
-    return str(out)
+def store(search_store):
+    """conftest's tiny store (64 synthetic images through an untrained mobilenet_v2:features.1)."""
+    return search_store
 
 
 def _free_port() -> int:
