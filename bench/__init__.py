@@ -24,7 +24,8 @@ from .report import write_report
 from .search import bench_search
 
 BENCHMARKS = {"loader": "ktnas.bench.loader", "precompute": "ktnas.bench.precompute", "kernels": "ktnas.bench.kernels",
-              "search": "ktnas.bench.search_report", "accuracy": "ktnas.bench.accuracy", "step": "ktnas.bench.step"}
+              "search": "ktnas.bench.search_report", "accuracy": "ktnas.bench.accuracy", "step": "ktnas.bench.step",
+              "store": "ktnas.bench.store"}
 
 
 def _module(name: str):

@@ -33,6 +33,7 @@ from ktnas.cache.errors import KtnasError
 from ktnas.cache.precompute import PrecomputeConfig, precompute
 from ktnas.cache.runtime import resolve_device
 from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM
+from ktnas.cache.backends import BACKEND_COMPRESSORS
 from ktnas.cache.store import create_store, detect_backend, open_store
 from ktnas.cache.stream import FeatureLoader
 
@@ -53,6 +54,11 @@ def add_arguments(p) -> None:
     p.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up; the median counts")
     p.add_argument("--workers", type=int, default=2, help="FeatureLoader reader threads (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda: where batches go (default: auto)")
+    add_build_arguments(p)
+
+
+def add_build_arguments(p) -> None:
+    """The options that build the measured store when ``--features`` is not given."""
     g = p.add_argument_group("building the store (without --features)")
     g.add_argument("--dataset", default="fashion-mnist", help="images to run the stem over (default: %(default)s)")
     g.add_argument("--stem", default=DEFAULT_STEM, help="ARCH:CUT (default: %(default)s)")
@@ -63,12 +69,15 @@ def add_arguments(p) -> None:
 
 def copy_store(src, dst, split: str = "train", limit: int | None = None) -> str:
     """Copy the first ``limit`` samples (default: all) of one split of store ``src`` into a new store ``dst``
-    (backend from its suffix), chunk by chunk, with the same chunking, dtype, compressor and attributes."""
+    (backend from its suffix), chunk by chunk, with the same chunking, dtype and attributes, and the same compressor
+    where the other backend writes it (else that backend's default)."""
     with open_store(src) as s:
         sp = s.split(split)
         n = len(sp) if limit is None else min(limit, len(sp))
+        comp = s.attrs.get("compressor")
+        comp = comp if comp in BACKEND_COMPRESSORS[detect_backend(dst)] else None  # else the backend's default
         with create_store(dst, attrs=s.attrs, splits={split: (n, *sp.sample_shape)}, dtype=str(sp.dtype),
-                          chunk_size=sp.chunk_size, compressor=s.attrs.get("compressor", "zstd")) as d:
+                          chunk_size=sp.chunk_size, compressor=comp) as d:
             dsp = d.split(split)
             for i in range(dsp.num_chunks):
                 feats, labels = sp.read_chunk(i)
@@ -78,25 +87,30 @@ def copy_store(src, dst, split: str = "train", limit: int | None = None) -> str:
     return str(dst)
 
 
+def source_store(features, split, samples, tmp: Path, build: dict, notes: list) -> str:
+    """The store to measure: ``features``, or one built under ``tmp`` from ``samples`` real stem features."""
+    if features is not None:
+        notes.append(f"store: {features}")
+        return str(features)
+    src = str(tmp / "features.zarr")
+    print(f"ktnas bench: building a store of {samples} {build['dataset']} {split} samples through "
+          f"{build['stem']} (weights {build['weights']}) at {build['image_size']} px ...", file=sys.stderr)
+    made = precompute(PrecomputeConfig(out=src, splits=(split,), limit=samples, progress=False, **build))
+    notes.append(f"store: built here from real stem features: {build['dataset']} {split}[:{made['images']}] "
+                 f"through {build['stem']} (weights {build['weights']}) at {build['image_size']} px")
+    return src
+
+
 def _stores(features, split, samples, tmp: Path, build: dict, notes: list) -> dict[str, str]:
     """{backend: path} of the two stores to measure: the given or built one, and its copy in the other backend."""
-    if features is None:
-        src = str(tmp / "features.zarr")
-        print(f"ktnas bench loader: building a store of {samples} {build['dataset']} {split} samples through "
-              f"{build['stem']} (weights {build['weights']}) at {build['image_size']} px ...", file=sys.stderr)
-        made = precompute(PrecomputeConfig(out=src, splits=(split,), limit=samples, progress=False, **build))
-        notes.append(f"store: built here from real stem features: {build['dataset']} {split}[:{made['images']}] "
-                     f"through {build['stem']} (weights {build['weights']}) at {build['image_size']} px, "
-                     "then copied to HDF5")
-    else:
-        src = str(features)
-        notes.append(f"store: {src}, copied here to the other backend")
+    src = source_store(features, split, samples, tmp, build, notes)
     other = "hdf5" if detect_backend(src) == "zarr" else "zarr"
+    notes.append(f"copied here to {other}")
     dst = copy_store(src, tmp / f"copy{'.h5' if other == 'hdf5' else '.zarr'}", split, samples)
     return dict(sorted({detect_backend(src): src, other: dst}.items(), key=lambda kv: kv[0] != "zarr"))
 
 
-def _measure(cases: list, epochs: int) -> list[dict]:
+def measure(cases: list, epochs: int) -> list[dict]:
     """Time ``cases`` [(row fields, epoch_fn(epoch) -> (samples, bytes))]: each runs one warm-up epoch, then
     ``epochs`` rounds run every case once (round robin, so the machine's slow moments spread over all cases);
     the median epoch of each gives its rates."""
@@ -118,7 +132,7 @@ def _measure(cases: list, epochs: int) -> list[dict]:
     return rows
 
 
-def _loader_epoch(loader: FeatureLoader, sp, epoch: int) -> tuple[int, int]:
+def loader_epoch(loader: FeatureLoader, sp, epoch: int) -> tuple[int, int]:
     """One epoch of ``loader``: (samples, bytes of their features in the stored dtype, one view each)."""
     loader.set_epoch(epoch)
     count = 0
@@ -129,7 +143,7 @@ def _loader_epoch(loader: FeatureLoader, sp, epoch: int) -> tuple[int, int]:
     return count, count * int(np.prod(sp.sample_shape[1:])) * sp.dtype.itemsize
 
 
-def _raw_epoch(sp, n: int, epoch: int) -> tuple[int, int]:
+def raw_epoch(sp, n: int, epoch: int) -> tuple[int, int]:
     """read_chunk over the chunks holding the first ``n`` samples, in order: (samples, bytes) of those samples
     (a partial last chunk is read whole)."""
     count = nbytes = 0
@@ -179,11 +193,11 @@ def bench_loader(features=None, *, split: str = "train", samples: int | None = N
                         indices=None if n == len(sp) else np.arange(n), in_memory=in_memory))
                     fields = dict(source=MEMORY if in_memory else STREAM, backend=backend, in_memory=in_memory,
                                   batch_size=batch_size, device=str(dev))
-                    cases.append((fields, functools.partial(_loader_epoch, loader, sp)))
+                    cases.append((fields, functools.partial(loader_epoch, loader, sp)))
                 fields = dict(source=CEILING, backend=backend, in_memory=False, batch_size=sp.chunk_size,
                               device="cpu")
-                cases.append((fields, functools.partial(_raw_epoch, sp, n)))
-            rows = _measure(cases, epochs)
+                cases.append((fields, functools.partial(raw_epoch, sp, n)))
+            rows = measure(cases, epochs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ceiling = {r["backend"]: r["samples_per_s"] for r in rows if r["source"] == CEILING}

@@ -28,7 +28,7 @@ from ktnas.cache.errors import KtnasError
 from ktnas.cache.precompute import PrecomputeConfig, auto_chunk_size, precompute, run_stem
 from ktnas.cache.runtime import resolve_device
 from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM, get_stem
-from ktnas.cache.store import inspect_store, remove_store
+from ktnas.cache.store import COMPRESSORS, inspect_store, remove_store, resolve_compressor
 
 from .report import Column, Report, rate
 
@@ -46,6 +46,8 @@ def add_arguments(p) -> None:
     p.add_argument("--chunk-size", type=int, default=None, help="samples per chunk (default: precompute's ~8 MiB)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--backend", default="zarr", choices=("zarr", "hdf5"), help="store backend (default: zarr)")
+    p.add_argument("--compressor", default=None, choices=COMPRESSORS,
+                   help="store compressor (default: the backend's, as precompute)")
     p.add_argument("--repeats", type=int, default=2, help="alternating (a, b) rounds; the best counts (default: 2)")
 
 
@@ -62,11 +64,13 @@ def _check(samples, batch_size, chunk_size, repeats, backend) -> None:
 def bench_precompute(*, dataset: str = "fashion-mnist", stem: str = DEFAULT_STEM, weights: str = "imagenet",
                      image_size: int = DEFAULT_IMAGE_SIZE, samples: int = 4096, batch_size: int | None = None,
                      chunk_size: int | None = None, device: str = "auto", backend: str = "zarr", repeats: int = 2,
-                     work_dir=None) -> dict:
+                     work_dir=None, compressor: str | None = None) -> dict:
     """One row ``{stem, image_size, samples, device, stem_images_per_s, precompute_images_per_s, ratio, backend,
     stem_runs, precompute_runs, ...}`` (see the module docstring). Temporary stores go under ``work_dir``
     (default: the system's temp folder) and are removed."""
     _check(samples, batch_size, chunk_size, repeats, backend)
+    suffix = ".h5" if backend == "hdf5" else ".zarr"
+    compressor = resolve_compressor("features" + suffix, compressor)
     dev = resolve_device(device)
     data = load_split(dataset, "train", image_size=image_size)
     n = min(samples, len(data))
@@ -75,7 +79,7 @@ def bench_precompute(*, dataset: str = "fashion-mnist", stem: str = DEFAULT_STEM
         net = net.to(memory_format=torch.channels_last)
     feat_shape = net.output_shape
     cfg = PrecomputeConfig(dataset=dataset, stem=stem, weights=weights, image_size=image_size, splits=("train",),
-                           limit=n, device=str(dev), progress=False, overwrite=True,
+                           limit=n, device=str(dev), progress=False, overwrite=True, compressor=compressor,
                            batch_size=batch_size or (256 if dev.type == "cuda" else 64))
     cfg.chunk_size = chunk_size or auto_chunk_size(int(np.prod(feat_shape)) * np.dtype(cfg.dtype).itemsize, n)
     cs = cfg.chunk_size
@@ -93,7 +97,7 @@ def bench_precompute(*, dataset: str = "fashion-mnist", stem: str = DEFAULT_STEM
     store_info = {}
 
     def precompute_rate(i: int) -> float:
-        out = str(tmp / f"features-{i}{'.h5' if backend == 'hdf5' else '.zarr'}")
+        out = str(tmp / f"features-{i}{suffix}")
         with warnings.catch_warnings():  # get_stem already warned about --weights none once
             warnings.filterwarnings("ignore", message=".*uses random weights")
             summary = precompute(replace(cfg, out=out))
@@ -122,7 +126,7 @@ def _runs(key):
 
 
 COLUMNS = [Column("stem", "stem"), Column("image_size", "image px"), Column("samples", "samples"),
-           Column("device", "device"), Column("backend", "backend"),
+           Column("device", "device"), Column("backend", "backend"), Column("compressor", "compressor"),
            Column(None, "stem images/s: best (runs)", _runs("stem")),
            Column(None, "precompute images/s: best (runs)", _runs("precompute")),
            Column("ratio", f"ratio (target >= {TARGET})", lambda v: f"{v:.3f}")]
@@ -130,7 +134,7 @@ COLUMNS = [Column("stem", "stem"), Column("image_size", "image px"), Column("sam
 
 def _chart(ax, rows) -> None:
     r = rows[0]
-    names = ["(a) stem alone", f"(b) precompute -> {r['backend']}"]
+    names = ["(a) stem alone", f"(b) precompute -> {r['backend']} {r['compressor']}"]
     ax.bar(names, [r["stem_images_per_s"], r["precompute_images_per_s"]], color=["tab:gray", "tab:blue"], width=0.5)
     for x, key in enumerate(("stem_runs", "precompute_runs")):
         ax.plot([x] * len(r[key]), r[key], "ko", ms=4, label="each run" if x == 0 else None)
@@ -146,7 +150,8 @@ def report(args, work_dir=None) -> Report:
     """Run :func:`bench_precompute` with the CLI's arguments."""
     row = bench_precompute(dataset=args.dataset, stem=args.stem, weights=args.weights, image_size=args.image_size,
                            samples=args.samples, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                           device=args.device, backend=args.backend, repeats=args.repeats, work_dir=work_dir)
+                           device=args.device, backend=args.backend, repeats=args.repeats, work_dir=work_dir,
+                           compressor=args.compressor)
     notes = [f"data: {row['dataset']} train[:{row['samples']}], weights {row['weights']}, "
              f"stem batch {row['batch_size']}, chunks of {row['chunk_size']} samples, {row['dtype']} features, "
              f"{row['compressor']}: "

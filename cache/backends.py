@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -11,6 +12,10 @@ from .files import store_lock
 
 BACKENDS = ("zarr", "hdf5")
 _H5_SUFFIXES = (".h5", ".hdf5")
+# compressors each backend writes. zstd is level 1 in both; HDF5's gzip is deflate level 1 after the byte
+# shuffle filter, lzf is h5py's own filter (both built into every HDF5 / h5py); zstd in HDF5 is the filter
+# 32015 registered by hdf5plugin, which plain h5py and other HDF5 tools do not have
+BACKEND_COMPRESSORS = {"zarr": ("zstd", "gzip", "none"), "hdf5": ("zstd", "gzip", "lzf", "none")}
 
 
 def detect_backend(path) -> str:
@@ -28,14 +33,15 @@ class _ZarrBackend:
         import zarr
 
         self._zarr = zarr
+        self.path = str(path)
         self.group = zarr.open_group(store=str(path), mode=mode)
 
     def create_array(self, name, shape, chunks, dtype, compressor, fill_value):
-        from zarr.codecs import ZstdCodec
+        from zarr.codecs import GzipCodec, ZstdCodec
 
-        compressors = [ZstdCodec(level=1)] if compressor == "zstd" else None
-        self.group.create_array(name=name, shape=shape, chunks=chunks, dtype=dtype,
-                                compressors=compressors, fill_value=fill_value)
+        compressors = {"zstd": [ZstdCodec(level=1)], "gzip": [GzipCodec(level=1)]}.get(compressor)
+        self.group.create_array(name=name, shape=shape, chunks=chunks, dtype=dtype, compressors=compressors,
+                                fill_value=fill_value)
 
     def array(self, name):
         return self.group[name]
@@ -44,7 +50,14 @@ class _ZarrBackend:
         return np.asarray(self.group[name][sel])
 
     def write(self, name, sel, value):
-        self.group[name][sel] = value
+        # write_empty_chunks (a runtime setting, not stored): a chunk equal to the fill value is still written
+        # as a file, so a missing file always means lost data
+        a = self.group[name]
+        if hasattr(a, "with_config"):  # zarr >= 3.1
+            a.with_config({"write_empty_chunks": True})[sel] = value
+        else:
+            with self._zarr.config.set({"array.write_empty_chunks": True}):
+                a[sel] = value
 
     def get_attrs(self) -> dict:
         return dict(self.group.attrs)
@@ -63,6 +76,12 @@ class _ZarrBackend:
 
     def stored_bytes(self, name) -> int:
         return int(self.group[name].nbytes_stored())
+
+    def chunk_stored(self, name, i: int) -> bool:
+        """Whether chunk ``i`` (along the first axis) of array ``name`` has its file (Zarr reads a missing
+        one as fill values)."""
+        a = self.group[name]
+        return (Path(self.path) / name / a.metadata.encode_chunk_key((i,) + (0,) * (a.ndim - 1))).is_file()
 
     def close(self):
         pass
@@ -100,7 +119,9 @@ class _H5Backend:
             yield f
 
     def create_array(self, name, shape, chunks, dtype, compressor, fill_value):
-        kw = dict(self._hdf5plugin.Zstd(clevel=1)) if compressor == "zstd" else {}
+        kw = {"zstd": lambda: dict(self._hdf5plugin.Zstd(clevel=1)),
+              "gzip": lambda: dict(compression="gzip", compression_opts=1, shuffle=True),
+              "lzf": lambda: dict(compression="lzf")}.get(compressor, dict)()
         with self._open(write=True) as f:
             f.create_dataset(name, shape=shape, chunks=chunks, dtype=dtype, fillvalue=fill_value, **kw)
 
@@ -137,6 +158,10 @@ class _H5Backend:
     def stored_bytes(self, name) -> int:
         with self._open() as f:
             return int(f[name].id.get_storage_size())
+
+    def chunk_stored(self, name, i: int) -> bool:
+        """HDF5 keeps every chunk in the one file, written under the lock before its flag: always True."""
+        return True
 
     def close(self):
         if self._file is not None:

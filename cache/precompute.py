@@ -28,6 +28,7 @@ from .files import disk_full_as_error
 from .resume import open_or_create, pending_chunks, request, request_hash
 from .runtime import DEFAULT_OUT, progress, resolve_device
 from .stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM, get_stem
+from .store import open_store, resolve_compressor, store_exists
 
 DTYPES = ("float16", "float32")
 CHUNK_BYTES = 8 << 20  # target uncompressed bytes per chunk when --chunk-size is not given
@@ -48,7 +49,7 @@ class PrecomputeConfig:
     batch_size: int | None = None  # None: 64 on the CPU (cache-friendly), 256 on CUDA
     device: str = "auto"
     chunk_size: int | None = None
-    compressor: str = "zstd"
+    compressor: str | None = None  # None: the backend's default (zstd for Zarr, gzip for HDF5); a resumed store's own
     limit: int | None = None
     shard: tuple[int, int] = (0, 1)
     resume: bool = False
@@ -191,7 +192,19 @@ def _checked(cfg: PrecomputeConfig, overrides: dict) -> PrecomputeConfig:
         raise KtnasError("--views, --batch-size and --limit must be positive integers")
     if cfg.resume and cfg.overwrite:
         raise KtnasError("--resume and --overwrite exclude each other: pick one")
+    if cfg.compressor is None and cfg.resume and store_exists(cfg.out):
+        cfg.compressor = _stored_compressor(cfg.out)
+    cfg.compressor = resolve_compressor(cfg.out, cfg.compressor)
     return cfg
+
+
+def _stored_compressor(path) -> str | None:
+    """The compressor of the store at ``path`` (None when it is unreadable: open_or_create says why)."""
+    try:
+        with open_store(path, require_complete=False) as s:
+            return s.attrs.get("request", {}).get("compressor", s.attrs.get("compressor"))
+    except KtnasError:
+        return None
 
 
 def _layout(cfg: PrecomputeConfig, stem, splits: dict) -> tuple[dict, dict, int]:

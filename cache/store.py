@@ -22,16 +22,44 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import BACKENDS, detect_backend, open_backend
+from .backends import BACKEND_COMPRESSORS, BACKENDS, detect_backend, open_backend
 from .errors import KtnasError, first_line
 from .files import disk_full_as_error, disk_full_error, is_disk_full, remove_store, store_exists, store_lock
 
-__all__ = ["BACKENDS", "COMPRESSORS", "FORMAT_VERSION", "FeatureStore", "StoreSplit", "create_store", "detect_backend",
-           "disk_full_error", "inspect_store", "is_disk_full", "open_store", "remove_store", "store_exists",
-           "store_lock"]
+__all__ = ["BACKENDS", "COMPRESSORS", "DEFAULT_COMPRESSOR", "FORMAT_VERSION", "FeatureStore", "StoreSplit", "create_store", "detect_backend",
+           "disk_full_error", "inspect_store", "is_disk_full", "open_store", "opening_hint", "remove_store",
+           "resolve_compressor", "store_exists", "store_lock"]
 
 FORMAT_VERSION = 1
-COMPRESSORS = ("zstd", "none")
+COMPRESSORS = ("zstd", "gzip", "lzf", "none")
+# by measurement (README, `ktnas bench store`): zstd for Zarr; for HDF5 deflate + shuffle, as small as zstd on
+# stem features and readable by every HDF5 build, where zstd needs the hdf5plugin filter
+DEFAULT_COMPRESSOR = {"zarr": "zstd", "hdf5": "gzip"}
+PLUGIN_NOTE = ("zstd filter 32015 from hdf5plugin: in Python `import hdf5plugin` before h5py.File; h5dump, HDFView "
+               "or MATLAB need HDF5_PLUGIN_PATH set to hdf5plugin.PLUGIN_PATH")
+
+
+def resolve_compressor(path, compressor: str | None = None) -> str:
+    """``compressor``, or the default of the store's backend when None; refused (one line) when the backend
+    of ``path`` cannot write it."""
+    backend = detect_backend(path)
+    compressor = DEFAULT_COMPRESSOR[backend] if compressor is None else compressor
+    if compressor not in BACKEND_COMPRESSORS[backend]:
+        raise KtnasError(f"compressor '{compressor}' is not available for a {backend} store ({path}): use one of "
+                         f"{', '.join(BACKEND_COMPRESSORS[backend])}"
+                         + (" or a .h5 path" if compressor in COMPRESSORS else ""))
+    return compressor
+
+
+def opening_hint(path, backend: str, compressor: str | None, split: str = "train") -> str:
+    """How to read store ``path``'s features without ktnas (one line)."""
+    if backend == "zarr":
+        return f'zarr.open_group("{path}", mode="r")["{split}/features"] (zarr-python >= 3, any Zarr v3 reader)'
+    if compressor == "zstd":
+        return (f'import hdf5plugin, h5py; h5py.File("{path}", "r")["{split}/features"] (the {PLUGIN_NOTE}; '
+                "attributes are JSON text)")
+    return (f'h5py.File("{path}", "r")["{split}/features"], or h5dump, HDFView, MATLAB: no plugin needed '
+            "(attributes are JSON text)")
 
 
 class StoreSplit:
@@ -77,13 +105,32 @@ class StoreSplit:
             f"`ktnas inspect {self.store.path} --verify --repair`, then finish it with precompute --resume"
         )
 
-    def read_chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Features [n, V, C, H, W] (stored dtype) and labels [n] of chunk ``i``."""
+    def read_chunk(self, i: int, check: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Features [n, V, C, H, W] (stored dtype) and labels [n] of chunk ``i``. With ``check`` (what the
+        loaders ask for), a chunk that reads but is not what precompute wrote is refused in one line: its file
+        is missing (a store reads those as fill values), its features are NaN/Inf, its labels are out of range."""
         s = slice(*self.chunk_range(i))
         what = f"chunk {i} of split '{self.name}'"
         feats = self._guard(what, lambda: self.store._b.read(f"{self.name}/features", s))
-        labels = self._guard(what, lambda: self.store._b.read(f"{self.name}/labels", s))
-        return feats, labels.astype(np.int64, copy=False)
+        labels = self._guard(what, lambda: self.store._b.read(f"{self.name}/labels", s)).astype(np.int64, copy=False)
+        problem = self.chunk_problem(i, feats, labels) if check else None
+        if problem:
+            raise KtnasError(f"{what} of store {self.store.path} {problem}: run `ktnas inspect {self.store.path} "
+                             "--verify --repair`, then finish it with precompute --resume")
+        return feats, labels
+
+    def chunk_problem(self, i: int, feats: np.ndarray, labels: np.ndarray) -> str | None:
+        """Why chunk ``i`` (already read: ``feats``, ``labels``) is not what precompute wrote, or None."""
+        b = self.store._b
+        if not (b.chunk_stored(f"{self.name}/features", i) and b.chunk_stored(f"{self.name}/labels", i)) \
+                or (labels < 0).any():
+            return "is flagged written but its data are missing (a chunk file was deleted?)"
+        if not np.isfinite(feats).all():
+            return "holds NaN/Inf features"
+        ncls = self.store.attrs.get("num_classes")
+        if ncls is not None and (labels >= ncls).any():
+            return f"has labels outside 0..{ncls - 1}"
+        return None
 
     def read_labels(self) -> np.ndarray:
         return self._guard(f"labels of split '{self.name}'",
@@ -179,16 +226,22 @@ class FeatureStore:
 
 
 def create_store(path, *, attrs: dict, splits: dict[str, tuple[int, ...]], dtype: str, chunk_size: int,
-                 compressor: str = "zstd") -> FeatureStore:
-    """Create an empty store. ``splits`` maps a split name to its features shape (N, V, C, H, W)."""
-    if compressor not in COMPRESSORS:
+                 compressor: str | None = None) -> FeatureStore:
+    """Create an empty store. ``splits`` maps a split name to its features shape (N, V, C, H, W); ``compressor``
+    None takes the backend's default (:data:`DEFAULT_COMPRESSOR`). A store that needs a filter plugin says so
+    in its ``requires_plugin`` attribute."""
+    if compressor is not None and compressor not in COMPRESSORS:
         raise KtnasError(f"unknown compressor '{compressor}': use one of {', '.join(COMPRESSORS)}")
+    compressor = resolve_compressor(path, compressor)
     path = str(path)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     meta = dict(attrs)
+    meta.pop("requires_plugin", None)
     meta.update(format_version=FORMAT_VERSION, dtype=str(np.dtype(dtype)), chunk_size=int(chunk_size),
                 compressor=compressor, backend=detect_backend(path), complete=False,
                 splits={k: list(v) for k, v in splits.items()})
+    if meta["backend"] == "hdf5" and compressor == "zstd":
+        meta["requires_plugin"] = PLUGIN_NOTE
     with disk_full_as_error(path, "the store's layout"):
         b = open_backend(path, "w")
         for name, shape in splits.items():
@@ -248,8 +301,10 @@ def inspect_store(path, *, verify: bool = False, repair: bool = False, progress:
     try:
         attrs = store.attrs
         report = dict(path=store.path, backend=store.backend, attrs=attrs, complete=store.complete,
-                      size_on_disk=store.size_on_disk(), splits={})
-        ncls = attrs.get("num_classes")
+                      size_on_disk=store.size_on_disk(), splits={},
+                      requires_plugin=attrs.get("requires_plugin"),
+                      read_without_ktnas=opening_hint(store.path, store.backend, attrs.get("compressor"),
+                                                      (store.splits or ["train"])[0]))
         for name in store.splits:
             sp = store.split(name)
             w = sp.written()
@@ -260,7 +315,7 @@ def inspect_store(path, *, verify: bool = False, repair: bool = False, progress:
                         chunks=sp.num_chunks, chunks_written=int(w.sum()), nbytes=sp.nbytes(),
                         stored_bytes=stored, compression_ratio=written_bytes / stored if written_bytes else None)
             if verify:
-                bad = _bad_chunks(sp, w, ncls, progress)
+                bad = _bad_chunks(sp, w, progress)
                 info["bad_chunks"] = {int(k): v for k, v in bad.items()}
                 if repair and bad:
                     sp.mark_unwritten(bad)
@@ -275,9 +330,9 @@ def inspect_store(path, *, verify: bool = False, repair: bool = False, progress:
         store.close()
 
 
-def _bad_chunks(sp: StoreSplit, written: np.ndarray, num_classes: int | None, progress: bool) -> dict:
-    """Read every written chunk of ``sp``: {chunk: why it is bad} for those that do not decode, hold NaN/Inf
-    features or labels outside ``[0, num_classes)``."""
+def _bad_chunks(sp: StoreSplit, written: np.ndarray, progress: bool) -> dict:
+    """Read every written chunk of ``sp``: {chunk: why it is bad} for those that do not decode or that
+    :meth:`StoreSplit.chunk_problem` refuses (missing data, NaN/Inf features, labels out of range)."""
     bad = {}
     chunks = range(sp.num_chunks)
     if progress:
@@ -292,8 +347,7 @@ def _bad_chunks(sp: StoreSplit, written: np.ndarray, num_classes: int | None, pr
         except KtnasError as e:
             bad[i] = str(e).split(" (")[1].split(")")[0] if " (" in str(e) else "unreadable"
             continue
-        if not np.isfinite(f).all():
-            bad[i] = "NaN/Inf features"
-        elif num_classes is not None and ((y < 0) | (y >= num_classes)).any():
-            bad[i] = f"labels outside 0..{num_classes - 1}"
+        problem = sp.chunk_problem(i, f, y)
+        if problem:
+            bad[i] = problem
     return bad

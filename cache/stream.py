@@ -28,8 +28,10 @@ so it does not depend on the rank split nor on the mode; with V == 1 it is view 
 Streaming: background reader threads (``workers``) read and decompress the chunk groups ahead of use (at
 most ``prefetch`` groups ahead); an assembler thread gathers each group's samples into batches in host
 memory (pinned when ``pin_memory``); the consumer moves them with ``.to(device, non_blocking=True)`` and
-casts on the device. An exception in a background thread is raised in the consumer unchanged. Leaving an
-iteration early (``break``) or :meth:`FeatureLoader.close` stops its threads (all of them are daemons).
+casts on the device. An exception in a background thread is raised in the consumer unchanged, once every
+thread of that iteration has ended (so no store read outlives the error: nothing is left running while the
+program reports it and exits). Leaving an iteration early (``break``) or :meth:`FeatureLoader.close` stops its
+threads and waits for the reads in flight (all of them are daemons).
 
 In-memory mode (``in_memory=True``, or ``'auto'`` when the selected samples fit ``memory_budget`` bytes in
 the stored dtype): the selected samples are read once, chunk by chunk, into one tensor (on the GPU when the
@@ -42,12 +44,12 @@ import math
 import queue
 import threading
 from collections import deque
-from concurrent.futures import Future
 
 import numpy as np
 import torch
 
 from . import sampling
+from .readers import JOIN_TIMEOUT, ReaderPool
 from .errors import KtnasError
 from .store import FeatureStore, open_store
 
@@ -57,37 +59,6 @@ _DONE = object()
 def _is_int(value, low: int) -> bool:
     """An integer (numpy's too, not a bool) of at least ``low``."""
     return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= low
-
-
-class _ReaderPool:
-    """A minimal pool of daemon threads running submitted callables into :class:`Future` objects."""
-
-    def __init__(self, workers: int):
-        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._run, name=f"ktnas-reader-{i}", daemon=True)
-                         for i in range(workers)]
-        for t in self._threads:
-            t.start()
-
-    def submit(self, fn, *args) -> Future:
-        fut: Future = Future()
-        self._tasks.put((fut, fn, args))
-        return fut
-
-    def _run(self):
-        while (task := self._tasks.get()) is not None:
-            fut, fn, args = task
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn(*args))
-            except BaseException as e:  # handed to whoever waits on the future
-                fut.set_exception(e)
-
-    def shutdown(self):
-        """Let each thread exit once the tasks queued before this call are done (cancelled ones are skipped)."""
-        for _ in self._threads:
-            self._tasks.put(None)
 
 
 class FeatureLoader:
@@ -141,7 +112,7 @@ class FeatureLoader:
         self._in_memory = bool(in_memory) if in_memory != "auto" else self._mem_bytes <= memory_budget
         self._mem = None  # (features [n * views, C, H, W], labels [n]) once loaded
         self._lock = threading.Lock()
-        self._active: set[threading.Event] = set()
+        self._active: dict[threading.Event, threading.Thread] = {}
         self._num_classes = None
 
     def _setup(self, indices, view):
@@ -226,7 +197,7 @@ class FeatureLoader:
         thread = threading.Thread(target=self._assemble, args=(order, views, groups, batches, stop),
                                   name="ktnas-assembler", daemon=True)
         with self._lock:
-            self._active.add(stop)
+            self._active[stop] = thread
         thread.start()
         try:
             while True:
@@ -246,7 +217,8 @@ class FeatureLoader:
         finally:
             stop.set()
             with self._lock:
-                self._active.discard(stop)
+                self._active.pop(stop, None)
+            thread.join(JOIN_TIMEOUT)  # it stops its readers before it ends
 
     def _assemble(self, order, views, groups, out: queue.Queue, stop: threading.Event):
         """Background: read chunk groups ahead through the reader pool, cut this rank's order into batches."""
@@ -259,7 +231,7 @@ class FeatureLoader:
                     pass
             return False
 
-        pool, pending, next_group = _ReaderPool(self.workers), deque(), 0
+        pool, pending, next_group = ReaderPool(self.workers), deque(), 0
         cs, B, L = self.split.chunk_size, self.batch_size, len(order)
         try:
             def submit_ahead():
@@ -268,7 +240,7 @@ class FeatureLoader:
                     s, e = groups[next_group]
                     next_group += 1
                     chunks = np.unique(order[s:e] // cs).tolist()
-                    pending.append((s, e, {c: pool.submit(self.split.read_chunk, c) for c in chunks}))
+                    pending.append((s, e, {c: pool.submit(self.split.read_chunk, c, True) for c in chunks}))
 
             start, buf, filled = 0, None, 0  # current batch: first position, buffers, samples in it
             submit_ahead()
@@ -332,16 +304,16 @@ class FeatureLoader:
             feats = torch.empty((self._n, self._mem_views, *self.sample_shape), dtype=self._stored_torch_dtype,
                                 device=device, **kw)
             labels = torch.empty(self._n, dtype=torch.int64, device=device, **kw)
-            pool, futures = _ReaderPool(self.workers), deque()
+            pool, futures = ReaderPool(self.workers), deque()
             try:
                 chunks = self._chunks.tolist()
                 for c in chunks[:self.prefetch]:
-                    futures.append(pool.submit(self.split.read_chunk, c))
+                    futures.append(pool.submit(self.split.read_chunk, c, True))
                 row, cs = 0, self.split.chunk_size
                 for i, (c, samples) in enumerate(zip(chunks, self._chunk_slices)):
                     cf, cl = futures.popleft().result()
                     if i + self.prefetch < len(chunks):
-                        futures.append(pool.submit(self.split.read_chunk, chunks[i + self.prefetch]))
+                        futures.append(pool.submit(self.split.read_chunk, chunks[i + self.prefetch], True))
                     local = samples - c * cs
                     cf = cf[local] if self._view is None else cf[local, self._view:self._view + 1]
                     feats[row:row + len(local)] = torch.from_numpy(np.ascontiguousarray(cf)).to(device)
@@ -374,14 +346,19 @@ class FeatureLoader:
 
     # ------------------------------------------------------------------------------------------- teardown
     def close(self) -> None:
-        """Stop running iterations' threads, drop the in-memory copy, close the store if this loader opened it."""
+        """Stop running iterations' threads and wait for them (reads in flight finish), drop the in-memory copy,
+        close the store if this loader opened it."""
         lock = getattr(self, "_lock", None)
         if lock is not None:
             with lock:
-                for stop in self._active:
-                    stop.set()
+                active = list(self._active.items())
                 self._active.clear()
+                for stop, _ in active:
+                    stop.set()
                 self._mem = None
+            for _, thread in active:
+                if thread is not threading.current_thread():
+                    thread.join(JOIN_TIMEOUT)
         if self._owns_store and self.store is not None:
             self.store.close()
             self.store = None

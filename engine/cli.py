@@ -77,6 +77,7 @@ def cmd_inspect(args) -> int:
           f"dtype {a.get('dtype')}, compressor {a.get('compressor')}, chunk {a.get('chunk_size')} samples")
     print(f"complete   {r['complete']}")
     print(f"on disk    {format_bytes(r['size_on_disk'])}")
+    print(f"read with  {r['read_without_ktnas']}")
     for name, s in r["splits"].items():
         ratio = f"{s['compression_ratio']:.2f}x" if s["compression_ratio"] else "-"
         print(f"  {name:6s} features {s['shape']} {s['dtype']}  chunks {s['chunks_written']}/{s['chunks']}  "
@@ -99,6 +100,7 @@ def register_store_commands(sub) -> None:
     from ktnas.cache.precompute import PrecomputeConfig
     from ktnas.cache.runtime import DEFAULT_OUT
     from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM
+    from ktnas.cache.store import COMPRESSORS
 
     d = PrecomputeConfig()
     s = sub.add_parser("stems", help="list the stems (ARCH:CUT) with output channels and stride")
@@ -120,7 +122,9 @@ def register_store_commands(sub) -> None:
     s.add_argument("--batch-size", type=int, default=None, help="stem batch (default: 64 on CPU, 256 on CUDA)")
     s.add_argument("--device", default=d.device, help="auto | cpu | cuda (default: auto)")
     s.add_argument("--chunk-size", type=int, default=None, help="samples per chunk (default: ~8 MiB chunks)")
-    s.add_argument("--compressor", default=d.compressor, choices=("zstd", "none"))
+    s.add_argument("--compressor", default=None, choices=COMPRESSORS,
+                   help="zstd | gzip | lzf | none (default: zstd for .zarr; gzip, i.e. deflate + shuffle, for .h5, "
+                        "which every HDF5 tool reads; zstd there needs hdf5plugin; lzf: HDF5 only)")
     s.add_argument("--limit", type=int, default=None, help="first N samples of each split only")
     s.add_argument("--shard", default=None, help="I/N: this process writes every N-th chunk from I "
                                                  "(default under torchrun: RANK/WORLD_SIZE)")

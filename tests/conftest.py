@@ -36,7 +36,7 @@ def tiny_args(out, **kw):
 
 def ktnas(*args, check=True, env=None, **popen):
     """Run `python -m ktnas.engine.cli ARGS` in a subprocess; returns CompletedProcess (text)."""
-    e = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
+    e = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     r = subprocess.run([sys.executable, "-m", "ktnas.engine.cli", *map(str, args)], capture_output=True,
                        text=True, env=e, **popen)
     if check and r.returncode != 0:

@@ -130,7 +130,7 @@ def test_nan_features_and_bad_labels_fail_verify(tmp_path):
         y[3] = 12
         sp.write_chunk(0, f, y)
     rep = inspect_store(path, verify=True)
-    assert rep["splits"]["test"]["bad_chunks"] == {0: "labels outside 0..9", 1: "NaN/Inf features"}
+    assert rep["splits"]["test"]["bad_chunks"] == {0: "has labels outside 0..9", 1: "holds NaN/Inf features"}
 
 
 @pytest.mark.parametrize("name", BACKENDS)

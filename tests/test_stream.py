@@ -101,10 +101,10 @@ def count_reads(monkeypatch):
     """Counter of StoreSplit.read_chunk calls per chunk (the reader threads call it concurrently)."""
     counts, lock, real = Counter(), threading.Lock(), StoreSplit.read_chunk
 
-    def counted(self, i):
+    def counted(self, i, check=False):
         with lock:
             counts[i] += 1
-        return real(self, i)
+        return real(self, i, check)
 
     monkeypatch.setattr(StoreSplit, "read_chunk", counted)
     return counts
@@ -247,17 +247,19 @@ def wait_no_threads(timeout=5.0):
 def test_reader_error_propagates(store1, monkeypatch):
     real = StoreSplit.read_chunk
 
-    def failing(self, i):
+    def failing(self, i, check=False):
         if i == 5:
             raise KtnasError("chunk 5 is broken: repair the store")
-        return real(self, i)
+        time.sleep(0.05 if i > 5 else 0)  # the reads queued after the broken one are still in flight
+        return real(self, i, check)
 
     monkeypatch.setattr(StoreSplit, "read_chunk", failing)
     for mem in (False, True):
-        with FeatureLoader(store1, batch_size=8, in_memory=mem, chunks_per_group=1) as ld:
+        with FeatureLoader(store1, batch_size=8, in_memory=mem, chunks_per_group=1, workers=3, prefetch=3) as ld:
             with pytest.raises(KtnasError, match="chunk 5 is broken"):
                 list(ld)
-    assert wait_no_threads()
+            # no thread of the failed iteration outlives the error: no store read runs while it is reported
+            assert not reader_threads()
 
 
 def test_break_early_then_iterate_again(store1):
@@ -267,5 +269,46 @@ def test_break_early_then_iterate_again(store1):
         assert sorted(flat(run(ld)[0])) == list(range(N))
         it = iter(ld)
         next(it)
-    assert wait_no_threads()  # close() stops the iteration left open
+    assert not reader_threads()  # close() stops the iteration left open and waits for its threads
     del it
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_loader_refuses_nan_features_in_one_line(tmp_path, name):
+    """NaN features in a store are named as such when they are read, not later as a diverged training."""
+    path = make_store(tmp_path / name)
+    with open_store(path, "a") as st:
+        sp = st.split("train")
+        f, y = sp.read_chunk(3)
+        f[2, 0, 1] = np.nan
+        sp.write_chunk(3, f, y)
+    for mem in (False, True):
+        with FeatureLoader(path, batch_size=8, in_memory=mem) as ld:
+            with pytest.raises(KtnasError, match=r"chunk 3 of split 'train' of store .* holds NaN/Inf features: run "
+                                                 r"`ktnas inspect .* --verify --repair`") as e:
+                list(ld)
+        assert "\n" not in str(e.value)
+
+
+def test_a_deleted_chunk_file_is_refused_not_read_as_zeros(tmp_path):
+    path = make_store(tmp_path / "x.zarr")
+    (tmp_path / "x.zarr" / "train" / "features" / "c" / "4" / "0" / "0" / "0" / "0").unlink()
+    with FeatureLoader(path, batch_size=8, in_memory=False) as ld:
+        with pytest.raises(KtnasError, match="chunk 4 of split 'train' .* its data are missing"):
+            list(ld)
+    from ktnas.cache.store import inspect_store
+
+    rep = inspect_store(path, verify=True)
+    assert rep["splits"]["train"]["bad_chunks"] == {4: "is flagged written but its data are missing "
+                                                       "(a chunk file was deleted?)"}
+
+
+def test_a_chunk_of_zeros_is_still_stored(tmp_path):
+    """Zarr skips chunks equal to the fill value unless told otherwise: real zero features must not look lost."""
+    path = make_store(tmp_path / "z.zarr")
+    with open_store(path, "a") as st:
+        sp = st.split("train")
+        sp.write_chunk(2, np.zeros((CHUNK, 1, *SHAPE), np.float16), np.zeros(CHUNK, np.int64))
+    with FeatureLoader(path, batch_size=CHUNK, shuffle=False, in_memory=False) as ld:
+        batches = list(ld)
+    assert float(batches[2][0].abs().sum()) == 0 and int(batches[3][0][0, 0, 0, 0]) == 30

@@ -211,3 +211,28 @@ def test_fashion_mnist_above_chance(tmp_path):
     r = json.loads(cli("evaluate", "--model", tmp_path / "run" / "model.pt", "--limit", "300", "--device", "cpu",
                        "--json", "--quiet"))
     assert r["dataset"] == "fashion-mnist" and abs(r["accuracy"] - s["test_acc"]) <= 0.2
+
+
+@pytest.mark.parametrize("damage, message", [("corrupt", "is corrupt or truncated"), ("nan", "holds NaN/Inf features")])
+def test_a_damaged_store_stops_training_with_one_line_and_nothing_else(work, tmp_path, damage, message):
+    """`ktnas train` on a store with a damaged chunk, warnings on: stderr is the one error line naming the chunk
+    (NaN features are not reported as a diverged training), no stray warning from the readers' threads."""
+    from conftest import ktnas
+
+    d, store = work[0], tmp_path / "s.zarr"
+    shutil.copytree(d / "s.zarr", store)
+    if damage == "corrupt":
+        (store / "train" / "features" / "c" / "0" / "0" / "0" / "0" / "0").write_bytes(os.urandom(64))
+    else:
+        with open_store(store, "a") as st:
+            sp = st.split("train")
+            f, y = sp.read_chunk(0)
+            f[3] = np.nan
+            sp.write_chunk(0, f, y)
+    r = ktnas("train", "--features", store, "--genotype", d / "nb201.json", "--out", tmp_path / "run",
+              "--epochs", "1", "--layers", "2", "--channels", "4", "--device", "cpu", "--quiet", check=False,
+              env={"PYTHONWARNINGS": "default"})
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [r.stderr.strip()] and r.stderr.startswith("ktnas: error: chunk 0 of split "
+                                                                                "'train'"), r.stderr
+    assert message in r.stderr and "--verify --repair" in r.stderr
