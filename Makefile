@@ -13,6 +13,8 @@ setup: $(VENV)/.ktnas-setup
 
 $(VENV)/.ktnas-setup: pyproject.toml Makefile
 	@[ -d $(FMNIST) ] || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
+	@# h5dump: the tests check that a default HDF5 store opens in a non-Python HDF5 tool
+	@command -v h5dump >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq hdf5-tools)
 	@[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1

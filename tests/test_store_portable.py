@@ -1,6 +1,7 @@
 """Compressors and portability: every backend/compressor round-trips; the default HDF5 store opens in plain h5py
 (no hdf5plugin) and a zstd one says it needs the plugin, in its attributes and in `ktnas inspect`."""
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -85,6 +86,22 @@ def test_default_hdf5_store_opens_in_plain_h5py_and_a_zstd_one_says_it_needs_the
     assert main(["inspect", str(tmp_path / "portable.h5"), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["requires_plugin"] is None and "no plugin needed" in r["read_without_ktnas"]
+
+
+@pytest.mark.skipif(shutil.which("h5dump") is None, reason="h5dump (Debian hdf5-tools, installed by make setup)")
+def test_default_hdf5_store_decodes_in_h5dump(tmp_path):
+    """HDF5's own command-line tool (C library, no Python, no plugin) prints the default store's values; for a
+    zstd store it prints none (it cannot decode the filter), which is why zstd is not HDF5's default."""
+    feats = _make(tmp_path / "portable.h5")
+    _make(tmp_path / "zstd.h5", "zstd")
+
+    def dump(name):
+        r = subprocess.run(["h5dump", "-d", "/train/features", "-c", "1,1,1,1,2", str(tmp_path / name)],
+                           capture_output=True, text=True)
+        return r.stdout.split("DATA {", 1)[1].split("}", 1)[0]
+
+    assert f"{float(feats[0, 0, 0, 0, 0]):g}" in dump("portable.h5") and ":" in dump("portable.h5")
+    assert ":" not in dump("zstd.h5")  # no values decoded
 
 
 def _pre(out, **kw):
