@@ -291,23 +291,26 @@ def _load_imagefolder(path: str, split: str, image_size: int | None) -> ImageSpl
     except (FileNotFoundError, OSError) as e:
         raise KtnasError(f"{name}: cannot list images in {folder} ({_short(e)}): put one "
                          f"subfolder of images per class in it") from None
-    other = _split_dir(base, "test" if split == "train" else "train")
-    if other is not None:
-        other_classes, _ = ds.find_classes(other)
-        if other_classes != ds.classes:
-            raise KtnasError(f"{name}: class folders differ between {folder} ({len(ds.classes)} "
-                             f"classes) and {other} ({len(other_classes)} classes, differing: "
-                             f"{sorted(set(ds.classes) ^ set(other_classes))[:5]}): give both "
-                             f"splits the same class subfolders")
+    classes, labels = list(ds.classes), torch.tensor([t for _, t in ds.samples], dtype=torch.int64)
+    train_dir = _split_dir(base, "train") if split != "train" else None
+    if train_dir is not None:  # the labels mean the train split's classes: folders mapped by name
+        from .classes import class_mapping
+
+        try:
+            train_classes, _ = ds.find_classes(train_dir)
+        except (FileNotFoundError, OSError):  # an empty train/: the split's own classes
+            train_classes = classes
+        table = torch.tensor(class_mapping(classes, train_classes, f"{name} {os.path.basename(folder)}/",
+                                           f"{os.path.basename(train_dir)}/"), dtype=torch.int64)
+        classes, labels = list(train_classes), table[labels]
     paths = [p for p, _ in ds.samples]
-    labels = torch.tensor([t for _, t in ds.samples], dtype=torch.int64)
     h = hashlib.sha256()
     for rel, size, label in sorted((os.path.relpath(p, base).replace(os.sep, "/"),
-                                    os.path.getsize(p), t) for p, t in ds.samples):
+                                    os.path.getsize(p), int(t)) for p, t in zip(paths, labels)):
         h.update(f"{rel}\t{size}\t{label}\n".encode())
     h.update(f"image_size={image_size}".encode())
-    return ImageSplit(dataset=name, split=split, labels=labels, num_classes=len(ds.classes),
-                      classes=list(ds.classes), fingerprint=h.hexdigest(), images=None,
+    return ImageSplit(dataset=name, split=split, labels=labels, num_classes=len(classes),
+                      classes=classes, fingerprint=h.hexdigest(), images=None,
                       _paths=paths, _image_size=image_size)
 
 

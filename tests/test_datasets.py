@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import shutil
 import struct
 
 import numpy as np
@@ -211,9 +212,23 @@ def test_imagefolder_val_and_errors(tmp_path):
     assert len(D.load_split(f"imagefolder:{tmp_path}", "test", image_size=8)) == 6
     (tmp_path / "val" / "fox").mkdir()
     Image.new("RGB", (5, 5)).save(tmp_path / "val" / "fox" / "a.png")
-    with pytest.raises(KtnasError) as err:
-        D.load_split(f"imagefolder:{tmp_path}", "train", image_size=8)
-    assert "fox" in _one_line(err)
+    with pytest.raises(KtnasError) as err:  # a test class the train split does not have
+        D.load_split(f"imagefolder:{tmp_path}", "test", image_size=8)
+    assert "'fox' name none of train/'s (cat, dog, eel)" in _one_line(err)
+
+
+def test_imagefolder_test_classes_map_onto_the_train_classes_by_name(tmp_path):
+    """A test split with fewer classes, other case and separators: its labels still mean the train classes
+    (ImageFolder alone would number its folders 0, 1 in its own order: wrong labels, silently)."""
+    _make_imagefolder(tmp_path, classes=("Ankle boot", "Bag", "T-shirt_top"))
+    shutil.rmtree(tmp_path / "test" / "Bag")
+    (tmp_path / "test" / "Ankle boot").rename(tmp_path / "test" / "ankle_boot")
+    (tmp_path / "test" / "T-shirt_top").rename(tmp_path / "test" / "t-shirt-top")
+    test = D.load_split(f"imagefolder:{tmp_path}", "test", image_size=8)
+    assert test.classes == ["Ankle boot", "Bag", "T-shirt_top"] and test.num_classes == 3
+    assert test.labels.tolist() == [0, 0, 2, 2]
+    for p, y in zip(test._paths, test.labels.tolist()):
+        assert os.path.basename(os.path.dirname(p)) == ("ankle_boot", None, "t-shirt-top")[y]
 
 
 # ----------------------------------------------------------------------------- name errors, CIFAR
@@ -234,3 +249,17 @@ def test_cifar_missing(tmp_path, name):
         D.load_split(name, "train", root=str(tmp_path), download=False)
     msg = _one_line(err)
     assert str(tmp_path) in msg and "--data-root" in msg
+    # precompute stores those labels, and the train split's classes
+    import warnings
+
+    from ktnas.cache.precompute import precompute
+    from ktnas.cache.store import open_store
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        precompute(dataset=f"imagefolder:{tmp_path}", stem="mobilenet_v2:features.1", weights="none", image_size=16,
+                   out=str(tmp_path / "s.zarr"), progress=False)
+    with open_store(tmp_path / "s.zarr") as st:
+        assert st.attrs["classes"] == ["Ankle boot", "Bag", "T-shirt_top"]
+        assert st.split("test").read_labels().tolist() == [0, 0, 2, 2]
+        assert st.split("train").read_labels().tolist() == [0, 0, 1, 1, 2, 2]
