@@ -42,3 +42,19 @@ def test_search_logged_to_a_file_is_bounded(search_store, tmp_path):
               "--limit", "64", "--layers", "2", "--channels", "4", "--reductions", "1", "--device", "cpu")
     bars = [line for line in r.stderr.replace("\r", "\n").splitlines() if "search darts epoch" in line]
     assert 2 <= len(bars) <= 8, r.stderr[-2000:]
+
+
+def test_every_command_with_a_progress_bar_takes_quiet(search_store, tmp_path):
+    """The commands that draw bars all take --quiet, and with it a logged run prints no bar at all."""
+    import re
+
+    from ktnas.engine.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for name in ("precompute-features", "inspect", "search", "train", "evaluate", "evolve"):
+        assert "--quiet" in sub[name].format_help(), name
+    r = ktnas("search", "--features", search_store, "--out", tmp_path / "run", "--epochs", "1", "--batch-size", "8",
+              "--limit", "64", "--layers", "2", "--channels", "4", "--reductions", "1", "--device", "cpu", "--quiet")
+    assert not re.search(r"\d+/\d+ \[|it/s|s/it", r.stderr), r.stderr[-2000:]
+    r = ktnas("inspect", search_store, "--verify", "--quiet")
+    assert "verify" not in r.stderr and "chunk/s" not in r.stderr
