@@ -229,6 +229,20 @@ def test_imagefolder_test_classes_map_onto_the_train_classes_by_name(tmp_path):
     assert test.labels.tolist() == [0, 0, 2, 2]
     for p, y in zip(test._paths, test.labels.tolist()):
         assert os.path.basename(os.path.dirname(p)) == ("ankle_boot", None, "t-shirt-top")[y]
+    # precompute stores those labels, and the train split's classes
+    import warnings
+
+    from ktnas.cache.precompute import precompute
+    from ktnas.cache.store import open_store
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        precompute(dataset=f"imagefolder:{tmp_path}", stem="mobilenet_v2:features.1", weights="none", image_size=16,
+                   out=str(tmp_path / "s.zarr"), progress=False)
+    with open_store(tmp_path / "s.zarr") as st:
+        assert st.attrs["classes"] == ["Ankle boot", "Bag", "T-shirt_top"]
+        assert st.split("test").read_labels().tolist() == [0, 0, 2, 2]
+        assert st.split("train").read_labels().tolist() == [0, 0, 1, 1, 2, 2]
 
 
 # ----------------------------------------------------------------------------- name errors, CIFAR
@@ -249,17 +263,3 @@ def test_cifar_missing(tmp_path, name):
         D.load_split(name, "train", root=str(tmp_path), download=False)
     msg = _one_line(err)
     assert str(tmp_path) in msg and "--data-root" in msg
-    # precompute stores those labels, and the train split's classes
-    import warnings
-
-    from ktnas.cache.precompute import precompute
-    from ktnas.cache.store import open_store
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        precompute(dataset=f"imagefolder:{tmp_path}", stem="mobilenet_v2:features.1", weights="none", image_size=16,
-                   out=str(tmp_path / "s.zarr"), progress=False)
-    with open_store(tmp_path / "s.zarr") as st:
-        assert st.attrs["classes"] == ["Ankle boot", "Bag", "T-shirt_top"]
-        assert st.split("test").read_labels().tolist() == [0, 0, 2, 2]
-        assert st.split("train").read_labels().tolist() == [0, 0, 1, 1, 2, 2]
