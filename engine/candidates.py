@@ -1,6 +1,9 @@
 """The candidates of ``ktnas evolve``: each genotype's evaluation network at a proxy size, trained from scratch
 by ``ktnas train``'s own step on the search-train part of a store's train split and measured on its
-search-validation part; several in lock-step on the same batches (each on its own CUDA stream on a GPU)."""
+search-validation part; several in lock-step on the same batches (each on its own CUDA stream on a GPU).
+``classic=True`` trains the same candidates the classic way instead (``ktnas bench ranking``): the whole proxy
+network with its own conv stem on the store's images (as ``ktnas search --stem none`` reads them), same samples,
+split and recipe."""
 from __future__ import annotations
 
 import math
@@ -12,7 +15,7 @@ import torch.nn as nn
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.stream import FeatureLoader
 
-from .data import split_indices
+from .data import ImageBatches, classic_images, split_indices
 from .layout import resolve_layout
 from .network import build_network
 from .predictor import TAG_INIT, derive_seed
@@ -28,7 +31,7 @@ class CandidateTrainer:
     """Trains candidate networks on the search-train part of a store's train split and measures them on its
     search-validation part; :meth:`train` takes a group and runs it in lock-step (see the module docstring)."""
 
-    def __init__(self, cfg, store, device):
+    def __init__(self, cfg, store, device, classic: bool = False):
         self.cfg, self.device = cfg, torch.device(device)
         attrs = store.attrs
         sp = store.split("train")
@@ -37,17 +40,23 @@ class CandidateTrainer:
             raise KtnasError(f"store {store.path} has {n} training sample(s): evolve needs 2 or more (one to train "
                              "on, one to validate on)")
         tr, va = split_indices(n, cfg.seed, cfg.train_portion)
-        C, H, W = (int(v) for v in sp.shape[2:])
+        images = classic_images(store, n, cfg.data_root) if classic else None
+        C, H, W = (int(v) for v in (images[0].shape[1:] if classic else sp.shape[2:]))
         self.shape = (C, H, W)
-        layout = resolve_layout(get_space(cfg.space), H, "eval", layers=cfg.layers, channels=cfg.channels,
-                                reference=PROXY[cfg.space])
-        self.network_config = dict(num_classes=int(attrs["num_classes"]), **layout.as_dict(), in_channels=C,
-                                   in_size=H)
+        layout = resolve_layout(get_space(cfg.space), None if classic else H, "eval", layers=cfg.layers,
+                                channels=cfg.channels, reference=PROXY[cfg.space])
+        self.network_config = dict(num_classes=int(attrs["num_classes"]), **layout.as_dict(),
+                                   in_channels=None if classic else C, in_size=None if classic else H)
+        source = ("images, classic conv stem" if classic else
+                  "images through the frozen stem" if cfg.on_the_fly else "cached features")
         self.data = dict(train=len(tr), val=len(va), shape=[C, H, W], stem=attrs.get("stem"),
-                         fingerprint=attrs.get("stem_fingerprint"), dataset=attrs.get("dataset"),
-                         source="images through the frozen stem" if cfg.on_the_fly else "cached features")
+                         fingerprint=attrs.get("stem_fingerprint"), dataset=attrs.get("dataset"), source=source)
         val_batch = max(cfg.batch_size, 256)  # measuring in eval mode: the batch size only sets the speed
-        if cfg.on_the_fly:
+        if classic:
+            x, y = images
+            self.train_batches = ImageBatches.of_tensors(x, y, tr, cfg.batch_size, cfg.seed, self.device)
+            self.val_batches = ImageBatches.of_tensors(x, y, va, val_batch, cfg.seed + 1, self.device)
+        elif cfg.on_the_fly:
             stem = stem_of_store(attrs, store.path).to(self.device)
             images = stem_images(store, stem, "train", cfg.dataset, cfg.data_root)
             self.train_batches = stem_batches(images, stem, tr, cfg.batch_size, self.device, True, cfg.seed)

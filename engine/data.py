@@ -63,6 +63,30 @@ def standardise_images(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def image_tensors(dataset: str, limit: int | None, data_root=None, image_size: int = 32, seed: int = 0):
+    """(split, images, labels): the first ``limit`` train images of ``dataset`` as the classic network reads them
+    (native size for in-memory sets, ``image_size`` for image folders; :func:`standardise_images`)."""
+    from ktnas.cache.datasets import load_split
+
+    split = load_split(dataset, "train", root=data_root, image_size=image_size, seed=seed)
+    n = len(split) if limit is None else min(limit, len(split))
+    return split, standardise_images(split.get_batch(slice(0, n)).float().div_(255)), split.labels[:n].long()
+
+
+def classic_images(store, n: int, data_root=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` train images ``store`` was built from, as the classic network reads them (images,
+    labels); refused in one line when they are not the store's (another data set or version of it)."""
+    from ktnas.cache.errors import KtnasError
+
+    dataset = store.attrs.get("dataset")
+    split, images, labels = image_tensors(dataset, n, data_root, 32, int(store.attrs.get("seed", 0)))
+    want = store.attrs.get("dataset_fingerprints", {}).get("train")
+    if want is not None and split.images is not None and split.fingerprint != want:
+        raise KtnasError(f"the train images of {dataset} differ from those store {store.path} was built from: "
+                         "pass the data folder it was built from (--data-root)")
+    return images, labels
+
+
 def cycle(loader):
     """``loader``'s batches over and over (the validation batches of a search epoch)."""
     while True:
@@ -91,12 +115,8 @@ def search_data(cfg, device, rank: int = 0, world_size: int = 1):
                       world_size=world_size)
             return FeatureLoader(store, "train", indices=tr, **kw), FeatureLoader(store, "train", indices=va, **kw)
         return info, make
-    from ktnas.cache.datasets import load_split
-
-    split = load_split(cfg.dataset, "train", root=cfg.data_root, image_size=cfg.image_size, seed=cfg.seed)
-    n = len(split) if cfg.limit is None else min(cfg.limit, len(split))
-    images = standardise_images(split.get_batch(slice(0, n)).float().div_(255))
-    labels = split.labels[:n].long()
+    split, images, labels = image_tensors(cfg.dataset, cfg.limit, cfg.data_root, cfg.image_size, cfg.seed)
+    n = len(labels)
     tr, va = split_indices(n, cfg.seed, cfg.train_portion)
     info = dict(in_channels=3, resolution=int(min(images.shape[2:])), shape=list(images.shape[1:]),
                 num_classes=int(split.num_classes), stem=None, train=len(tr), val=len(va))
