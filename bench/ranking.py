@@ -38,14 +38,15 @@ from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM
 from ktnas.cache.store import open_store
 from ktnas.engine.candidates import CandidateTrainer
 from ktnas.engine.evolve import EvolveConfig, resolve_config
-from ktnas.engine.predictor import kendall_tau
+from ktnas.engine.predictor import heldout_tau, kendall_tau
+from ktnas.engine.predictor_dcl import predictor_method
 from ktnas.engine.spaces import SPACES, genotype_str, random_genotype
 
 from .report import Column, Report
 
 HELP = "Kendall tau between architectures trained on cached stem features (KT-NAS) and trained whole on images"
 QUICK = dict(candidates=6, samples=320, epochs=1, long_epochs=2, long_candidates=4, batch_size=32, layers=4,
-             channels=4, bootstrap=200, top_k=2)
+             channels=4, bootstrap=200, top_k=2, folds=2, pretrain_archs=128, pretrain_steps=20)
 
 
 def add_arguments(p) -> None:
@@ -66,6 +67,13 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="architectures, split and weights (default: %(default)s)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the intervals (default: 2000)")
     p.add_argument("--top-k", type=int, default=5, help="size of the top sets compared (default: %(default)s)")
+    p.add_argument("--predictors", default="gae,dcl",
+                   help="evolve's predictors whose k-fold held-out tau on these labels is reported, on the same folds "
+                        "(default: %(default)s; '' for none)")
+    p.add_argument("--folds", type=int, default=4, help="folds of the predictors' held-out tau (default: 4)")
+    p.add_argument("--pretrain-archs", type=int, default=4096, help="predictor pre-training architectures (default: "
+                                                                   "4096, as evolve)")
+    p.add_argument("--pretrain-steps", type=int, default=500, help="predictor pre-training steps (default: 500)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--quick", action="store_true", help="a tiny run (CI): " + ", ".join(f"{k} {v}" for k, v in
                                                                                      QUICK.items()))
@@ -114,9 +122,15 @@ def top_overlap(x, y, k: int) -> float:
 
 def compare(name: str, x, y, *, reps: int, seed: int, k: int) -> dict:
     """One row: how ranking ``y`` agrees with ranking ``x`` (tau-b, rho, intervals, top-k overlap)."""
-    tau, rho = kendall_tau(x, y), spearman(x, y)
-    return dict(comparison=name, n=len(x), kendall_tau=tau, tau_ci=bootstrap(kendall_tau, x, y, reps, seed),
-                spearman=rho, rho_ci=bootstrap(spearman, x, y, reps, seed), top_k=min(k, len(x)),
+    def finite(v):  # undefined (e.g. every accuracy tied) -> None, which JSON keeps and compares
+        return v if math.isfinite(v) else None
+
+    def interval(fn):
+        lo, hi = bootstrap(fn, x, y, reps, seed)
+        return (lo, hi) if math.isfinite(lo) else None
+
+    return dict(comparison=name, n=len(x), kendall_tau=finite(kendall_tau(x, y)), tau_ci=interval(kendall_tau),
+                spearman=finite(spearman(x, y)), rho_ci=interval(spearman), top_k=min(k, len(x)),
                 top_k_overlap=top_overlap(x, y, k))
 
 
@@ -222,7 +236,8 @@ def feature_store(args, out: Path) -> tuple[str, float | None]:
 # ------------------------------------------------------------------------------------------------- the bench
 def bench_ranking(args, out: Path) -> tuple[list[dict], dict]:
     """(comparison rows, details: candidates, costs) of one ranking run (see the module docstring)."""
-    for name in ("candidates", "samples", "epochs", "long_epochs", "batch_size", "bootstrap", "top_k"):
+    for name in ("candidates", "samples", "epochs", "long_epochs", "batch_size", "bootstrap", "top_k", "folds",
+                 "pretrain_archs", "pretrain_steps"):
         v = getattr(args, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise KtnasError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
@@ -248,6 +263,7 @@ def bench_ranking(args, out: Path) -> tuple[list[dict], dict]:
         k = len(long)
         rows += [compare(f"KT-NAS {args.epochs} ep vs classic {args.long_epochs} ep", acc(long), acc(kt[:k]), **kw),
                  compare(f"classic {args.epochs} ep vs classic {args.long_epochs} ep", acc(long), acc(cl[:k]), **kw)]
+    rows += predictor_rows(args, dict(zip(("KT-NAS", "classic"), (kt, cl))))
     sec = lambda rows: float(np.mean([r["seconds"] for r in rows]))  # noqa: E731
     costs = dict(kt_seconds=sec(kt), classic_seconds=sec(cl), long_seconds=sec(long) if long else None,
                  precompute_seconds=precompute_s,
@@ -257,14 +273,42 @@ def bench_ranking(args, out: Path) -> tuple[list[dict], dict]:
     return rows, details
 
 
+def predictor_rows(args, labelled: dict) -> list[dict]:
+    """For each of ``--predictors``: its ``--folds``-fold held-out Kendall tau on each labelled set (the same folds
+    for every predictor: they depend on the seed only), as rows of the report (interval: mean +- 1.96 SE)."""
+    rows = []
+    for name in (x for x in args.predictors.split(",") if x):
+        pretrain, fit = predictor_method(name)
+        pre = pretrain(args.space, archs=args.pretrain_archs, steps=args.pretrain_steps, seed=args.seed)
+        for label, cands in labelled.items():
+            t = heldout_tau(pre, args.space, cands, folds=args.folds, seed=args.seed, fit=fit)
+            if t is None:
+                raise KtnasError(f"{len(cands)} candidates are too few for {args.folds}-fold held-out tau: pass "
+                                 f"--candidates {3 * args.folds} or more, or fewer --folds")
+            tau, se = t["kendall_tau"], t["stderr"]
+            ci = (tau - 1.96 * se, tau + 1.96 * se) if math.isfinite(se) and math.isfinite(tau) else None
+            rows.append(dict(comparison=f"predictor {name}: {args.folds}-fold held-out, {label} labels",
+                             n=len(cands), kendall_tau=tau if math.isfinite(tau) else None, tau_ci=ci,
+                             spearman=None, rho_ci=None, top_k=0, top_k_overlap=None, folds=t["folds"]))
+    return rows
+
+
+def _finite(v) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def _num(v) -> str:
+    return f"{v:+.3f}" if _finite(v) else "-"
+
+
 def _interval(v) -> str:
-    return "-" if not all(map(math.isfinite, v)) else f"[{v[0]:+.2f}, {v[1]:+.2f}]"
+    return f"[{v[0]:+.2f}, {v[1]:+.2f}]" if v is not None and all(map(_finite, v)) else "-"
 
 
 COLUMNS = [Column("comparison", "comparison"), Column("n", "candidates"),
-           Column("kendall_tau", "Kendall tau-b", lambda v: f"{v:+.3f}"), Column("tau_ci", "tau 95% CI", _interval),
-           Column("spearman", "Spearman rho", lambda v: f"{v:+.3f}"), Column("rho_ci", "rho 95% CI", _interval),
-           Column(None, "top-k overlap", lambda r: f"{r['top_k_overlap']:.2f} (k={r['top_k']})")]
+           Column("kendall_tau", "Kendall tau-b", _num), Column("tau_ci", "tau 95% CI", _interval),
+           Column("spearman", "Spearman rho", _num), Column("rho_ci", "rho 95% CI", _interval),
+           Column(None, "top-k overlap", lambda r: f"{r['top_k_overlap']:.2f} (k={r['top_k']})" if r["top_k"] else "-")]
 
 
 def _chart(axes, rows, details=None) -> None:

@@ -30,6 +30,7 @@ from .candidates import PROXY, CandidateTrainer
 from .flags import add_config_arguments, check_positive, config_from_args
 from .predictor import (ArchPredictor, arch_graph, fit_ranker, heldout_tau, kendall_tau, predict_scores,
                         pretrain_predictor)
+from .predictor_dcl import PREDICTORS, predictor_method
 from .proposers import PROPOSERS, PredictorProposer, best_of
 from .runs import RunDir, atomic_write, progress, set_rng_state
 from .spaces import SPACES, get_space, space_of
@@ -84,6 +85,9 @@ class EvolveConfig:
     pretrain_steps: int = 500
     fit_steps: int = field(default=200, **_h("predictor: ranking-loss steps per fit"))
     hidden: int = field(default=32, **_h("predictor: graph network width"))
+    predictor: str = field(default="gae", **_h("predictor: gae (masked graph autoencoder pre-training, margin "
+                                               "ranking loss) | dcl (DCL-ENAS: contrastive pre-training, "
+                                               "contrastive ranking fine-tuning)", choices=PREDICTORS))
     cv_folds: int = field(default=5, **_h("predictor: folds of the held-out Kendall tau at the end (0: none)"))
     seed: int = 0
     device: str = field(default="auto", **_h("auto | cpu | cuda"))
@@ -207,7 +211,7 @@ class Evolution:
         cfg, files = self.cfg, self.files
         t_session = time.perf_counter()
         if cfg.algo == "predictor" and self.pretrained is None:
-            self.pretrained = pretrain_predictor(cfg.space, archs=cfg.pretrain_archs, steps=cfg.pretrain_steps,
+            self.pretrained = predictor_method(cfg.predictor)[0](cfg.space, archs=cfg.pretrain_archs, steps=cfg.pretrain_steps,
                                                  hidden=cfg.hidden, seed=cfg.seed, progress=cfg.progress)
         files.write_json("config.json", dict(asdict(cfg), network_config=self.trainer.network_config,
                                              data=self.trainer.data, budget=self.budget,
@@ -222,7 +226,10 @@ class Evolution:
                 done = len(self.history) >= end
                 if done and cfg.algo == "predictor" and len(self.history) >= self.budget and cfg.cv_folds:
                     self.tau = heldout_tau(self.pretrained, cfg.space, self.history, folds=cfg.cv_folds,
-                                           steps=cfg.fit_steps, hidden=cfg.hidden, seed=cfg.seed)
+                                           steps=cfg.fit_steps, hidden=cfg.hidden, seed=cfg.seed,
+                                           fit=predictor_method(cfg.predictor)[1])
+                    if self.tau is not None:
+                        self.tau["predictor"] = cfg.predictor
                 self.seconds_total += time.perf_counter() - t_session
                 t_session = time.perf_counter()
                 groups += 1

@@ -164,11 +164,12 @@ def kendall_tau(x, y) -> float:
 
 
 def heldout_tau(pretrained: dict, space: str, history: list[dict], *, folds: int = 5, steps: int = 200,
-                hidden: int = 32, seed: int = 0) -> dict | None:
+                hidden: int = 32, seed: int = 0, fit=None) -> dict | None:
     """How well the predictor ranks candidates it was not fitted on: the evaluated candidates are split into
     ``folds`` folds (permutation seeded by ``seed``); for each, the predictor is fitted (:func:`fit_ranker`) on the
     other folds and Kendall's tau-b between its scores and the measured validation accuracies is taken on the
-    held-out fold. Returns the mean, its standard error, the per-fold values and sizes (None: fewer than 3
+    held-out fold (``fit``: another fitting function of :func:`fit_ranker`'s signature, e.g. DCL's; the folds
+    depend on ``seed`` only, so two predictors see the same ones). Returns the mean, its standard error, the per-fold values and sizes (None: fewer than 3
     candidates per fold)."""
     n = len(history)
     if folds < 2 or n < 3 * folds:
@@ -178,9 +179,9 @@ def heldout_tau(pretrained: dict, space: str, history: list[dict], *, folds: int
     acc = np.array([r["val_acc"] for r in history], dtype=np.float64)
     taus, sizes = [], []
     for f, test in enumerate(np.array_split(perm, folds)):
-        fit = np.setdiff1d(perm, test)
-        model = fit_ranker(pretrained, space, [genotypes[i] for i in fit], acc[fit], steps=steps, hidden=hidden,
-                           seed=derive_seed(seed, TAG_CV, f))
+        train = np.setdiff1d(perm, test)
+        model = (fit or fit_ranker)(pretrained, space, [genotypes[i] for i in train], acc[train], steps=steps,
+                                    hidden=hidden, seed=derive_seed(seed, TAG_CV, f))
         taus.append(kendall_tau(predict_scores(model, [genotypes[i] for i in test]), acc[test]))
         sizes.append(len(test))
     t = np.array([v for v in taus if math.isfinite(v)])

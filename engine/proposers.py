@@ -8,7 +8,8 @@ import math
 
 import numpy as np
 
-from .predictor import derive_seed, fit_ranker, predict_scores
+from .predictor import derive_seed, predict_scores
+from .predictor_dcl import predictor_method
 from .spaces import genotype_from_json, get_space
 
 
@@ -92,7 +93,7 @@ class PredictorProposer(EvolutionProposer):
     def children(self, population, k, rng):
         cfg, history = self.cfg, self.history
         pool, metas = self.pool(history, population, k, rng)
-        model = fit_ranker(self.pretrained, cfg.space, [genotype_from_json(r["genotype"]) for r in history],
+        model = predictor_method(cfg.predictor)[1](self.pretrained, cfg.space, [genotype_from_json(r["genotype"]) for r in history],
                            [r["val_acc"] for r in history], steps=cfg.fit_steps, hidden=cfg.hidden,
                            seed=derive_seed(cfg.seed, len(history)))
         scores = predict_scores(model, pool)
