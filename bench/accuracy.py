@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.runtime import resolve_device
@@ -56,6 +57,12 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--algos", default=None, help="comma-separated algorithms, each searched both ways (default: "
+                                                 "--algo)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds: every search and training once per seed, "
+                                                 "reported as mean and spread (default: --seed)")
+    p.add_argument("--random-baseline", action="store_true",
+                   help="also train one random architecture per seed the same way (does a search beat chance?)")
     p.add_argument("--quick", action="store_true",
                    help="a few minutes on a CPU: 512 search images, 1 search epoch, 2 training epochs on 2,048")
 
@@ -81,40 +88,94 @@ def _show(argv: list[str]) -> str:
     return "ktnas " + shlex.join(argv[3:])
 
 
-def _one_config(args, config, source, store, search_common, common, precompute_s, device, work, phases) -> dict:
-    """Search with one stem (``source``), train the found cells on the store, evaluate (KT-NAS): its row."""
-    sdir, tdir = work / f"{config}-search", work / f"{config}-train"
-    for d in (sdir, tdir):  # every search and training is measured afresh
-        shutil.rmtree(d, ignore_errors=True)
-    search = _cli("search", *source, *search_common, "--out", sdir)
-    search_wall = _run(search, work / f"{config}-search.log")
-    metrics = read_jsonl(sdir / "metrics.jsonl")
-    train = _cli("train", "--features", store, "--genotype", sdir / "genotype.json", "--out", tdir,
-                 "--epochs", args.train_epochs, "--layers", args.train_layers, "--channels", args.train_channels,
-                 "--batch-size", args.train_batch_size, "--seed", args.seed, "--drop-path", 0,
+def _done_epochs(run: Path) -> int:
+    return len(read_jsonl(run / "metrics.jsonl")) if (run / "metrics.jsonl").exists() else 0
+
+
+def _phase(phases: dict, name: str, argv: list[str], run: Path, log: Path, done: bool) -> None:
+    """Record phase ``name`` and run it unless ``done`` (a rerun finishes an interrupted run with --resume)."""
+    phases[name] = argv
+    if not done:
+        _run(argv + (["--resume"] if (run / "config.json").exists() else []), log)
+
+
+def _train_genotype(args, key, genotype, store, seed, common, work, phases) -> tuple[dict, Path]:
+    """Train ``genotype`` on the store's cached features (the same recipe for every row): its last metrics."""
+    tdir = work / f"{key}-train"
+    train = _cli("train", "--features", store, "--genotype", genotype, "--out", tdir, "--epochs", args.train_epochs,
+                 "--layers", args.train_layers, "--channels", args.train_channels, "--batch-size",
+                 args.train_batch_size, "--seed", seed, "--drop-path", 0,
                  *(["--limit", args.train_limit] if args.train_limit else []), *common)
-    _run(train, work / f"{config}-train.log")
-    trained = read_jsonl(tdir / "metrics.jsonl")[-1]
+    _phase(phases, f"{key} train", train, tdir, work / f"{key}-train.log", (tdir / "model.pt").exists())
+    return read_jsonl(tdir / "metrics.jsonl")[-1], tdir
+
+
+def _one_config(args, config, algo, seed, source, store, common, precompute_s, device, work, phases) -> dict:
+    """Search with one stem (``source``), train the found cells on the store, evaluate (KT-NAS): its row. Each
+    phase already finished in ``work`` is reused (its own recorded seconds), an interrupted one resumed."""
+    key = f"{config}-{algo}-s{seed}"
+    sdir = work / f"{key}-search"
+    search = _cli("search", *source, "--space", args.space, "--algo", algo, "--order", args.order, "--epochs",
+                  args.search_epochs, "--batch-size", args.batch_size, "--limit", args.search_limit, "--seed", seed,
+                  "--precision", args.precision, *common, "--out", sdir)
+    done = _done_epochs(sdir) >= args.search_epochs
+    t0 = time.perf_counter()
+    _phase(phases, f"{key} search", search, sdir, work / f"{key}-search.log", done)
+    if not done or not (sdir / "wall_s.json").exists():
+        (sdir / "wall_s.json").write_text(json.dumps(time.perf_counter() - t0))
+    metrics = read_jsonl(sdir / "metrics.jsonl")
+    trained, tdir = _train_genotype(args, key, sdir / "genotype.json", store, seed, common, work, phases)
     config_json = json.loads((sdir / "config.json").read_text())
-    search_s = sum(m["seconds"] for m in metrics)
-    row = dict(config=config, space=args.space, algo=args.algo, order=args.order, batch=args.batch_size,
-               device=device, search_epochs=args.search_epochs,
-               search_samples=args.search_limit, search_s=search_s, search_wall_s=search_wall,
+    search_s, last = sum(m["seconds"] for m in metrics), metrics[-1]
+    row = dict(config=config, space=args.space, algo=algo, order=args.order, seed=seed, batch=args.batch_size,
+               device=device, search_epochs=args.search_epochs, search_samples=args.search_limit, search_s=search_s,
+               search_wall_s=json.loads((sdir / "wall_s.json").read_text()),
                precompute_s=precompute_s if config == "kt-nas" else 0.0,
                cost_s=search_s + (precompute_s if config == "kt-nas" else 0.0),
                peak_mem_bytes=max(m["peak_memory_bytes"] for m in metrics),
-               search_val_acc=metrics[-1]["val_acc"], test_acc=trained["test_acc"], raw_test_acc=None,
-               params=config_json.get("params"), genotype=metrics[-1]["genotype"],
-               kernels=config_json.get("kernels_used"))
-    phases[f"{config} search"] = (search, search_wall)
-    phases[f"{config} train"] = (train, None)
+               search_val_acc=last["val_acc"], test_acc=trained["test_acc"], raw_test_acc=None,
+               params=config_json.get("params"), genotype=last["genotype"], skips=last.get("skips"),
+               entropy=(last.get("entropy") or {}).get("normal"), kernels=config_json.get("kernels_used"))
     if config == "kt-nas":
         ev = _cli("evaluate", "--model", tdir / "model.pt", "--dataset", args.dataset, "--split", "test",
                   "--json", *(["--limit", args.train_limit] if args.train_limit else []), *common)
-        _run(ev, work / "evaluate.log")
-        row["raw_test_acc"] = _last_json(work / "evaluate.log")["accuracy"]
-        phases["kt-nas evaluate"] = (ev, None)
+        log = work / f"{key}-evaluate.log"
+        phases[f"{key} evaluate"] = ev
+        if not (log.exists() and any(ln.startswith("{") for ln in log.read_text().splitlines())):
+            _run(ev, log)
+        row["raw_test_acc"] = _last_json(log)["accuracy"]
     return row
+
+
+def _random_row(args, seed, store, common, device, work, phases) -> dict:
+    """One architecture drawn uniformly (seeded) and trained as the found ones are: the chance level."""
+    from ktnas.engine.spaces import count_skips, genotype_str, random_genotype
+
+    g = random_genotype(args.space, np.random.default_rng([seed, 17]))
+    path = work / f"random-s{seed}.json"
+    g.save(path)
+    trained, _ = _train_genotype(args, f"random-s{seed}", path, store, seed, common, work, phases)
+    return dict(config="random", space=args.space, algo="-", order=args.order, seed=seed, batch=args.batch_size,
+                device=device, search_epochs=0, search_samples=0, search_s=0.0, search_wall_s=0.0, precompute_s=0.0,
+                cost_s=0.0, peak_mem_bytes=None, search_val_acc=None, test_acc=trained["test_acc"],
+                raw_test_acc=None, params=None, genotype=genotype_str(g), skips=count_skips(g), entropy=None)
+
+
+def _aggregate(rows: list[dict]) -> list[dict]:
+    """One row per (config, algo): the mean and spread (sample sd) over seeds, the runs kept inside."""
+    out = []
+    for key in dict.fromkeys((r["config"], r["algo"]) for r in rows):
+        runs = [r for r in rows if (r["config"], r["algo"]) == key]
+        agg = dict(runs[0], seeds=[r["seed"] for r in runs], runs=runs)
+        for k in ("search_s", "search_wall_s", "precompute_s", "cost_s", "peak_mem_bytes", "search_val_acc",
+                  "test_acc", "raw_test_acc", "skips", "entropy"):
+            vals = [r[k] for r in runs if r[k] is not None]
+            agg[k] = float(np.mean(vals)) if vals else None
+            agg[f"{k}_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+        if len(runs) > 1:
+            agg["genotype"] = " / ".join(r["genotype"] for r in runs)
+        out.append(agg)
+    return out
 
 
 def bench_accuracy(args, work_dir: Path) -> tuple[list[dict], list[str]]:
@@ -134,25 +195,39 @@ def bench_accuracy(args, work_dir: Path) -> tuple[list[dict], list[str]]:
     limit = None if args.train_limit is None else max(args.train_limit, args.search_limit)
     common = ["--device", args.device, "--quiet"]
     phases = {}
-    if not store.exists():  # a rerun into the same --out reuses the store (and reports its first time)
-        pre = _cli("precompute-features", "--dataset", args.dataset, "--stem", args.stem, "--weights",
-                   args.weights, "--image-size", args.image_size, "--out", store, "--seed", args.seed,
-                   *(["--limit", limit] if limit else []), *common)
-        phases["precompute"] = (pre, _run(pre, work / "precompute.log"))
-        (work / "precompute_s.json").write_text(json.dumps(phases["precompute"][1]))
+    pre = _cli("precompute-features", "--dataset", args.dataset, "--stem", args.stem, "--weights", args.weights,
+               "--image-size", args.image_size, "--out", store, "--seed", args.seed,
+               *(["--limit", limit] if limit else []), *common)
+    if not (work / "precompute_s.json").exists():  # a rerun reuses the store and reports its first time
+        phases["precompute"] = pre
+        seconds = _run(pre + (["--resume"] if store.exists() else []), work / "precompute.log")
+        (work / "precompute_s.json").write_text(json.dumps(seconds))
     precompute_s = json.loads((work / "precompute_s.json").read_text())
-    search_common = ["--space", args.space, "--algo", args.algo, "--order", args.order, "--epochs",
-                     args.search_epochs, "--batch-size", args.batch_size, "--limit", args.search_limit, "--seed",
-                     args.seed, "--precision", args.precision, *common]
+    algos = [a for a in (args.algos or args.algo).split(",") if a]
+    try:
+        seeds = [int(x) for x in (args.seeds or str(args.seed)).split(",") if x]
+    except ValueError:
+        seeds = []
+    if any(a not in ("darts", "pcdarts", "gdas", "random") for a in algos) or not algos or not seeds:
+        raise KtnasError(f"--algos takes darts, pcdarts, gdas, random and --seeds integers, got {args.algos!r} / "
+                         f"{args.seeds!r}: e.g. --algos darts,gdas --seeds 0,1,2")
     runs = {"kt-nas": ["--features", store], "classic": ["--stem", "none", "--dataset", args.dataset]}
-    rows = [_one_config(args, config, source, store, search_common, common, precompute_s, device, work, phases)
-            for config, source in runs.items()]
-    base = rows[1]
+    rows = []
+    for seed in seeds:
+        for algo in algos:
+            rows += [_one_config(args, config, algo, seed, source, store, common, precompute_s, device, work, phases)
+                     for config, source in runs.items()]
+        if args.random_baseline:
+            rows.append(_random_row(args, seed, store, common, device, work, phases))
+    rows = _aggregate(rows)
     for r in rows:
-        r["cost_vs_classic"] = r["cost_s"] / base["cost_s"] if base["cost_s"] else None
-        r["mem_vs_classic"] = r["peak_mem_bytes"] / base["peak_mem_bytes"] if base["peak_mem_bytes"] else None
+        base = next((b for b in rows if b["config"] == "classic" and b["algo"] == r["algo"]),
+                    next(b for b in rows if b["config"] == "classic"))
+        r["cost_vs_classic"] = r["cost_s"] / base["cost_s"] if base["cost_s"] and r["cost_s"] else None
+        r["mem_vs_classic"] = (r["peak_mem_bytes"] / base["peak_mem_bytes"]
+                               if base["peak_mem_bytes"] and r["peak_mem_bytes"] else None)
         r["acc_minus_classic"] = r["test_acc"] - base["test_acc"]
-    return rows, [f"{name}: `{_show(argv)}`" for name, (argv, _) in phases.items()]
+    return rows, [f"{name}: `{_show(argv)}`" for name, argv in phases.items()]
 
 
 def _last_json(path: Path) -> dict:
@@ -168,32 +243,44 @@ def _s(v) -> str:
 
 
 def _search(r) -> str:
+    if r["config"] == "random":
+        return "none: one uniformly drawn architecture per seed"
     order = " order 2" if r["order"] == 2 and r["algo"] in ("darts", "pcdarts") else ""
     return f"{r['algo']}{order}, {r['search_epochs']} ep, {r['search_samples']:,} img, batch {r['batch']}"
 
 
-COLUMNS = [Column("config", "config"), Column("device", "device"), Column(None, "search", _search),
-           Column("precompute_s", "precompute s", _s), Column("search_s", "search s", _s),
+def _pm(key, fmt):
+    """``mean ± sd`` of ``key`` (the sd only over several seeds)."""
+    def cell(r):
+        v, sd = r[key], r.get(f"{key}_sd")
+        return "-" if v is None else fmt(v) + ("" if sd is None else f" ± {fmt(sd)}")
+    return cell
+
+
+COLUMNS = [Column("config", "config"), Column(None, "search", _search),
+           Column("seeds", "seeds", lambda v: ",".join(map(str, v))), Column(None, "cost s", _pm("cost_s", _s)),
+           Column("precompute_s", "of which precompute", _s),
            Column("cost_vs_classic", "cost vs classic", lambda v: "-" if v is None else f"{v:.2f}x"),
-           Column("peak_mem_bytes", "peak MiB", lambda v: f"{v / 2**20:,.0f}"),
+           Column("peak_mem_bytes", "peak MiB", lambda v: "-" if v is None else f"{v / 2**20:,.0f}"),
            Column("mem_vs_classic", "memory vs classic", lambda v: "-" if v is None else f"{v:.2f}x"),
-           Column("search_val_acc", "search val acc", lambda v: f"{v:.3f}"),
-           Column("test_acc", "trained test acc %", lambda v: f"{v:.2f}"),
+           Column(None, "trained test acc %", _pm("test_acc", lambda v: f"{v:.2f}")),
            Column("acc_minus_classic", "vs classic (points)", lambda v: f"{v:+.2f}"),
+           Column(None, "skips (normal)", _pm("skips", lambda v: f"{v:.1f}")),
+           Column(None, "alpha entropy (normal)", _pm("entropy", lambda v: f"{v:.3f}")),
            Column("raw_test_acc", "exported model on raw images %", lambda v: "-" if v is None else f"{v:.2f}"),
-           Column("genotype", "genotype", lambda v: f"`{v}`")]
+           Column("genotype", "genotype(s)", lambda v: f"`{v}`")]
 
 
 def _chart(ax, rows) -> None:
-    names = [r["config"] for r in rows]
+    names = [r["config"] if r["config"] == "random" else f"{r['config']} {r['algo']}" for r in rows]
     ax2 = ax.twinx()
     ax.bar([i - 0.2 for i in range(len(rows))], [r["cost_s"] for r in rows], 0.4, color="tab:blue",
            label="cost s (precompute + search)")
     ax2.bar([i + 0.2 for i in range(len(rows))], [r["test_acc"] for r in rows], 0.4, color="tab:green",
-            label="trained test accuracy %")
+            yerr=[r.get("test_acc_sd") or 0 for r in rows], capsize=3, label="trained test accuracy % (± sd)")
     lo = min(r["test_acc"] for r in rows)
     ax2.set_ylim(max(0.0, lo - 5), 100)
-    ax.set_xticks(range(len(rows)), names)
+    ax.set_xticks(range(len(rows)), names, fontsize=8)
     ax.set_ylabel("seconds")
     ax2.set_ylabel("test accuracy %")
     ax.legend(loc="upper left", fontsize=8)
@@ -204,9 +291,13 @@ def report(args, work_dir=None) -> Report:
     rows, commands = bench_accuracy(args, Path(work_dir or "runs/bench-accuracy"))
     notes = ["cost = precompute (KT-NAS only) + the search's own epoch seconds (ktnas search's metrics.jsonl); "
              "peak memory: max_memory_allocated on CUDA, the search process's peak RSS on the CPU",
-             f"both genotypes trained the same way on the same cached features: {args.train_layers} cells, "
-             f"C={args.train_channels}, {args.train_epochs} epochs, batch {args.train_batch_size}, seed {args.seed}"
+             f"every genotype trained the same way on the same cached features: {args.train_layers} cells, "
+             f"C={args.train_channels}, {args.train_epochs} epochs, batch {args.train_batch_size}, the run's seed"
              + (f", first {args.train_limit:,} samples of each split" if args.train_limit else ", all samples"),
+             "mean ± sample sd over the seeds; skips: skip connections in the found normal cell (DARTS' collapse "
+             "signal; NB201: in the cell); alpha entropy: of the normal cell's architecture weights at the end",
+             *[f"{r['config']} {r['algo']} per seed: " + ", ".join(f"seed {x['seed']} {x['test_acc']:.2f}%"
+                                                                    for x in r["runs"]) for r in rows],
              *commands]
     return Report("accuracy", "ktnas bench accuracy: KT-NAS from cached features vs classic DARTS from images",
                   rows, COLUMNS, _chart, device=rows[0]["device"], notes=notes)

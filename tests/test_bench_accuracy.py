@@ -2,6 +2,9 @@
 at a tiny budget, and its report holds what the README's table needs. No timing or accuracy is asserted beyond
 what is true by construction."""
 import json
+import shutil
+
+import numpy as np
 
 import pytest
 
@@ -32,17 +35,53 @@ def test_bench_accuracy_end_to_end(tmp_path, capsys):
     assert classic["params"] > kt["params"]
     # every phase's command is in the report, to be rerun by itself
     md = (out / "results.md").read_text()
-    for phase in ("precompute:", "kt-nas search:", "classic search:", "kt-nas train:", "classic train:",
-                  "kt-nas evaluate:"):
+    for phase in ("precompute:", "kt-nas-darts-s0 search:", "classic-darts-s0 search:", "kt-nas-darts-s0 train:",
+                  "classic-darts-s0 train:", "kt-nas-darts-s0 evaluate:"):
         assert phase in md
     assert "`ktnas search --stem none --dataset synthetic:160/64" in md
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
-    # a rerun reuses the store (and its first precompute time), measures the searches afresh
+    # a rerun reuses every finished phase (and its recorded seconds): the same rows
     assert main(argv) == 0
-    again = {r["config"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
-    assert again["kt-nas"]["precompute_s"] == kt["precompute_s"]
+    assert json.loads((out / "results.json").read_text())["rows"] == data["rows"]
     assert "- precompute: `ktnas precompute-features" not in (out / "results.md").read_text()
     capsys.readouterr()
+
+
+def test_bench_accuracy_seeds_algorithms_random_baseline_and_resume(tmp_path, capsys):
+    """Two seeds x {darts, gdas} x {KT-NAS, classic} + a random architecture per seed: mean and spread rows; a
+    run whose phases were lost (a search and a training deleted, as if killed before they wrote anything) is
+    finished by a rerun, which redoes only those, to the same architectures and accuracies."""
+    out = tmp_path / "bs"
+    argv = ["bench", "accuracy", "--dataset", "synthetic:160/64", "--stem", "mobilenet_v2:features.1", "--weights",
+            "none", "--image-size", "32", "--search-epochs", "1", "--search-limit", "64", "--batch-size", "16",
+            "--train-epochs", "1", "--train-limit", "96", "--train-layers", "3", "--train-channels", "4",
+            "--train-batch-size", "32", "--device", "cpu", "--algos", "darts,gdas", "--seeds", "0,1",
+            "--random-baseline", "--out", str(out)]
+    assert main(argv) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["config"], r["algo"]) for r in rows] == [("kt-nas", "darts"), ("classic", "darts"), ("kt-nas", "gdas"),
+                                                      ("classic", "gdas"), ("random", "-")]
+    for r in rows:
+        accs = [x["test_acc"] for x in r["runs"]]
+        assert r["seeds"] == [0, 1] and r["test_acc"] == pytest.approx(np.mean(accs))
+        assert r["test_acc_sd"] == pytest.approx(np.std(accs, ddof=1)) and r["skips"] is not None
+    assert rows[0]["cost_vs_classic"] == pytest.approx(rows[0]["cost_s"] / rows[1]["cost_s"])
+    assert rows[2]["acc_minus_classic"] == pytest.approx(rows[2]["test_acc"] - rows[3]["test_acc"])
+    assert rows[4]["cost_s"] == 0 and rows[4]["runs"][0]["genotype"] != rows[4]["runs"][1]["genotype"]
+    md = (out / "results.md").read_text()
+    assert "kt-nas gdas per seed: seed 0 " in md and "random-s1 train:" in md
+
+    def outcome(rows):
+        return [[(x["seed"], x["genotype"], x["test_acc"]) for x in r["runs"]] for r in rows]
+
+    work = out / "runs"
+    for run in ("kt-nas-gdas-s1-search", "kt-nas-gdas-s1-train", "classic-darts-s1-train"):
+        shutil.rmtree(work / run)
+    capsys.readouterr()
+    assert main(argv) == 0
+    again = json.loads((out / "results.json").read_text())["rows"]
+    assert outcome(again) == outcome(rows)
+    assert again[1]["runs"][0]["search_s"] == rows[1]["runs"][0]["search_s"]  # reused, not re-measured
 
 
 def test_bench_accuracy_failing_phase_is_one_line(tmp_path, capsys):
