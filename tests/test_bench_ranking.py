@@ -74,6 +74,7 @@ def _run(store, out):
 
 def test_quick_ranking_trains_both_ways_and_resumes_to_the_same_numbers(ranking_store, tmp_path, capsys):
     rows, cands = _run(ranking_store, tmp_path / "a")
+    rows = [r for r in rows if not r["comparison"].startswith("the same without")]  # present when one is at chance
     assert [r["n"] for r in rows] == [6, 4, 4, 6, 6, 6, 6]
     assert [r["comparison"].split(":")[0] for r in rows[3:]] == ["predictor gae"] * 2 + ["predictor dcl"] * 2
     assert all(len(r["folds"]) == 2 for r in rows[3:])
@@ -93,12 +94,13 @@ def test_quick_ranking_trains_both_ways_and_resumes_to_the_same_numbers(ranking_
     # a rerun trains nothing and reports the same
     capsys.readouterr()
     again, cands2 = _run(ranking_store, tmp_path / "a")
+    again = [r for r in again if not r["comparison"].startswith("the same without")]
     assert again == rows and len(cands2) == len(cands) and "ktnas bench ranking: " not in capsys.readouterr().err
     # interrupted after 5 candidates, mid-write of the 6th: the resumed run equals the uninterrupted one
     (tmp_path / "b").mkdir()
     text = (tmp_path / "a" / "candidates.jsonl").read_text().splitlines()
     (tmp_path / "b" / "candidates.jsonl").write_text("\n".join(text[:5]) + "\n" + text[5][:40])
     resumed, cands3 = _run(ranking_store, tmp_path / "b")
-    assert resumed == rows
+    assert [r for r in resumed if not r["comparison"].startswith("the same without")] == rows
     assert {(c["way"], c["epochs"], c["arch"]): c["val_acc"] for c in cands3} == \
         {(c["way"], c["epochs"], c["arch"]): c["val_acc"] for c in cands}
