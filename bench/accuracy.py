@@ -189,7 +189,7 @@ def bench_accuracy(args, work_dir: Path) -> tuple[list[dict], list[str]]:
         if getattr(args, name) < 1:
             raise KtnasError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     device = str(resolve_device(args.device))
-    work = Path(work_dir) / "runs"
+    work = Path(work_dir) / "runs" / _budget_id(args, device)  # another budget never reuses these phases
     work.mkdir(parents=True, exist_ok=True)
     store = work / "features.zarr"
     limit = None if args.train_limit is None else max(args.train_limit, args.search_limit)
@@ -228,6 +228,17 @@ def bench_accuracy(args, work_dir: Path) -> tuple[list[dict], list[str]]:
                                if base["peak_mem_bytes"] and r["peak_mem_bytes"] else None)
         r["acc_minus_classic"] = r["test_acc"] - base["test_acc"]
     return rows, [f"{name}: `{_show(argv)}`" for name, argv in phases.items()]
+
+
+def _budget_id(args, device: str) -> str:
+    """What every phase's result depends on but the algorithm and the seed: one folder of runs per budget."""
+    import hashlib
+
+    keys = ("dataset", "stem", "weights", "image_size", "space", "order", "search_epochs", "search_limit",
+            "batch_size", "train_epochs", "train_limit", "train_layers", "train_channels", "train_batch_size",
+            "precision")
+    d = {k: getattr(args, k) for k in keys} | dict(device=device)
+    return "budget-" + hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def _last_json(path: Path) -> dict:

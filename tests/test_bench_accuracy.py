@@ -74,7 +74,7 @@ def test_bench_accuracy_seeds_algorithms_random_baseline_and_resume(tmp_path, ca
     def outcome(rows):
         return [[(x["seed"], x["genotype"], x["test_acc"]) for x in r["runs"]] for r in rows]
 
-    work = out / "runs"
+    (work,) = (out / "runs").iterdir()  # one folder per budget
     for run in ("kt-nas-gdas-s1-search", "kt-nas-gdas-s1-train", "classic-darts-s1-train"):
         shutil.rmtree(work / run)
     capsys.readouterr()
