@@ -31,7 +31,7 @@ from ktnas.cache.runtime import resolve_device
 from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM
 from ktnas.engine.runs import read_jsonl
 
-from .report import Column, Report
+from .report import Column, Report, mean_sd
 
 HELP = "real data: KT-NAS from cached features vs classic DARTS from images, same search and training budget"
 
@@ -260,24 +260,18 @@ def _search(r) -> str:
     return f"{r['algo']}{order}, {r['search_epochs']} ep, {r['search_samples']:,} img, batch {r['batch']}"
 
 
-def _pm(key, fmt):
-    """``mean ± sd`` of ``key`` (the sd only over several seeds)."""
-    def cell(r):
-        v, sd = r[key], r.get(f"{key}_sd")
-        return "-" if v is None else fmt(v) + ("" if sd is None else f" ± {fmt(sd)}")
-    return cell
-
 
 COLUMNS = [Column("config", "config"), Column(None, "search", _search),
-           Column("seeds", "seeds", lambda v: ",".join(map(str, v))), Column(None, "cost s", _pm("cost_s", _s)),
+           Column("seeds", "seeds", lambda v: ",".join(map(str, v))),
+           Column(None, "cost s", mean_sd("cost_s", _s)),
            Column("precompute_s", "of which precompute", _s),
            Column("cost_vs_classic", "cost vs classic", lambda v: "-" if v is None else f"{v:.2f}x"),
            Column("peak_mem_bytes", "peak MiB", lambda v: "-" if v is None else f"{v / 2**20:,.0f}"),
            Column("mem_vs_classic", "memory vs classic", lambda v: "-" if v is None else f"{v:.2f}x"),
-           Column(None, "trained test acc %", _pm("test_acc", lambda v: f"{v:.2f}")),
+           Column(None, "trained test acc %", mean_sd("test_acc", lambda v: f"{v:.2f}")),
            Column("acc_minus_classic", "vs classic (points)", lambda v: f"{v:+.2f}"),
-           Column(None, "skips (normal)", _pm("skips", lambda v: f"{v:.1f}")),
-           Column(None, "alpha entropy (normal)", _pm("entropy", lambda v: f"{v:.3f}")),
+           Column(None, "skips (normal)", mean_sd("skips", lambda v: f"{v:.1f}")),
+           Column(None, "alpha entropy (normal)", mean_sd("entropy", lambda v: f"{v:.3f}")),
            Column("raw_test_acc", "exported model on raw images %", lambda v: "-" if v is None else f"{v:.2f}"),
            Column("genotype", "genotype(s)", lambda v: f"`{v}`")]
 

@@ -20,7 +20,7 @@ from ktnas.engine.evolve import EvolveConfig, evolve
 from ktnas.engine.spaces import SPACES
 
 from .ranking import feature_store
-from .report import Column, Report
+from .report import Column, Report, mean_sd
 
 HELP = "random vs REA vs predictor-guided evolution (gae, dcl) at one candidate budget, over seeds"
 ALGOS = {"random": dict(algo="random"), "rea": dict(algo="rea"),
@@ -113,18 +113,12 @@ def bench_evolve(args, out: Path) -> list[dict]:
     return rows
 
 
-def _pm(key, fmt):
-    def cell(r):
-        v, sd = r[key], r.get(f"{key}_sd")
-        return "-" if v is None else fmt(v) + ("" if sd is None else f" ± {fmt(sd)}")
-    return cell
-
 
 COLUMNS = [Column("algo", "algorithm"), Column("budget", "candidates"),
            Column("seeds", "seeds", lambda v: ",".join(map(str, v))),
-           Column(None, "best val acc %", _pm("best_val_acc", lambda v: f"{v:.2f}")),
+           Column(None, "best val acc %", mean_sd("best_val_acc", lambda v: f"{v:.2f}")),
            Column("per_seed", "per seed", lambda v: ", ".join(f"{x:.2f}" for x in v)),
-           Column(None, "predictor held-out tau", _pm("tau", lambda v: f"{v:+.3f}")),
+           Column(None, "predictor held-out tau", mean_sd("tau", lambda v: f"{v:+.3f}")),
            Column("candidates_per_hour", "candidates / h", lambda v: f"{v:,.0f}")]
 
 

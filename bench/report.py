@@ -51,6 +51,14 @@ def rate(v) -> str:
     return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
 
 
+def mean_sd(key: str, fmt: Callable[[float], str]) -> Callable[[dict], str]:
+    """A cell ``mean ± sd`` of row ``key`` and ``key_sd`` (the sd only when the row has one: several seeds)."""
+    def cell(r: dict) -> str:
+        v, sd = r[key], r.get(f"{key}_sd")
+        return "-" if v is None else fmt(v) + ("" if sd is None else f" ± {fmt(sd)}")
+    return cell
+
+
 def cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo on Linux), or what ``platform`` knows."""
     try:

@@ -26,7 +26,8 @@ from .backends import BACKEND_COMPRESSORS, BACKENDS, detect_backend, open_backen
 from .errors import KtnasError, first_line
 from .files import disk_full_as_error, disk_full_error, is_disk_full, remove_store, store_exists, store_lock
 
-__all__ = ["BACKENDS", "COMPRESSORS", "DEFAULT_COMPRESSOR", "FORMAT_VERSION", "FeatureStore", "StoreSplit", "create_store", "detect_backend",
+__all__ = ["BACKENDS", "COMPRESSORS", "DEFAULT_COMPRESSOR", "FORMAT_VERSION", "FeatureStore", "StoreSplit",
+           "create_store", "detect_backend",
            "disk_full_error", "inspect_store", "is_disk_full", "open_store", "opening_hint", "remove_store",
            "resolve_compressor", "store_exists", "store_lock"]
 

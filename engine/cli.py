@@ -145,7 +145,8 @@ def register_store_commands(sub) -> None:
 
 
 def register_engine_commands(sub) -> None:
-    """Add ``search``, ``train``, ``evaluate``, ``evolve``, ``genotype``, ``predict`` and ``export`` to the ``ktnas`` subparsers ``sub``."""
+    """Add ``search``, ``train``, ``evaluate``, ``evolve``, ``genotype``, ``predict`` and ``export`` to the
+    ``ktnas`` subparsers ``sub``."""
     from ktnas.engine.evolve import add_evolve_parser
     from ktnas.engine.export import add_export_parser
     from ktnas.engine.genotypes import add_genotype_parser

@@ -211,8 +211,9 @@ class Evolution:
         cfg, files = self.cfg, self.files
         t_session = time.perf_counter()
         if cfg.algo == "predictor" and self.pretrained is None:
-            self.pretrained = predictor_method(cfg.predictor)[0](cfg.space, archs=cfg.pretrain_archs, steps=cfg.pretrain_steps,
-                                                 hidden=cfg.hidden, seed=cfg.seed, progress=cfg.progress)
+            pretrain = predictor_method(cfg.predictor)[0]
+            self.pretrained = pretrain(cfg.space, archs=cfg.pretrain_archs, steps=cfg.pretrain_steps,
+                                       hidden=cfg.hidden, seed=cfg.seed, progress=cfg.progress)
         files.write_json("config.json", dict(asdict(cfg), network_config=self.trainer.network_config,
                                              data=self.trainer.data, budget=self.budget,
                                              device_resolved=str(self.device)))

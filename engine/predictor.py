@@ -166,11 +166,11 @@ def kendall_tau(x, y) -> float:
 def heldout_tau(pretrained: dict, space: str, history: list[dict], *, folds: int = 5, steps: int = 200,
                 hidden: int = 32, seed: int = 0, fit=None) -> dict | None:
     """How well the predictor ranks candidates it was not fitted on: the evaluated candidates are split into
-    ``folds`` folds (permutation seeded by ``seed``); for each, the predictor is fitted (:func:`fit_ranker`) on the
-    other folds and Kendall's tau-b between its scores and the measured validation accuracies is taken on the
-    held-out fold (``fit``: another fitting function of :func:`fit_ranker`'s signature, e.g. DCL's; the folds
-    depend on ``seed`` only, so two predictors see the same ones). Returns the mean, its standard error, the per-fold values and sizes (None: fewer than 3
-    candidates per fold)."""
+    ``folds`` folds (permutation seeded by ``seed``); for each, the predictor is fitted (:func:`fit_ranker`, or
+    ``fit``, another fitting function of its signature such as DCL's) on the other folds and Kendall's tau-b
+    between its scores and the measured validation accuracies is taken on the held-out fold. The folds depend on
+    ``seed`` only, so two predictors see the same ones. Returns the mean, its standard error, the per-fold values
+    and sizes (None: fewer than 3 candidates per fold)."""
     n = len(history)
     if folds < 2 or n < 3 * folds:
         return None

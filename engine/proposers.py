@@ -93,9 +93,10 @@ class PredictorProposer(EvolutionProposer):
     def children(self, population, k, rng):
         cfg, history = self.cfg, self.history
         pool, metas = self.pool(history, population, k, rng)
-        model = predictor_method(cfg.predictor)[1](self.pretrained, cfg.space, [genotype_from_json(r["genotype"]) for r in history],
-                           [r["val_acc"] for r in history], steps=cfg.fit_steps, hidden=cfg.hidden,
-                           seed=derive_seed(cfg.seed, len(history)))
+        fit = predictor_method(cfg.predictor)[1]
+        model = fit(self.pretrained, cfg.space, [genotype_from_json(r["genotype"]) for r in history],
+                    [r["val_acc"] for r in history], steps=cfg.fit_steps, hidden=cfg.hidden,
+                    seed=derive_seed(cfg.seed, len(history)))
         scores = predict_scores(model, pool)
         order = np.argsort(-scores, kind="stable")[:k]
         return [(pool[i], dict(metas[i], predicted=float(scores[i]), predicted_rank=r + 1, pool=len(pool)))
