@@ -15,11 +15,11 @@ import numpy as np
 
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.runtime import resolve_device
-from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM
 from ktnas.engine.evolve import EvolveConfig, evolve
 from ktnas.engine.spaces import SPACES
 
 from .ranking import feature_store
+from .loader import add_build_arguments
 from .report import Column, Report, mean_sd
 
 HELP = "random vs REA vs predictor-guided evolution (gae, dcl) at one candidate budget, over seeds"
@@ -51,11 +51,7 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--quick", action="store_true", help="a tiny run (CI): " + ", ".join(f"{k} {v}" for k, v in
                                                                                      QUICK.items()))
-    g = p.add_argument_group("building the store (without --features)")
-    g.add_argument("--dataset", default="fashion-mnist", help="default: %(default)s")
-    g.add_argument("--stem", default=DEFAULT_STEM, help="ARCH:CUT (default: %(default)s)")
-    g.add_argument("--weights", default="imagenet", help="imagenet | none | PATH (default: %(default)s)")
-    g.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="stem input size (default: 64)")
+    add_build_arguments(p, chunk_size=False)
 
 
 def _runs(args, store: str, work: Path) -> dict:

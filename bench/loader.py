@@ -57,14 +57,16 @@ def add_arguments(p) -> None:
     add_build_arguments(p)
 
 
-def add_build_arguments(p) -> None:
-    """The options that build the measured store when ``--features`` is not given."""
+def add_build_arguments(p, chunk_size: bool = True) -> None:
+    """The options that build the measured store when ``--features`` is not given (``--chunk-size`` too when
+    ``chunk_size``)."""
     g = p.add_argument_group("building the store (without --features)")
     g.add_argument("--dataset", default="fashion-mnist", help="images to run the stem over (default: %(default)s)")
     g.add_argument("--stem", default=DEFAULT_STEM, help="ARCH:CUT (default: %(default)s)")
     g.add_argument("--weights", default="imagenet", help="imagenet | none | PATH (default: %(default)s)")
     g.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="stem input size (default: %(default)s)")
-    g.add_argument("--chunk-size", type=int, default=None, help="samples per chunk (default: precompute's ~8 MiB)")
+    if chunk_size:
+        g.add_argument("--chunk-size", type=int, default=None, help="samples per chunk (default: precompute's ~8 MiB)")
 
 
 def copy_store(src, dst, split: str = "train", limit: int | None = None) -> str:

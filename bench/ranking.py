@@ -34,7 +34,6 @@ import numpy as np
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.precompute import PrecomputeConfig, precompute
 from ktnas.cache.runtime import resolve_device
-from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM
 from ktnas.cache.store import open_store
 from ktnas.engine.candidates import CandidateTrainer
 from ktnas.engine.evolve import EvolveConfig, resolve_config
@@ -42,6 +41,7 @@ from ktnas.engine.predictor import heldout_tau, kendall_tau
 from ktnas.engine.predictor_dcl import predictor_method
 from ktnas.engine.spaces import SPACES, genotype_str, random_genotype
 
+from .loader import add_build_arguments
 from .report import Column, Report
 
 HELP = "Kendall tau between architectures trained on cached stem features (KT-NAS) and trained whole on images"
@@ -77,11 +77,7 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--quick", action="store_true", help="a tiny run (CI): " + ", ".join(f"{k} {v}" for k, v in
                                                                                      QUICK.items()))
-    g = p.add_argument_group("building the store (without --features)")
-    g.add_argument("--dataset", default="fashion-mnist", help="default: %(default)s")
-    g.add_argument("--stem", default=DEFAULT_STEM, help="ARCH:CUT (default: %(default)s)")
-    g.add_argument("--weights", default="imagenet", help="imagenet | none | PATH (default: %(default)s)")
-    g.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="stem input size (default: 64)")
+    add_build_arguments(p, chunk_size=False)
 
 
 # ------------------------------------------------------------------------------------------------ statistics
