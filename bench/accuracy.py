@@ -29,9 +29,10 @@ import numpy as np
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.runtime import resolve_device
 from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM
+from ktnas.engine.layout import dropped_stages
 from ktnas.engine.runs import read_jsonl
 
-from .report import Column, Report, mean_sd
+from .report import Column, Report, mean_and_sd, mean_sd
 
 HELP = "real data: KT-NAS from cached features vs classic DARTS from images, same search and training budget"
 
@@ -48,6 +49,9 @@ def add_arguments(p) -> None:
     p.add_argument("--search-limit", type=int, default=10000,
                    help="first N training images for search-train + search-validation (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="search batch, both (default: %(default)s)")
+    p.add_argument("--search-channels", type=int, default=None,
+                   help="width of the classic supernet's first cells (default: the paper's 16); KT-NAS's supernet "
+                        "is widened by the paper rule, x2 per stage the stem replaces (a CPU budget: e.g. 8)")
     p.add_argument("--train-epochs", type=int, default=10, help="training of each genotype (default: %(default)s)")
     p.add_argument("--train-limit", type=int, default=None, help="first N samples of each split for training "
                    "and test (default: all)")
@@ -115,9 +119,11 @@ def _one_config(args, config, algo, seed, source, store, common, precompute_s, d
     phase already finished in ``work`` is reused (its own recorded seconds), an interrupted one resumed."""
     key = f"{config}-{algo}-s{seed}"
     sdir = work / f"{key}-search"
+    width = [] if args.search_channels is None else [
+        "--channels", args.search_channels * 2 ** (dropped_stages(_resolution(store)) if config == "kt-nas" else 0)]
     search = _cli("search", *source, "--space", args.space, "--algo", algo, "--order", args.order, "--epochs",
                   args.search_epochs, "--batch-size", args.batch_size, "--limit", args.search_limit, "--seed", seed,
-                  "--precision", args.precision, *common, "--out", sdir)
+                  "--precision", args.precision, *width, *common, "--out", sdir)
     done = _done_epochs(sdir) >= args.search_epochs
     t0 = time.perf_counter()
     _phase(phases, f"{key} search", search, sdir, work / f"{key}-search.log", done)
@@ -134,7 +140,7 @@ def _one_config(args, config, algo, seed, source, store, common, precompute_s, d
                cost_s=search_s + (precompute_s if config == "kt-nas" else 0.0),
                peak_mem_bytes=max(m["peak_memory_bytes"] for m in metrics),
                search_val_acc=last["val_acc"], test_acc=trained["test_acc"], raw_test_acc=None,
-               params=config_json.get("params"), genotype=last["genotype"], skips=last.get("skips"),
+               params=config_json.get("params"), supernet=config_json.get("layout"), genotype=last["genotype"], skips=last.get("skips"),
                entropy=(last.get("entropy") or {}).get("normal"), kernels=config_json.get("kernels_used"))
     if config == "kt-nas":
         ev = _cli("evaluate", "--model", tdir / "model.pt", "--dataset", args.dataset, "--split", "test",
@@ -145,6 +151,14 @@ def _one_config(args, config, algo, seed, source, store, common, precompute_s, d
             _run(ev, log)
         row["raw_test_acc"] = _last_json(log)["accuracy"]
     return row
+
+
+def _resolution(store: Path) -> int:
+    """The side of the store's feature maps (what the frozen stem leaves of the images)."""
+    from ktnas.cache.store import open_store
+
+    with open_store(store) as s:
+        return int(s.split("train").sample_shape[-1])
 
 
 def _random_row(args, seed, store, common, device, work, phases) -> dict:
@@ -169,9 +183,7 @@ def _aggregate(rows: list[dict]) -> list[dict]:
         agg = dict(runs[0], seeds=[r["seed"] for r in runs], runs=runs)
         for k in ("search_s", "search_wall_s", "precompute_s", "cost_s", "peak_mem_bytes", "search_val_acc",
                   "test_acc", "raw_test_acc", "skips", "entropy"):
-            vals = [r[k] for r in runs if r[k] is not None]
-            agg[k] = float(np.mean(vals)) if vals else None
-            agg[f"{k}_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+            agg[k], agg[f"{k}_sd"] = mean_and_sd(r[k] for r in runs)
         if len(runs) > 1:
             agg["genotype"] = " / ".join(r["genotype"] for r in runs)
         out.append(agg)
@@ -185,8 +197,9 @@ def bench_accuracy(args, work_dir: Path) -> tuple[list[dict], list[str]]:
         args.search_limit, args.search_epochs, args.train_epochs = 512, 1, 2
         args.train_limit = args.train_limit or 2048
         args.train_layers, args.train_channels = min(args.train_layers, 5), min(args.train_channels, 8)
-    for name in ("search_epochs", "search_limit", "batch_size", "train_epochs", "train_layers", "train_channels"):
-        if getattr(args, name) < 1:
+    for name in ("search_epochs", "search_limit", "batch_size", "train_epochs", "train_layers", "train_channels",
+                 "search_channels"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise KtnasError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     device = str(resolve_device(args.device))
     work = Path(work_dir) / "runs" / _budget_id(args, device)  # another budget never reuses these phases
@@ -235,8 +248,8 @@ def _budget_id(args, device: str) -> str:
     import hashlib
 
     keys = ("dataset", "stem", "weights", "image_size", "space", "order", "search_epochs", "search_limit",
-            "batch_size", "train_epochs", "train_limit", "train_layers", "train_channels", "train_batch_size",
-            "precision")
+            "search_channels", "batch_size", "train_epochs", "train_limit", "train_layers", "train_channels",
+            "train_batch_size", "precision")
     d = {k: getattr(args, k) for k in keys} | dict(device=device)
     return "budget-" + hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -257,7 +270,9 @@ def _search(r) -> str:
     if r["config"] == "random":
         return "none: one uniformly drawn architecture per seed"
     order = " order 2" if r["order"] == 2 and r["algo"] in ("darts", "pcdarts") else ""
-    return f"{r['algo']}{order}, {r['search_epochs']} ep, {r['search_samples']:,} img, batch {r['batch']}"
+    net = r.get("supernet")
+    net = f", supernet {net['layers']} cells C={net['channels']}" if net else ""
+    return f"{r['algo']}{order}, {r['search_epochs']} ep, {r['search_samples']:,} img, batch {r['batch']}{net}"
 
 
 

@@ -20,7 +20,7 @@ from ktnas.engine.spaces import SPACES
 
 from .ranking import feature_store
 from .loader import add_build_arguments
-from .report import Column, Report, mean_sd
+from .report import Column, Report, mean_and_sd, mean_sd
 
 HELP = "random vs REA vs predictor-guided evolution (gae, dcl) at one candidate budget, over seeds"
 ALGOS = {"random": dict(algo="random"), "rea": dict(algo="rea"),
@@ -81,11 +81,6 @@ def _runs(args, store: str, work: Path) -> dict:
     return out
 
 
-def _mean_sd(vals):
-    vals = [v for v in vals if v is not None]
-    return (float(np.mean(vals)) if vals else None), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
-
-
 def bench_evolve(args, out: Path) -> list[dict]:
     for name in ("population", "cycles", "samples", "epochs_per_candidate", "batch_size", "pretrain_archs",
                  "pretrain_steps"):
@@ -96,9 +91,9 @@ def bench_evolve(args, out: Path) -> list[dict]:
     store, _ = feature_store(args, out)
     rows = []
     for algo, runs in _runs(args, store, out / "runs").items():
-        best, best_sd = _mean_sd([r["best"]["val_acc"] for r in runs])
+        best, best_sd = mean_and_sd([r["best"]["val_acc"] for r in runs])
         taus = [(r["predictor"] or {}).get("kendall_tau") for r in runs]
-        tau, tau_sd = _mean_sd(taus)
+        tau, tau_sd = mean_and_sd(taus)
         curves = np.array([r["best_so_far"] for r in runs])
         rows.append(dict(algo=algo, seeds=[r["seed"] for r in runs], budget=runs[0]["budget"], best_val_acc=best,
                          best_val_acc_sd=best_sd, per_seed=[r["best"]["val_acc"] for r in runs], tau=tau,

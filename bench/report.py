@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ktnas.cache.errors import KtnasError
@@ -49,6 +50,12 @@ class Report:
 def rate(v) -> str:
     """A rate with thousands separators (``12,345``), one decimal below 100."""
     return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def mean_and_sd(vals) -> tuple[float | None, float | None]:
+    """The mean and the sample standard deviation (ddof 1) of ``vals`` without its Nones; None where undefined."""
+    vals = [v for v in vals if v is not None]
+    return (float(np.mean(vals)) if vals else None), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
 
 
 def mean_sd(key: str, fmt: Callable[[float], str]) -> Callable[[dict], str]:

@@ -56,9 +56,13 @@ def test_bench_accuracy_seeds_algorithms_random_baseline_and_resume(tmp_path, ca
             "none", "--image-size", "32", "--search-epochs", "1", "--search-limit", "64", "--batch-size", "16",
             "--train-epochs", "1", "--train-limit", "96", "--train-layers", "3", "--train-channels", "4",
             "--train-batch-size", "32", "--device", "cpu", "--algos", "darts,gdas", "--seeds", "0,1",
-            "--random-baseline", "--out", str(out)]
+            "--random-baseline", "--search-channels", "2", "--out", str(out)]
     assert main(argv) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
+    # --search-channels: the classic supernet's width; KT-NAS's doubled for the one stage its 16x16 stem replaces
+    for r in rows[:4]:
+        assert r["supernet"] == ({"layers": 8, "channels": 2, "reductions": [2, 5]} if r["config"] == "classic"
+                                 else {"layers": 5, "channels": 4, "reductions": [2]}), r["supernet"]
     assert [(r["config"], r["algo"]) for r in rows] == [("kt-nas", "darts"), ("classic", "darts"), ("kt-nas", "gdas"),
                                                       ("classic", "gdas"), ("random", "-")]
     for r in rows:
@@ -69,7 +73,7 @@ def test_bench_accuracy_seeds_algorithms_random_baseline_and_resume(tmp_path, ca
     assert rows[2]["acc_minus_classic"] == pytest.approx(rows[2]["test_acc"] - rows[3]["test_acc"])
     assert rows[4]["cost_s"] == 0 and rows[4]["runs"][0]["genotype"] != rows[4]["runs"][1]["genotype"]
     md = (out / "results.md").read_text()
-    assert "kt-nas gdas per seed: seed 0 " in md and "random-s1 train:" in md
+    assert "kt-nas gdas per seed: seed 0 " in md and "random-s1 train:" in md and "supernet 5 cells C=4" in md
 
     def outcome(rows):
         return [[(x["seed"], x["genotype"], x["test_acc"]) for x in r["runs"]] for r in rows]
