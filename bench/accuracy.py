@@ -68,7 +68,8 @@ def add_arguments(p) -> None:
     p.add_argument("--random-baseline", action="store_true",
                    help="also train one random architecture per seed the same way (does a search beat chance?)")
     p.add_argument("--quick", action="store_true",
-                   help="a few minutes on a CPU: 512 search images, 1 search epoch, 2 training epochs on 2,048")
+                   help="a few minutes on a CPU: 512 search images, 1 search epoch, supernets at half width "
+                        "(--search-channels 8), 2 training epochs of a 5-cell C=8 network on 2,048")
 
 
 def _cli(*args) -> list[str]:
@@ -140,8 +141,9 @@ def _one_config(args, config, algo, seed, source, store, common, precompute_s, d
                cost_s=search_s + (precompute_s if config == "kt-nas" else 0.0),
                peak_mem_bytes=max(m["peak_memory_bytes"] for m in metrics),
                search_val_acc=last["val_acc"], test_acc=trained["test_acc"], raw_test_acc=None,
-               params=config_json.get("params"), supernet=config_json.get("layout"), genotype=last["genotype"], skips=last.get("skips"),
-               entropy=(last.get("entropy") or {}).get("normal"), kernels=config_json.get("kernels_used"))
+               params=config_json.get("params"), supernet=config_json.get("layout"), genotype=last["genotype"],
+               skips=last.get("skips"), entropy=(last.get("entropy") or {}).get("normal"),
+               kernels=config_json.get("kernels_used"))
     if config == "kt-nas":
         ev = _cli("evaluate", "--model", tdir / "model.pt", "--dataset", args.dataset, "--split", "test",
                   "--json", *(["--limit", args.train_limit] if args.train_limit else []), *common)
@@ -197,6 +199,7 @@ def bench_accuracy(args, work_dir: Path) -> tuple[list[dict], list[str]]:
         args.search_limit, args.search_epochs, args.train_epochs = 512, 1, 2
         args.train_limit = args.train_limit or 2048
         args.train_layers, args.train_channels = min(args.train_layers, 5), min(args.train_channels, 8)
+        args.search_channels = min(args.search_channels or 8, 8)
     for name in ("search_epochs", "search_limit", "batch_size", "train_epochs", "train_layers", "train_channels",
                  "search_channels"):
         if getattr(args, name) is not None and getattr(args, name) < 1:

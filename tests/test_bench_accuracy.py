@@ -88,6 +88,21 @@ def test_bench_accuracy_seeds_algorithms_random_baseline_and_resume(tmp_path, ca
     assert again[1]["runs"][0]["search_s"] == rows[1]["runs"][0]["search_s"]  # reused, not re-measured
 
 
+def test_bench_accuracy_quick(tmp_path, capsys):
+    """--quick (the CI-sized run): its budget is what the README says, at half width, both ways."""
+    out = tmp_path / "q"
+    assert main(["bench", "accuracy", "--quick", "--dataset", "synthetic:160/64", "--stem", "mobilenet_v2:features.1",
+                 "--weights", "none", "--image-size", "32", "--batch-size", "32", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    rows = {r["config"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    kt, classic = rows["kt-nas"], rows["classic"]
+    for r in (kt, classic):
+        assert (r["search_epochs"], r["search_samples"]) == (1, 512)
+    assert (kt["supernet"]["channels"], classic["supernet"]["channels"]) == (16, 8)
+    assert "5 cells, C=8, 2 epochs" in (out / "results.md").read_text()
+    capsys.readouterr()
+
+
 def test_bench_accuracy_failing_phase_is_one_line(tmp_path, capsys):
     assert main(["bench", "accuracy", "--dataset", "no-such-set", "--device", "cpu", "--quick",
                  "--out", str(tmp_path / "x")]) == 2
