@@ -7,8 +7,8 @@ the first ``--samples`` images of the train split, half to train on and half to 
 
 - **KT-NAS**: the cells on the store's cached features of the frozen stem (the proxy network minus the stages
   the stem replaces), as ``ktnas evolve`` trains them;
-- **classic**: the whole proxy network with its own trainable 3x3 conv stem on the same images at 32 px (the
-  paper's networks), as a classic NAS evaluates candidates.
+- **classic**: the whole proxy network with its own trainable 3x3 conv stem on the same images at their native
+  size (the paper's networks; 28 px Fashion-MNIST, 32 px CIFAR), as a classic NAS evaluates candidates.
 
 Reported: Kendall tau-b and Spearman rho between the two validation-accuracy lists with percentile bootstrap
 intervals (candidates resampled), the overlap of their top-k sets, the cost per candidate of each way (KT-NAS
@@ -344,7 +344,8 @@ def report(args, work_dir=None) -> Report:
              f"{args.samples} train images (half train, half validate), batch {args.batch_size}, SGD lr {args.lr} "
              f"cosine, {args.epochs} epoch(s); long budget: the first {len(details['candidates']['classic_long'])} "
              f"trained classic for {args.long_epochs} epochs",
-             f"networks: KT-NAS {kt} on the store's features; classic {cl} with its conv stem on 32 px images",
+             f"networks: KT-NAS {kt} on the store's features; classic {cl} with its conv stem on the images at "
+             "their native size (28 px Fashion-MNIST, 32 px CIFAR; image folders at 32 px)",
              f"cost per candidate: KT-NAS {c['kt_seconds']:.2f} s{share}; classic {c['classic_seconds']:.2f} s "
              f"({c['classic_seconds'] / c['kt_seconds']:.1f}x KT-NAS)"
              + ("" if c["long_seconds"] is None else f"; classic long {c['long_seconds']:.2f} s"),
