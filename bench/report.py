@@ -62,7 +62,7 @@ def mean_sd(key: str, fmt: Callable[[float], str]) -> Callable[[dict], str]:
     """A cell ``mean ± sd`` of row ``key`` and ``key_sd`` (the sd only when the row has one: several seeds)."""
     def cell(r: dict) -> str:
         v, sd = r[key], r.get(f"{key}_sd")
-        return "-" if v is None else fmt(v) + ("" if sd is None else f" ± {fmt(sd)}")
+        return "-" if v is None else fmt(v) + ("" if sd is None else f" ± {fmt(sd).lstrip('+')}")
     return cell
 
 
