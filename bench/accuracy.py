@@ -120,11 +120,9 @@ def _one_config(args, config, algo, seed, source, store, common, precompute_s, d
     phase already finished in ``work`` is reused (its own recorded seconds), an interrupted one resumed."""
     key = f"{config}-{algo}-s{seed}"
     sdir = work / f"{key}-search"
-    width = [] if args.search_channels is None else [
-        "--channels", args.search_channels * 2 ** (dropped_stages(_resolution(store)) if config == "kt-nas" else 0)]
     search = _cli("search", *source, "--space", args.space, "--algo", algo, "--order", args.order, "--epochs",
                   args.search_epochs, "--batch-size", args.batch_size, "--limit", args.search_limit, "--seed", seed,
-                  "--precision", args.precision, *width, *common, "--out", sdir)
+                  "--precision", args.precision, *common, "--out", sdir)
     done = _done_epochs(sdir) >= args.search_epochs
     t0 = time.perf_counter()
     _phase(phases, f"{key} search", search, sdir, work / f"{key}-search.log", done)
@@ -155,12 +153,17 @@ def _one_config(args, config, algo, seed, source, store, common, precompute_s, d
     return row
 
 
-def _resolution(store: Path) -> int:
-    """The side of the store's feature maps (what the frozen stem leaves of the images)."""
+def _widths(args, store: Path) -> dict:
+    """``--channels`` of each supernet for ``--search-channels`` (none without it): the classic one's as given,
+    KT-NAS's doubled per stage its stem replaces (the side of the store's feature maps tells how many)."""
+    if args.search_channels is None:
+        return {"kt-nas": [], "classic": []}
     from ktnas.cache.store import open_store
 
     with open_store(store) as s:
-        return int(s.split("train").sample_shape[-1])
+        stages = dropped_stages(int(s.split("train").sample_shape[-1]))
+    return {"kt-nas": ["--channels", args.search_channels * 2 ** stages],
+            "classic": ["--channels", args.search_channels]}
 
 
 def _random_row(args, seed, store, common, device, work, phases) -> dict:
@@ -227,7 +230,9 @@ def bench_accuracy(args, work_dir: Path) -> tuple[list[dict], list[str]]:
     if any(a not in ("darts", "pcdarts", "gdas", "random") for a in algos) or not algos or not seeds:
         raise KtnasError(f"--algos takes darts, pcdarts, gdas, random and --seeds integers, got {args.algos!r} / "
                          f"{args.seeds!r}: e.g. --algos darts,gdas --seeds 0,1,2")
-    runs = {"kt-nas": ["--features", store], "classic": ["--stem", "none", "--dataset", args.dataset]}
+    width = _widths(args, store)
+    runs = {"kt-nas": ["--features", store, *width["kt-nas"]],
+            "classic": ["--stem", "none", "--dataset", args.dataset, *width["classic"]]}
     rows = []
     for seed in seeds:
         for algo in algos:
