@@ -18,6 +18,9 @@ sampled op alone. Random search with weight sharing draws a genotype on the host
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 
 from ktnas.cache.errors import KtnasError
@@ -69,49 +72,89 @@ def compile_network(model: torch.nn.Module, backend: str):
                          f"--compile-backend inductor or aot_eager, or --capture none") from None
 
 
+def set_capturable(optimizer: torch.optim.Optimizer, on: bool) -> None:
+    """Turn ``capturable`` on or off for every group of ``optimizer`` (Adam's step counter then lives on the
+    device, as a captured step needs). Each parameter's ``step`` is moved beside it as torch's own state policy
+    does for capturable optimisers: a resumed run loads its checkpoint on the CPU, where a captured step cannot
+    read it ("params and state_steps must be on supported devices")."""
+    for g in optimizer.param_groups:
+        g["capturable"] = on
+        for p in g["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if on and isinstance(step, torch.Tensor) and (step.device != p.device or step.dtype != torch.float32):
+                optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
+
+
 class GraphStep:
     """One epoch's search step in a CUDA graph (see the module docstring): ``step(xt, yt, xv, yv)`` (the eager
-    step) is called as is for the warm-up and for batches of another shape, captured once, then replayed."""
+    step) is called as is for the warm-up and for batches of another shape, captured once, then replayed.
 
-    def __init__(self, run, step, warmup: int = GRAPH_WARMUP):
-        self.run, self.step, self.warmup, self.device = run, step, warmup, run.device
+    Before the capture every gradient is cleared (set to None), so the graph allocates its gradients in its own
+    pool: a gradient left by the warm-up lives in the allocator's general pool, and the graph would write into
+    it on every replay after the step had released it. A capture that fails (any error, out of memory included)
+    does not end the search: one warning line names the cause, the batch runs eagerly (gradients cleared
+    first) and so does the rest of the epoch; :attr:`failed` keeps the cause, :attr:`replays` and
+    :attr:`eager` count how the epoch's steps ran."""
+
+    def __init__(self, run, step, warmup: int = GRAPH_WARMUP, what: str = "search step"):
+        self.run, self.step, self.warmup, self.device, self.what = run, step, warmup, run.device, what
         self.graph = self.static = self.out = None
-        self.seen = 0
+        self.seen = self.replays = self.eager = 0
+        self.failed: str | None = None
         self.side = torch.cuda.Stream(self.device)
 
     def __call__(self, *batch):
-        if self.graph is not None:
-            if [t.shape for t in batch] != [t.shape for t in self.static]:
-                return self.step(*batch)
+        if self.graph is not None and [t.shape for t in batch] == [t.shape for t in self.static]:
+            self.replays += 1
             return self._replay(batch)
+        if self.graph is not None or self.failed is not None:
+            return self._eager(batch)
         if self.seen < self.warmup:
             self.seen += 1
             return self._side(batch)
-        self._capture(batch)
+        if not self._capture(batch):
+            return self._eager(batch)
+        self.replays += 1
         return self._replay(batch)
+
+    def _eager(self, batch):
+        self.eager += 1
+        return self.step(*batch)
 
     def _side(self, batch):
         cur = torch.cuda.current_stream(self.device)
         self.side.wait_stream(cur)
         with torch.cuda.stream(self.side):
-            out = self.step(*batch)
+            out = self._eager(batch)
         cur.wait_stream(self.side)
         return out
 
-    def _capture(self, batch):
+    def _clear_grads(self) -> None:
+        for p in self.run.model.parameters():  # as both optimisers' zero_grad(set_to_none=True)
+            p.grad = None
+
+    def _capture(self, batch) -> bool:
+        """Capture the step on static copies of ``batch``; False (after one warning line) when it fails."""
         torch.cuda.synchronize(self.device)
+        self._clear_grads()
         self.static = [t.clone() for t in batch]
         graph = torch.cuda.CUDAGraph()
         try:
             # thread_local: the feature loader's threads (pinned host buffers) may run while this thread captures
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.out = self.step(*self.static)
-        except (torch.cuda.OutOfMemoryError, KtnasError):
-            raise
-        except Exception as e:  # noqa: BLE001 - any capture failure: one line naming the operation
-            raise KtnasError(f"--capture graph: the search step could not be captured in a CUDA graph "
-                             f"({root_cause(e)}); use --capture none (or compile)") from None
+        except Exception as e:  # noqa: BLE001 - any capture failure: the step runs eagerly instead
+            self.failed = root_cause(e)
+            self.graph = self.static = self.out = None
+            self._clear_grads()  # what the failed capture left behind is not a step's gradient
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize(self.device)
+            warnings.warn(f"--capture graph: the {self.what} could not be captured in a CUDA graph ({self.failed}); "
+                          f"running it eagerly (pass --capture none to skip the attempt)", CaptureFallback,
+                          stacklevel=2)
+            return False
         self.graph = graph
+        return True
 
     def _replay(self, batch):
         for dst, src in zip(self.static, batch):
@@ -119,6 +162,15 @@ class GraphStep:
         self.graph.replay()
         return self.out
 
+    def report(self) -> dict:
+        """How the epoch's steps ran: ``{"mode": "graph" | "eager (capture failed: ...)", "replays", "eager"}``."""
+        mode = "graph" if self.failed is None else f"eager (capture failed: {self.failed})"
+        return dict(mode=mode, replays=self.replays, eager=self.eager)
+
     def close(self) -> None:
         """Free the graph and its memory pool (before the next epoch's capture)."""
         self.graph = self.static = self.out = None
+
+
+class CaptureFallback(UserWarning):
+    """A captured step fell back to the eager one (the warning's one line says why)."""

@@ -15,7 +15,8 @@ import torch
 
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.runtime import resolve_device
-from ktnas.kernels import resolve_impl
+from ktnas.kernels import first_use_failures, observe_dispatch, resolve_impl
+from ktnas.kernels.mixed import describe
 
 from . import distributed
 from .algorithms import ALGORITHMS, get_algorithm
@@ -214,6 +215,7 @@ def _search(cfg: SearchConfig, device, rank: int, world_size: int) -> dict:
         genotype = None
         for epoch in range(start, cfg.epochs):
             genotype = _epoch(run, files, epoch, train, val, history, alpha_hist, world_size)
+            files.write_json("config.json", dict(resolved, ran={k: history[-1][k] for k in RAN}))
         if genotype is None:  # resumed after the last epoch: the files are there already
             genotype = distributed.from_rank0(lambda: load_genotype(files.file("genotype.json")))
         if files.main:
@@ -240,9 +242,12 @@ def _epoch(run: SearchRun, files: RunDir, epoch: int, train, val, history: list,
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     rec = dict(epoch=epoch + 1, lr=run.lr(), **algorithm.epoch_info(epoch))
-    rec.update(run.train_epoch(epoch, train, val))
-    model.eval()
-    rec.update(run.evaluate(val, algorithm.eval_arch(epoch)))
+    with observe_dispatch() as dispatched:
+        rec.update(run.train_epoch(epoch, train, val))
+        model.eval()
+        rec.update(run.evaluate(val, algorithm.eval_arch(epoch)))
+    rec["kernels"] = kernels_record(dispatched)
+    rec["eval"] = run.eval_report
     run.sched.step()
     genotype, extra = algorithm.genotype(epoch, val, files)
     rec.update(extra)
@@ -271,6 +276,18 @@ def _epoch(run: SearchRun, files: RunDir, epoch: int, train, val, history: list,
                    f"entropy {' '.join(f'{v:.3f}' for v in rec['entropy'].values())}\n  {rec['genotype']}",
                    file=sys.stderr)
     return genotype
+
+
+RAN = ("epoch", "kernels", "steps", "eval")  # what the last epoch ran, repeated in config.json
+
+
+def kernels_record(dispatched: dict) -> dict:
+    """What ran on the mixed edges: the number of specialisations on the fused kernels and on the reference,
+    and, for each one that fell back from the kernels, where and why."""
+    failures = first_use_failures()
+    impls = list(dispatched.values())
+    return dict(triton=impls.count("triton"), torch=impls.count("torch"),
+                fell_back={describe(spec): failures[spec] for spec in dispatched if spec in failures})
 
 
 # ------------------------------------------------------------------------------------------------------- CLI

@@ -11,13 +11,40 @@ import torch.nn as nn
 
 from . import distributed
 from .algorithms import get_algorithm
-from .capture import GraphStep, compile_network, resolve_capture
+from .capture import GraphStep, compile_network, resolve_capture, set_capturable
 from .data import cycle
 from .layout import resolve_layout
 from .runs import progress
 from .supernet import Supernet
 
+EVAL_GROUP = 2  # validation batches per forward of the validation pass
 POSTFIX_EVERY = 25  # steps between the progress bar's loss/accuracy updates (each one a device sync)
+
+
+class _Counted:
+    """``step`` called as is, counting its calls (how an epoch's steps ran, for its metrics)."""
+
+    def __init__(self, step, mode: str):
+        self.step, self.mode, self.eager = step, mode, 0
+
+    def __call__(self, *batch):
+        self.eager += 1
+        return self.step(*batch)
+
+    def report(self) -> dict:
+        return dict(mode=self.mode, replays=0, eager=self.eager)
+
+
+def grouped(batches, n: int):
+    """``n`` consecutive (x, y) batches at a time, concatenated (the last group may be smaller)."""
+    group = []
+    for b in batches:
+        group.append(b)
+        if len(group) == n:
+            yield tuple(torch.cat(t) for t in zip(*group))
+            group = []
+    if group:
+        yield tuple(torch.cat(t) for t in zip(*group))
 
 
 def search_layout(cfg, info: dict):
@@ -55,19 +82,23 @@ class SearchRun:
         self.net = (compile_network(self.model, getattr(cfg, "compile_backend", "inductor"))
                     if self.capture == "compile" else self.model)
         self.fixed_arch = self.capture != "none"
+        self.capture_failed: str | None = None  # why the graph could not be captured (the search goes on eagerly)
+        self.steps_report: dict = {}
+        self.eval_report: dict = {}
+        self.eval_failed: str | None = None  # why the validation pass could not be captured
 
     def lr(self) -> float:
         """The weights' current learning rate."""
         return self.w_opt.param_groups[0]["lr"]
 
-    def loss(self, x, y, arch=None, net=None):
-        """(cross-entropy loss, logits) of a batch under ``arch`` (None: the relaxation); a full batch through
-        the compiled network under ``--capture compile``."""
+    def loss(self, x, y, arch=None, net=None, logits_only=False):
+        """(cross-entropy loss, logits) of a batch under ``arch`` (None: the relaxation), or the logits alone;
+        a full batch through the compiled network under ``--capture compile``."""
         if net is None:
             net = self.net if len(x) == self.cfg.batch_size else self.model
         with torch.autocast(**self.amp):
             logits = net(x, arch)
-        return self.criterion(logits.float(), y), logits
+        return logits if logits_only else (self.criterion(logits.float(), y), logits)
 
     def weight_step(self, x, y, arch=None):
         """An SGD step of the weights on a training batch (gradients clipped); (loss, logits) detached."""
@@ -92,26 +123,30 @@ class SearchRun:
     def stepper(self, epoch: int, gen: torch.Generator, rng: np.random.Generator):
         """``step(xt, yt, xv, yv) -> (loss, logits)`` for the steps of ``epoch``, as ``--capture`` runs them
         (what ``ktnas bench search`` times): eager, or under ``graph`` one CUDA graph for the epoch (the outputs
-        of a replay are overwritten by the next one)."""
+        of a replay are overwritten by the next one). A capture that failed once (``capture_failed``: why) is not
+        tried again: the rest of the search runs eagerly. ``steps_report`` says how the epoch's steps ran."""
         def step(xt, yt, xv, yv):
             return self.search_step(epoch, xt, yt, xv, yv, gen, rng)
 
-        if self.capture != "graph":
-            yield step
+        if self.capture != "graph" or self.capture_failed is not None:
+            counted = _Counted(step, {"none": "eager", "compile": "compiled"}.get(self.capture, "eager") if
+                               self.capture_failed is None else f"eager (capture failed: {self.capture_failed})")
+            yield counted
+            self.steps_report = counted.report()
             return
-        groups, amp = self.algorithm.a_opt.param_groups, self.amp
-        for g in groups:  # Adam's step counter on the device (set before the first step that captures)
-            g["capturable"] = True
+        amp = self.amp
+        set_capturable(self.algorithm.a_opt, True)  # Adam's step counter on the device, before any step captures
         self.amp = dict(amp, cache_enabled=False)  # autocast's weight-cast cache is not capture-safe
         self.algorithm.seed_device(epoch)
         graph = GraphStep(self, step)
         try:
             yield graph
         finally:
+            self.steps_report = graph.report()
+            self.capture_failed = graph.failed
             graph.close()
             self.amp = amp
-            for g in groups:
-                g["capturable"] = False
+            set_capturable(self.algorithm.a_opt, False)
 
     def generators(self, epoch: int) -> tuple[torch.Generator, np.random.Generator]:
         """The epoch's random generators, seeded by (seed, epoch) alone: every rank and a resumed run draw alike."""
@@ -139,17 +174,42 @@ class SearchRun:
         correct = int(correct)
         if self.ddp:
             tot_loss, correct, seen = distributed.sum_over_ranks((tot_loss, correct, seen), self.device)
-        return dict(train_loss=tot_loss / seen, train_acc=correct / seen)
+        return dict(train_loss=tot_loss / seen, train_acc=correct / seen, steps=self.steps_report)
 
     @torch.no_grad()
     def evaluate(self, val, arch_fn) -> dict:
-        """Mean loss and accuracy over the validation batches, each under ``arch_fn()``."""
-        tot_loss, correct, seen = 0.0, 0, 0
-        for x, y in val:
-            loss, logits = self.loss(x, y, arch_fn(), net=self.model)  # eager (GDAS' argmax: host indices)
-            tot_loss += float(loss) * len(y)
-            correct += int((logits.argmax(-1) == y).sum())
-            seen += len(y)
+        """Mean loss and accuracy over the validation split, :data:`EVAL_GROUP` consecutive batches per forward
+        (half the forwards, and kernel launches, of one per batch; the batch statistics of the cells' BNs are
+        those of the group), each under ``arch_fn()``. Where the search step is captured in a CUDA graph (and no
+        capture has failed) the pass is too, under one ``arch_fn()`` for the pass (the alphas do not change during
+        it): one replay per group. ``eval_report`` says how it ran."""
+        graphed = self.capture == "graph" and self.capture_failed is None and self.eval_failed is None
+        tot = torch.zeros(2, dtype=torch.float64 if self.device.type != "mps" else torch.float32, device=self.device)
+        seen = 0
+        batches = grouped(val, EVAL_GROUP)
+        if graphed:
+            arch = arch_fn()
+            run = GraphStep(self, lambda x: self.loss(x, None, arch, net=self.model,
+                                                                                       logits_only=True),
+                                                               warmup=1, what="validation pass")
+            amp, self.amp = self.amp, dict(self.amp, cache_enabled=False)
+        else:
+            run = None
+        try:
+            for x, y in batches:
+                logits = (run(x) if graphed else self.loss(x, y, arch_fn(), net=self.model, logits_only=True)).float()
+                loss = self.criterion(logits, y).to(tot.dtype) * len(y)
+                tot += torch.stack([loss, (logits.argmax(-1) == y).sum().to(tot.dtype)])
+                seen += len(y)
+        finally:
+            if graphed:
+                self.amp = amp
+                self.eval_report, self.eval_failed = run.report(), run.failed
+                run.close()
+            else:
+                self.eval_report = dict(mode="eager", replays=0, eager=-(-len(val) // EVAL_GROUP))
+        tot_loss, correct = tot.tolist()
+        correct = int(correct)
         if self.ddp:
             tot_loss, correct, seen = distributed.sum_over_ranks((tot_loss, correct, seen), self.device)
         return dict(val_loss=tot_loss / seen, val_acc=correct / seen)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from . import triton_bwd, triton_fwd
+from .errors import KernelError
 
 KERNELS = {**triton_fwd.KERNELS, **triton_bwd.KERNELS}  # name -> @triton.jit function (tests may replace them)
 _POISON = False  # tests set True: every buffer the kernels must fill starts as NaN
@@ -115,9 +116,16 @@ def count_launches():
         yield counts
 
 
+# CUDA's grid limits per axis: the tiled kernels put their tiles on axis 0 and their channels on axis 1
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
 def launch(kernel: str, grid, args, nbytes, run: bool, **constexprs) -> None:
     """Launch ``kernel`` (when ``run``; the fake implementations only report it) with its num_warps from
-    :data:`LAUNCH_CONFIG`, and report it to the observers."""
+    :data:`LAUNCH_CONFIG`, and report it to the observers. A grid over CUDA's limits is refused (KernelError)."""
+    if any(g > lim for g, lim in zip(grid, GRID_LIMITS)):
+        raise KernelError(f"{kernel}: grid {tuple(grid)} exceeds CUDA's limits {GRID_LIMITS[:len(grid)]}: use "
+                          f"--kernels torch")
     num_warps = LAUNCH_CONFIG[kernel][1]
     if _OBSERVERS and (run or torch._guards.TracingContext.try_get() is None):
         rec = Launch(kernel, tuple(int(g) for g in grid), int(nbytes),

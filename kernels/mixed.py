@@ -6,8 +6,12 @@ kernels of ``triton_mixed.py``: CUDA tensors, or CPU tensors under ``TRITON_INTE
 float16; every variant). ``'auto'`` takes the environment variable ``KTNAS_KERNELS`` when it is set, else
 Triton for CUDA tensors in those dtypes and the reference for everything else. Before 'auto' first uses the
 kernels on a device and dtype it runs them once on a tiny edge against the reference (``_probe``): should they
-not build there (an old triton, an unsupported GPU) or disagree, it warns once and keeps to the reference; an
-explicit ``'triton'`` is used as asked.
+not build there (an old triton, an unsupported GPU) or disagree, it warns once and keeps to the reference. Then
+every specialisation (variant, ops, stride, dtypes, shape: what a compile or a launch depends on) is checked on
+its first use under 'auto' at the run's own values (``_first_use``): forward and backward of the fused kernels
+against the reference on copies of the inputs; one that fails to compile or launch, or disagrees, falls back to
+the reference for that specialisation alone, with one warning line (:class:`KernelFallback`). An explicit
+``'triton'`` is used as asked. :func:`observe_dispatch` reports which implementation each call ran.
 
 Variants: ``'full'`` (DARTS: ``sum_k w_k op_k(x)``), ``'gdas'`` (only op ``index`` is computed) and ``'pc'``
 (PC-DARTS partial channels: the first ``C/k`` channels through the mixed op, the rest bypass, channel shuffle).
@@ -16,6 +20,7 @@ arguments. Refusals are one-line ``KernelError`` (kernels/errors.py).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -76,6 +81,108 @@ def _probe_run(device, dtype) -> str | None:
     return None
 
 
+AUTO_DEVICE_TYPES = ("cuda",)  # where 'auto' takes the fused kernels (the tests add "cpu" under the interpreter)
+FIRST_USE_TOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}  # of the reference's largest value
+_first_use: dict = {}  # specialisation -> None (the fused kernels matched the reference there) or why not
+_dispatch_observers: list = []
+
+
+class KernelFallback(UserWarning):
+    """The fused kernels fell back to the PyTorch reference (the warning's one line says where and why)."""
+
+
+def specialisation(x, conv_outs: dict, ops, stride, variant, pool_bn, index, k) -> tuple:
+    """What a compile or a launch of the fused kernels depends on: device, dtypes, shape, variant, ops, stride,
+    the pools' BN, GDAS' sampled op, PC-DARTS' factor."""
+    return (str(x.device), str(x.dtype).replace("torch.", ""), tuple(x.shape), variant, tuple(ops), int(stride),
+            bool(pool_bn), index if variant == "gdas" else None, k if variant == "pc" else None,
+            tuple(sorted((n, str(t.dtype).replace("torch.", "")) for n, t in conv_outs.items())))
+
+
+def describe(spec: tuple) -> str:
+    """A specialisation in a few words (for warnings and a run's records)."""
+    device, dtype, shape, variant, ops, stride, _, index, k, _ = spec
+    what = {"gdas": f"gdas {ops[index] if index is not None else ''}", "pc": f"pc k={k}"}.get(variant, variant)
+    return f"{what} edge of {len(ops)} ops, stride {stride}, {dtype} {'x'.join(map(str, shape))} on {device}"
+
+
+@contextlib.contextmanager
+def observe_dispatch():
+    """``{specialisation: implementation}`` of every ``mixed_op`` call inside the block ('triton' or 'torch';
+    calls replayed by a CUDA graph run no Python and are not seen again)."""
+    seen: dict = {}
+    _dispatch_observers.append(seen)
+    try:
+        yield seen
+    finally:
+        _dispatch_observers.remove(seen)
+
+
+def first_use_failures() -> dict:
+    """``{specialisation: why}`` of every specialisation the fused kernels fell back on in this process."""
+    return {spec: why for spec, why in _first_use.items() if why is not None}
+
+
+def _can_check(x) -> bool:
+    """Whether a first-use check can run now: real tensors, eagerly (not traced, not inside a CUDA graph's
+    capture, which would record it)."""
+    if torch.compiler.is_compiling() or _fake_mode_active():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _keep(t):
+    return t
+
+
+def _first_use_check(x, weights, conv_outs, ops, stride, variant, kw) -> str | None:
+    """None when the fused kernels give the reference's output and input gradients (within
+    :data:`FIRST_USE_TOL`) on copies of this call's inputs and a seeded output gradient; else why not."""
+    gen = torch.Generator().manual_seed(0)
+    tol = FIRST_USE_TOL.get(x.dtype, 1e-3)
+    res, g = [], None
+    # its own autograd scope: no caller's mode, cast policy or saved-tensor hooks (activation checkpointing's
+    # would recompute the caller's forward) reaches the comparison
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(x.device.type, enabled=False), \
+            torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+        for impl in ("triton", "torch"):
+            up = (lambda t: t.detach().clone()) if impl == "triton" else (lambda t: t.detach().float())
+            xs, ws = up(x).requires_grad_(), up(weights).requires_grad_()
+            cs = {n: up(t).requires_grad_() for n, t in conv_outs.items()}
+            out = DISPATCH[(impl, variant)](xs, ws, cs, ops, stride, **kw)
+            if g is None:
+                g = torch.randn(out.shape, generator=gen).to(out.device)
+            out.backward(g.to(out.dtype))
+            res.append([("out", out)] + [(f"d{n}", t.grad) for n, t in (("x", xs), ("weights", ws), *cs.items())])
+    for (name, a), (_, b) in zip(*res):
+        if a is None or b is None:
+            if (a is not None and a.any()) or (b is not None and b.any()):
+                return f"{name}: a gradient where the reference has none, or none where it has one"
+            continue
+        a, b = a.detach().float(), b.detach().float()
+        if not torch.isfinite(a).all():
+            return f"{name}: non-finite values"
+        err, scale = float((a - b).abs().max()), float(b.abs().max())
+        if err > tol * max(scale, 1e-6):
+            return f"{name} differs from the reference by {err:.3g} (largest value {scale:.3g}, tolerance {tol:g})"
+    return None
+
+
+def _checked(spec, x, weights, conv_outs, ops, stride, variant, kw) -> str:
+    """'triton' when the specialisation passed its first-use check (run now if it has not been), else 'torch'."""
+    if spec not in _first_use:
+        if not _can_check(x):
+            return "triton"  # checked when it next runs eagerly; the device probe vouches for it meanwhile
+        try:
+            _first_use[spec] = _first_use_check(x, weights, conv_outs, ops, stride, variant, kw)
+        except Exception as e:  # noqa: BLE001 - a compile or launch that fails: the reference still works
+            _first_use[spec] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        if _first_use[spec] is not None:
+            warnings.warn(f"the fused Triton kernels fell back to the PyTorch reference for a {describe(spec)} "
+                          f"({_first_use[spec]})", KernelFallback, stacklevel=4)
+    return "torch" if _first_use[spec] is not None else "triton"
+
+
 def _fake_mode_active() -> bool:
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -103,7 +210,8 @@ def resolve_impl(impl: str = "auto", device: torch.device | str | None = None, d
         return impl  # fake tensors (a step profile): the registered op's fake implementation launches nothing
 
     if impl == "auto":
-        on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+        on_cuda = (torch.cuda.is_available() if device is None else
+                   torch.device(device).type in AUTO_DEVICE_TYPES)
         ok = (on_cuda and triton_mixed.available(device) and (dtype is None or dtype in _TRITON_DTYPES)
               and _probe(device, dtype))
         return "triton" if ok else "torch"
@@ -150,5 +258,17 @@ def mixed_op(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, ops, strid
     if variant == "pc" and (not isinstance(k, int) or k < 1 or x.shape[1] % k):
         raise KernelError(f"partial-channel factor k={k!r} must be a positive divisor of the edge's {x.shape[1]} "
                           f"channels: pass --channels divisible by k")
-    fn = DISPATCH[(resolve_impl(impl, x.device, x.dtype), variant)]
-    return fn(x, weights, conv_outs, ops, stride, pool_bn=pool_bn, index=index, k=k, eps=eps)
+    chosen = resolve_impl(impl, x.device, x.dtype)
+    kw = dict(pool_bn=pool_bn, index=index, k=k, eps=eps)
+    if (chosen == "triton" and _auto(impl)) or _dispatch_observers:
+        spec = specialisation(x, conv_outs, ops, stride, variant, pool_bn, index, k)
+        if chosen == "triton" and _auto(impl):
+            chosen = _checked(spec, x, weights, conv_outs, ops, stride, variant, kw)
+        for seen in _dispatch_observers:
+            seen[spec] = chosen
+    return DISPATCH[(chosen, variant)](x, weights, conv_outs, ops, stride, **kw)
+
+
+def _auto(impl: str) -> bool:
+    """Whether ``impl`` leaves the choice to ktnas ('auto', and no ``KTNAS_KERNELS``)."""
+    return impl == "auto" and os.environ.get("KTNAS_KERNELS", "").strip() in ("", "auto")

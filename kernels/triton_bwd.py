@@ -25,8 +25,8 @@ if triton is not None:
                            HAS_SKIP: tl.constexpr, HAS_AVG: tl.constexpr, HAS_MAX: tl.constexpr,
                            POOL_BN: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
         # partials [C, T, 4+K]: sum g, sum g*x (skip), sum g*yhat_avg, sum g*yhat_max, sum g*yhat_conv_k
-        c = tl.program_id(0)
-        t = tl.program_id(1)
+        t = tl.program_id(0)  # tiles on axis 0 (up to 2**31 - 1 programs), channels on axis 1
+        c = tl.program_id(1)
         mask, n, oh, ow, oplane = out_positions(t, M, C, c, Ho, Wo, BLOCK)
         Q: tl.constexpr = 4 + K
         base = part_ptr + (c * T + t) * Q
@@ -139,8 +139,8 @@ if triton is not None:
                          HAS_SKIP: tl.constexpr, HAS_AVG: tl.constexpr, HAS_MAX: tl.constexpr,
                          POOL_BN: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
         # mg[c] = mean over (N, Ho, Wo) of g; mgy[s, c] = mean of g * yhat_s (s: avg, max, conv_0..K-1)
-        c = tl.program_id(0)
-        t = tl.program_id(1)
+        t = tl.program_id(0)  # tiles on axis 0 (up to 2**31 - 1 programs), channels on axis 1
+        c = tl.program_id(1)
         mg = tl.load(mg_ptr + c)
         if K > 0:  # d conv_out_k at output positions
             _conv_grads(t, g_ptr, w_ptr, mean_ptr, rstd_ptr, mg, mgy_ptr, cv0, cv1, cv2, cv3, cv4, cv5, cv6, cv7,
@@ -162,8 +162,8 @@ if triton is not None:
                               BLOCK: tl.constexpr):
         # dx of a bypass channel: the gradient of its shuffled output (stride 1), or, at stride 2, that of the
         # window holding the position when the position is the window's (recomputed) first maximum
-        j = c0 + tl.program_id(0)
-        mask, n, ih, iw = positions(tl.program_id(1), MI, H, W, BLOCK)
+        j = c0 + tl.program_id(1)
+        mask, n, ih, iw = positions(tl.program_id(0), MI, H, W, BLOCK)
         oc = (j % c0) * KG + j // c0
         xplane = (n * XC + j) * H * W
         if STRIDE == 1:

@@ -41,8 +41,8 @@ if triton is not None:
                           K: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
         # partials [C, T, 2*(2+K)]: per stream (avg, max, conv_0..K-1) the sum and the sum of squares of
         # (value - shift); zeros for streams without statistics
-        c = tl.program_id(0)
-        t = tl.program_id(1)
+        t = tl.program_id(0)  # tiles on axis 0 (up to 2**31 - 1 programs), channels on axis 1
+        c = tl.program_id(1)
         mask, n, oh, ow, oplane = out_positions(t, M, C, c, Ho, Wo, BLOCK)
         Q: tl.constexpr = 2 * (2 + K)
         base = part_ptr + (c * T + t) * Q
@@ -86,8 +86,8 @@ if triton is not None:
                         OMUL, H, W, Ho, Wo, M,
                         HAS_SKIP: tl.constexpr, HAS_AVG: tl.constexpr, HAS_MAX: tl.constexpr,
                         POOL_BN: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr):
-        c = tl.program_id(0)
-        t = tl.program_id(1)
+        t = tl.program_id(0)  # tiles on axis 0 (up to 2**31 - 1 programs), channels on axis 1
+        c = tl.program_id(1)
         mask, n, oh, ow, oplane = out_positions(t, M, C, c, Ho, Wo, BLOCK)
         xplane = (n * XC + c) * H * W
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -111,8 +111,8 @@ if triton is not None:
                               BLOCK: tl.constexpr):
         # channel j >= c0 of x bypasses the mixed op (identity, or 2x2 max pool at stride 2) and lands at its
         # channel-shuffled place: concat channel j = g*c0 + i goes to output channel i*KG + g
-        j = c0 + tl.program_id(0)
-        mask, n, oh, ow = positions(tl.program_id(1), M, Ho, Wo, BLOCK)
+        j = c0 + tl.program_id(1)
+        mask, n, oh, ow = positions(tl.program_id(0), M, Ho, Wo, BLOCK)
         xplane = (n * XC + j) * H * W
         if STRIDE == 1:
             v = tl.load(x_ptr + xplane + oh * W + ow, mask=mask, other=0.0)

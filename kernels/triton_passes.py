@@ -99,17 +99,17 @@ def forward(x, wvec, convs, stride, eps, pool_bn, k, has_skip, has_avg, has_max,
         B = block(M, "_fwd_stats_kernel")
         T = cdiv(M, B)
         part = empty((C, T, 2 * S), torch.float32, x.device)
-        launch("_fwd_stats_kernel", (C, T), (x, *cv, part, C, XC, H, W, Ho, Wo, M, T),
+        launch("_fwd_stats_kernel", (T, C), (x, *cv, part, C, XC, H, W, Ho, Wo, M, T),
                 (X if pool_bn and pools else 0) + K * CV, run, STRIDE=stride, BLOCK=B, **flags)
         launch("_fwd_finalize_kernel", (C,), (part, x, *cv, mean, rstd, C, H, W, Ho, Wo, M, T, float(eps)), 0, run,
                 BT=tiles(T, "_fwd_finalize_kernel"), **flags)
     out = empty((N, XC, Ho, Wo), x.dtype, x.device)
     B = block(M, "_fwd_out_kernel")
-    launch("_fwd_out_kernel", (C, cdiv(M, B)), (x, *cv, wvec, mean, rstd, out, C, XC, XC, k, H, W, Ho, Wo, M),
+    launch("_fwd_out_kernel", (cdiv(M, B), C), (x, *cv, wvec, mean, rstd, out, C, XC, XC, k, H, W, Ho, Wo, M),
             (X if pools or has_skip else 0) + K * CV + O, run, HAS_SKIP=has_skip, STRIDE=stride, BLOCK=B, **flags)
     if k > 1:
         B = block(M, "_pc_bypass_fwd_kernel")
-        launch("_pc_bypass_fwd_kernel", (XC - C, cdiv(M, B)), (x, out, C, XC, k, H, W, Ho, Wo, M),
+        launch("_pc_bypass_fwd_kernel", (cdiv(M, B), XC - C), (x, out, C, XC, k, H, W, Ho, Wo, M),
                 N * (XC - C) * (H * W + Ho * Wo) * e, run, STRIDE=stride, BLOCK=B)
     return out, mean, rstd
 
@@ -131,7 +131,7 @@ def backward(g, x, wvec, mean, rstd, convs, stride, pool_bn, k, has_skip, has_av
     T = cdiv(M, B)
     Q = 4 + K
     part = empty((C, T, Q), torch.float32, x.device)
-    launch("_bwd_reduce_kernel", (C, T), (x, *cv, g, mean, rstd, part, C, XC, XC, k, H, W, Ho, Wo, M, T),
+    launch("_bwd_reduce_kernel", (T, C), (x, *cv, g, mean, rstd, part, C, XC, XC, k, H, W, Ho, Wo, M, T),
             G + (X if pools or has_skip else 0) + K * CV, run, BLOCK=B, **flags)
     mg = empty((C,), torch.float32, x.device)
     mgy = empty((2 + K, C), torch.float32, x.device)
@@ -143,12 +143,12 @@ def backward(g, x, wvec, mean, rstd, convs, stride, pool_bn, k, has_skip, has_av
     B = block(max(M, MI), "_bwd_grad_kernel")
     # conv gradients: g, each conv output and its gradient at output positions; dx: g gathered (skip, pools), x
     # (the pools' windows), dx written
-    launch("_bwd_grad_kernel", (C, cdiv(max(M, MI), B)),
+    launch("_bwd_grad_kernel", (cdiv(max(M, MI), B), C),
             (x, *cv, g, wvec, mean, rstd, mg, mgy, dx, *(dconvs + [dx] * (MAX_CONV - K)), C, XC, XC, k, H, W, Ho, Wo,
              M, MI), (G + 2 * K * CV if K else 0) + (G if pools or has_skip else 0) + (X if pools else 0) + X, run,
             BLOCK=B, **flags)
     if k > 1:
         B = block(MI, "_pc_bypass_bwd_kernel")
-        launch("_pc_bypass_bwd_kernel", (XC - C, cdiv(MI, B)), (x, g, dx, C, XC, k, H, W, Ho, Wo, MI),
+        launch("_pc_bypass_bwd_kernel", (cdiv(MI, B), XC - C), (x, g, dx, C, XC, k, H, W, Ho, Wo, MI),
                 N * (XC - C) * (Ho * Wo * eg + (2 if stride == 2 else 1) * H * W * e), run, STRIDE=stride, BLOCK=B)
     return dx, dwc, [d.to(c.dtype) for d, c in zip(dconvs, convs)]

@@ -5,6 +5,7 @@ torch.compile runs with the aot_eager backend here: the same tracing (dynamo, AO
 takes minutes per network on this CPU to generate and build its C++ kernels."""
 
 import contextlib
+import sys
 import types
 
 import numpy as np
@@ -166,18 +167,12 @@ def test_compiled_search_resumes(search_store, tmp_path, monkeypatch):
     assert resumed["last"]["val_loss"] == pytest.approx(whole["last"]["val_loss"], rel=1e-5)
 
 
-def test_graph_step_warms_up_captures_once_then_replays(monkeypatch):
-    """GraphStep's order of work, with CUDA's stream and graph primitives stood in for (no GPU here): the epoch's
-    first GRAPH_WARMUP steps run eagerly on the side stream, the next is captured on static copies of its batch and
-    replayed, later full batches only replay (their data copied into the static buffers), a batch of another
-    shape runs eagerly; close frees the graph."""
+def _stand_in_cuda(monkeypatch, log=None, graph_ctx=None):
+    """CUDA's stream, synchronisation and graph primitives stood in for (no GPU here); ``graph_ctx(graph)``: the
+    capture context (default: logs 'enter capture' / 'exit capture')."""
     from ktnas.engine import capture as C
 
-    log = []
-
-    class Graph:
-        def replay(self):
-            log.append("replay")
+    log = [] if log is None else log
 
     @contextlib.contextmanager
     def ctx(tag):
@@ -188,26 +183,215 @@ def test_graph_step_warms_up_captures_once_then_replays(monkeypatch):
     monkeypatch.setattr(C.torch.cuda, "Stream", lambda device: types.SimpleNamespace(wait_stream=lambda s: None))
     monkeypatch.setattr(C.torch.cuda, "current_stream", lambda device: types.SimpleNamespace(wait_stream=lambda s: None))
     monkeypatch.setattr(C.torch.cuda, "stream", lambda s: ctx("side"))
-    monkeypatch.setattr(C.torch.cuda, "synchronize", lambda device: None)
+    monkeypatch.setattr(C.torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(C.torch.cuda, "graph", graph_ctx or (lambda g, capture_error_mode: ctx("capture")))
+    return log
+
+
+def test_graph_step_warms_up_captures_once_then_replays(monkeypatch):
+    """GraphStep's order of work, with CUDA's primitives stood in for: the epoch's first GRAPH_WARMUP steps run
+    eagerly on the side stream, the next is captured on static copies of its batch and replayed, later full batches
+    only replay (their data copied into the static buffers), a batch of another shape runs eagerly; close frees the
+    graph. Every gradient is None when the capture begins (the warm-up's are not written by the graph)."""
+    from ktnas.engine import capture as C
+
+    class Graph:
+        def replay(self):
+            log.append("replay")
+
+    model = torch.nn.Linear(3, 2)
+    log = []
+    _stand_in_cuda(monkeypatch, log, lambda g, capture_error_mode: _grads_at_capture(log, model))
     monkeypatch.setattr(C.torch.cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(C.torch.cuda, "graph", lambda g, capture_error_mode: ctx("capture"))
 
     def step(x, y):
         log.append(("step", float(x.sum()), tuple(x.shape)))
+        model(x).sum().backward()  # a step leaves gradients behind
         return x * 2, y
 
-    run = types.SimpleNamespace(device=torch.device("cpu"))
-    g = C.GraphStep(run, step)
+    g = C.GraphStep(types.SimpleNamespace(device=torch.device("cpu"), model=model), step)
     batches = [(torch.full((2, 3), float(i)), torch.tensor([i, i])) for i in range(6)]
     outs = [g(*b) for b in batches[:C.GRAPH_WARMUP + 2]]
     assert log[:3 * C.GRAPH_WARMUP] == [x for i in range(C.GRAPH_WARMUP)
                                         for x in ("enter side", ("step", 6.0 * i, (2, 3)), "exit side")]
     k = C.GRAPH_WARMUP
-    assert log[3 * k:] == ["enter capture", ("step", 6.0 * k, (2, 3)), "exit capture", "replay", "replay"]
+    assert log[3 * k:] == ["enter capture (grads: none)", ("step", 6.0 * k, (2, 3)), "exit capture", "replay",
+                           "replay"]
     assert outs[-1][0] is outs[-2][0]  # a replay returns the captured outputs, refilled
     torch.testing.assert_close(g.static[0], batches[k + 1][0])  # the last batch copied into the static buffer
     log.clear()
     g(torch.ones(1, 3), torch.tensor([0]))  # a smaller last batch: eager
     assert log == [("step", 3.0, (1, 3))]
+    assert g.report() == dict(mode="graph", replays=2, eager=k + 1)
     g.close()
     assert g.graph is None and g.static is None
+
+
+@contextlib.contextmanager
+def _grads_at_capture(log, model):
+    log.append("enter capture (grads: " + ("none" if all(p.grad is None for p in model.parameters()) else "kept") + ")")
+    yield
+    log.append("exit capture")
+
+
+def test_failed_capture_runs_the_step_eagerly(monkeypatch):
+    """A capture that raises does not end the epoch: one CaptureFallback warning naming the first error, the
+    batch runs eagerly on its own data (gradients cleared first), later batches too, and no capture is tried
+    again."""
+    from ktnas.engine import capture as C
+
+    attempts = []
+
+    @contextlib.contextmanager
+    def failing(g, capture_error_mode):
+        attempts.append(1)
+        yield
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\ndetails")
+
+    _stand_in_cuda(monkeypatch, graph_ctx=failing)
+    monkeypatch.setattr(C.torch.cuda, "CUDAGraph", lambda: object())
+    model = torch.nn.Linear(3, 2)
+    grads_seen = []
+
+    def step(x):
+        grads_seen.append(model.weight.grad is None)
+        model(x).sum().backward()
+        return x * 2
+
+    g = C.GraphStep(types.SimpleNamespace(device=torch.device("cpu"), model=model), step, warmup=1)
+    xs = [torch.full((2, 3), float(i)) for i in range(4)]
+    assert g(xs[0]) is not None
+    with pytest.warns(C.CaptureFallback, match="could not be captured in a CUDA graph .RuntimeError: CUDA error: "
+                                               "operation not permitted when stream is capturing.; running it eagerly"):
+        out = g(xs[1])
+    torch.testing.assert_close(out, xs[1] * 2)  # the batch itself, not the static copy's (discarded) result
+    assert grads_seen[-1]  # the failed capture's gradients were cleared before the eager rerun
+    for x in xs[2:]:
+        torch.testing.assert_close(g(x), x * 2)
+    assert len(attempts) == 1 and g.graph is None
+    assert g.report() == dict(mode="eager (capture failed: RuntimeError: CUDA error: operation not permitted when "
+                                   "stream is capturing)", replays=0, eager=4)
+
+
+def test_set_capturable_moves_adams_step_beside_its_parameter(monkeypatch):
+    """A resumed run loads Adam's state on the CPU; a captured step needs each ``step`` beside its parameter.
+    Parameters on the meta device stand for the GPU's (Adam's own device check made to accept it)."""
+    from ktnas.engine.capture import set_capturable
+
+    monkeypatch.setattr(sys.modules["torch.optim.adam"], "_get_capturable_supported_devices", lambda *a, **k: ["meta"])
+    p = torch.nn.Parameter(torch.empty(3, device="meta"))
+    opt = torch.optim.Adam([p], lr=1e-3, foreach=False)
+    opt.load_state_dict({"state": {0: {"step": torch.tensor(7.0), "exp_avg": torch.zeros(3),
+                                       "exp_avg_sq": torch.zeros(3)}},
+                         "param_groups": [dict(opt.param_groups[0], params=[0])]})
+    assert opt.state[p]["step"].device.type == "cpu"  # as a checkpoint loaded with map_location="cpu" leaves it
+    p.grad = torch.empty(3, device="meta")
+    set_capturable(opt, True)
+    assert opt.state[p]["step"].device.type == "meta" and opt.state[p]["step"].dtype == torch.float32
+    opt.step()  # before the fix: "params and state_steps must be on supported devices"
+    set_capturable(opt, False)
+    assert not opt.param_groups[0]["capturable"]
+
+
+# ------------------------------------------------------------------ whole searches with CUDA graphs emulated
+def _emulated_graphs(monkeypatch):
+    """``--capture graph`` on the CPU: CUDA's primitives stood in for so that a capture runs the step once (the
+    batch it records) and every later replay runs it again on the static inputs, refilling the captured outputs:
+    each batch's step runs once, as on a GPU. Adam's capturable path is allowed on the CPU."""
+    from ktnas.engine import capture as C
+    from ktnas.engine import search as S
+    from ktnas.engine import searcher
+
+    _stand_in_cuda(monkeypatch)
+    live = {}
+    init = C.GraphStep.__init__
+
+    def remember(self, *a, **kw):
+        init(self, *a, **kw)
+        live["step"] = self
+
+    class Graph:
+        def __init__(self):
+            self.owner, self.first = live["step"], True
+
+        def replay(self):
+            if self.first:  # the capture ran this batch already
+                self.first = False
+                return
+            out = self.owner.step(*self.owner.static)
+            for dst, src in zip(_tensors(self.owner.out), _tensors(out)):
+                dst.copy_(src)
+
+    monkeypatch.setattr(C.GraphStep, "__init__", remember)
+    monkeypatch.setattr(C.torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(sys.modules["torch.optim.adam"], "_get_capturable_supported_devices", lambda *a, **k: ["cuda", "cpu"])
+    force = lambda capture, *a, **kw: capture if capture in ("graph", "none") else resolve_capture(capture, *a, **kw)
+    monkeypatch.setattr(S, "resolve_capture", force)
+    monkeypatch.setattr(searcher, "resolve_capture", force)
+
+
+def _tensors(out):
+    return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+def test_emulated_graph_search_equals_plain_and_resumes(search_store, tmp_path, monkeypatch):
+    """With CUDA graphs emulated, a seeded search captured (steps and validation passes) finds the plain search's
+    genotype and losses, and records how it ran; killed after its first epoch and resumed captured (Adam's state
+    loaded on the CPU, then made capturable), it ends as the uninterrupted one."""
+    import json
+
+    import ktnas.engine.searcher as R
+
+    plain = _search(search_store, tmp_path / "plain", capture="none", epochs=2, batch_size=8)
+    _emulated_graphs(monkeypatch)
+    whole = _search(search_store, tmp_path / "whole", capture="graph", epochs=2, batch_size=8)
+    assert whole["genotype"] == plain["genotype"]
+    for key in ("train_loss", "val_loss", "val_acc"):
+        assert whole["last"][key] == pytest.approx(plain["last"][key], rel=1e-5), key
+    rec = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert rec["steps"] == dict(mode="graph", replays=1, eager=3)  # 4 steps: 3 warm-up, 1 captured
+    assert rec["eval"]["mode"] == "graph" and rec["eval"]["replays"] == 1
+    assert json.loads((tmp_path / "whole" / "config.json").read_text())["ran"]["steps"]["mode"] == "graph"
+
+    real, calls = R.SearchRun.train_epoch, []
+
+    def killed(self, epoch, *a):
+        calls.append(epoch)
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(self, epoch, *a)
+
+    monkeypatch.setattr(R.SearchRun, "train_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _search(search_store, tmp_path / "cut", capture="graph", epochs=2, batch_size=8)
+    monkeypatch.setattr(R.SearchRun, "train_epoch", real)
+    resumed = _search(search_store, tmp_path / "cut", capture="graph", epochs=2, batch_size=8, resume=True)
+    assert resumed["genotype"] == whole["genotype"]
+    assert resumed["last"]["val_loss"] == pytest.approx(whole["last"]["val_loss"], rel=1e-5)
+
+
+def test_search_goes_on_eagerly_when_capture_fails(search_store, tmp_path, monkeypatch):
+    """A capture that raises in a whole search: one warning, the search completes eagerly with the plain step's
+    genotype, and metrics.jsonl says so for every epoch."""
+    import json
+
+    from ktnas.engine import capture as C
+
+    plain = _search(search_store, tmp_path / "plain", capture="none", epochs=2, batch_size=8)
+    _emulated_graphs(monkeypatch)
+
+    @contextlib.contextmanager
+    def failing(g, capture_error_mode):
+        raise RuntimeError("CUDA error: operation not supported when stream is capturing")
+        yield
+
+    monkeypatch.setattr(C.torch.cuda, "graph", failing)
+    with pytest.warns(C.CaptureFallback) as w:
+        got = _search(search_store, tmp_path / "failed", capture="graph", epochs=2, batch_size=8)
+    assert sum(isinstance(x.message, C.CaptureFallback) for x in w) == 1  # once: nothing is captured after that
+    assert got["genotype"] == plain["genotype"]
+    assert got["last"]["val_loss"] == pytest.approx(plain["last"]["val_loss"], rel=1e-5)
+    recs = [json.loads(line) for line in (tmp_path / "failed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["steps"]["mode"] for r in recs] == ["eager (capture failed: RuntimeError: CUDA error: operation not "
+                                                  "supported when stream is capturing)"] * 2
+    assert all(r["steps"]["replays"] == 0 and r["steps"]["eager"] == 4 and r["eval"]["mode"] == "eager" for r in recs)
