@@ -94,12 +94,12 @@ class GraphStep:
     it on every replay after the step had released it. A capture that fails (any error, out of memory included)
     does not end the search: one warning line names the cause, the batch runs eagerly (gradients cleared
     first) and so does the rest of the epoch; :attr:`failed` keeps the cause, :attr:`replays` and
-    :attr:`eager` count how the epoch's steps ran."""
+    :attr:`called` (steps run by calling the step: warm-up, other shapes, after a failure) count how they ran."""
 
     def __init__(self, run, step, warmup: int = GRAPH_WARMUP, what: str = "search step"):
         self.run, self.step, self.warmup, self.device, self.what = run, step, warmup, run.device, what
         self.graph = self.static = self.out = None
-        self.seen = self.replays = self.eager = 0
+        self.seen = self.replays = self.called = 0
         self.failed: str | None = None
         self.side = torch.cuda.Stream(self.device)
 
@@ -118,7 +118,7 @@ class GraphStep:
         return self._replay(batch)
 
     def _eager(self, batch):
-        self.eager += 1
+        self.called += 1
         return self.step(*batch)
 
     def _side(self, batch):
@@ -165,7 +165,7 @@ class GraphStep:
     def report(self) -> dict:
         """How the epoch's steps ran: ``{"mode": "graph" | "eager (capture failed: ...)", "replays", "eager"}``."""
         mode = "graph" if self.failed is None else f"eager (capture failed: {self.failed})"
-        return dict(mode=mode, replays=self.replays, eager=self.eager)
+        return dict(mode=mode, replays=self.replays, called=self.called)
 
     def close(self) -> None:
         """Free the graph and its memory pool (before the next epoch's capture)."""

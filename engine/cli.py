@@ -145,8 +145,9 @@ def register_store_commands(sub) -> None:
 
 
 def register_engine_commands(sub) -> None:
-    """Add ``search``, ``train``, ``evaluate``, ``evolve``, ``genotype``, ``predict`` and ``export`` to the
-    ``ktnas`` subparsers ``sub``."""
+    """Add ``search``, ``train``, ``evaluate``, ``evolve``, ``genotype``, ``predict``, ``export`` and ``doctor`` to
+    the ``ktnas`` subparsers ``sub``."""
+    from ktnas.engine.doctor import add_doctor_parser
     from ktnas.engine.evolve import add_evolve_parser
     from ktnas.engine.export import add_export_parser
     from ktnas.engine.genotypes import add_genotype_parser
@@ -161,6 +162,7 @@ def register_engine_commands(sub) -> None:
     add_genotype_parser(sub)
     add_predict_parser(sub)
     add_export_parser(sub)
+    add_doctor_parser(sub)
 
 
 def register_plugin_commands(sub) -> None:

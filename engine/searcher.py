@@ -25,14 +25,14 @@ class _Counted:
     """``step`` called as is, counting its calls (how an epoch's steps ran, for its metrics)."""
 
     def __init__(self, step, mode: str):
-        self.step, self.mode, self.eager = step, mode, 0
+        self.step, self.mode, self.called = step, mode, 0
 
     def __call__(self, *batch):
-        self.eager += 1
+        self.called += 1
         return self.step(*batch)
 
     def report(self) -> dict:
-        return dict(mode=self.mode, replays=0, eager=self.eager)
+        return dict(mode=self.mode, replays=0, called=self.called)
 
 
 def grouped(batches, n: int):
@@ -207,7 +207,7 @@ class SearchRun:
                 self.eval_report, self.eval_failed = run.report(), run.failed
                 run.close()
             else:
-                self.eval_report = dict(mode="eager", replays=0, eager=-(-len(val) // EVAL_GROUP))
+                self.eval_report = dict(mode="eager", replays=0, called=-(-len(val) // EVAL_GROUP))
         tot_loss, correct = tot.tolist()
         correct = int(correct)
         if self.ddp:

@@ -202,3 +202,33 @@ def profile_search_step(cfg, info: dict, batch: int, *, fake: bool = True, seed:
             sizes = run_sizes(run, batch_in)
     return dict(tracker=tracker, run=run, saved=saved, sizes=sizes, start_bytes=base, peak_bytes=tracker.peak,
                 triton_counts=dict(triton_counts))
+
+
+def launches_of(counts_tracker, triton_counts) -> int:
+    """Kernel launches an instrumented block issued: ATen's (the tracker's) and the fused op's Triton ones."""
+    return counts_tracker.launches + sum(c["launches"] for c in triton_counts.values())
+
+
+def profile_eval_pass(cfg, info: dict, batch: int) -> int:
+    """Kernel launches of one forward of the validation pass (``SearchRun.evaluate``: no gradients) at ``batch``
+    samples, on fake tensors, set up as on CUDA. The architecture: the relaxation; for an algorithm that evaluates
+    one op per edge (GDAS' argmax) the space's first parametric op on every edge, the dearest a pass can be."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .ops import has_params
+
+    with FakeTensorMode(allow_non_fake_inputs=True), fused_counter(cfg.kernels == "triton") as triton_counts:
+        tracker = StepTracker()
+        with tracker:
+            run, _, _ = profiled_run(cfg, info, True, 0, None, cfg.precision)
+            x = step_inputs(False, batch, tuple(info["shape"]), None, info["num_classes"])[0]
+            arch = None
+            if cfg.algo == "gdas":
+                ops = run.model.space.ops
+                k = next(i for i, o in enumerate(ops) if has_params(o, 1))
+                arch = {t: (torch.nn.functional.one_hot(torch.full((a.shape[0],), k), len(ops)).float(),
+                            [k] * a.shape[0]) for t, a in run.model.alphas().items()}
+            triton_counts.clear()
+            with tracker.count(), torch.no_grad():
+                run.model(x, arch)
+    return launches_of(tracker, triton_counts)

@@ -135,9 +135,10 @@ def _keep(t):
     return t
 
 
-def _first_use_check(x, weights, conv_outs, ops, stride, variant, kw) -> str | None:
-    """None when the fused kernels give the reference's output and input gradients (within
-    :data:`FIRST_USE_TOL`) on copies of this call's inputs and a seeded output gradient; else why not."""
+def compare_with_reference(x, weights, conv_outs, ops, stride, variant, kw) -> dict:
+    """The fused kernels against the reference on copies of one edge's inputs, forward and backward (a seeded
+    output gradient; the reference in float32): ``{"errors": {output: [max abs error, largest reference value]},
+    "tol": relative tolerance, "failure": None or why not}`` (an exception of the kernels propagates)."""
     gen = torch.Generator().manual_seed(0)
     tol = FIRST_USE_TOL.get(x.dtype, 1e-3)
     res, g = [], None
@@ -154,18 +155,21 @@ def _first_use_check(x, weights, conv_outs, ops, stride, variant, kw) -> str | N
                 g = torch.randn(out.shape, generator=gen).to(out.device)
             out.backward(g.to(out.dtype))
             res.append([("out", out)] + [(f"d{n}", t.grad) for n, t in (("x", xs), ("weights", ws), *cs.items())])
+    errors, failure = {}, None
     for (name, a), (_, b) in zip(*res):
         if a is None or b is None:
             if (a is not None and a.any()) or (b is not None and b.any()):
-                return f"{name}: a gradient where the reference has none, or none where it has one"
+                failure = failure or f"{name}: a gradient where the reference has none, or none where it has one"
             continue
         a, b = a.detach().float(), b.detach().float()
-        if not torch.isfinite(a).all():
-            return f"{name}: non-finite values"
         err, scale = float((a - b).abs().max()), float(b.abs().max())
-        if err > tol * max(scale, 1e-6):
-            return f"{name} differs from the reference by {err:.3g} (largest value {scale:.3g}, tolerance {tol:g})"
-    return None
+        errors[name] = [err, scale]
+        if not torch.isfinite(a).all():
+            failure = failure or f"{name}: non-finite values"
+        elif err > tol * max(scale, 1e-6):
+            failure = failure or (f"{name} differs from the reference by {err:.3g} (largest value {scale:.3g}, "
+                                  f"tolerance {tol:g})")
+    return dict(errors=errors, tol=tol, failure=failure)
 
 
 def _checked(spec, x, weights, conv_outs, ops, stride, variant, kw) -> str:
@@ -174,7 +178,7 @@ def _checked(spec, x, weights, conv_outs, ops, stride, variant, kw) -> str:
         if not _can_check(x):
             return "triton"  # checked when it next runs eagerly; the device probe vouches for it meanwhile
         try:
-            _first_use[spec] = _first_use_check(x, weights, conv_outs, ops, stride, variant, kw)
+            _first_use[spec] = compare_with_reference(x, weights, conv_outs, ops, stride, variant, kw)["failure"]
         except Exception as e:  # noqa: BLE001 - a compile or launch that fails: the reference still works
             _first_use[spec] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
         if _first_use[spec] is not None:

@@ -222,7 +222,7 @@ def test_graph_step_warms_up_captures_once_then_replays(monkeypatch):
     log.clear()
     g(torch.ones(1, 3), torch.tensor([0]))  # a smaller last batch: eager
     assert log == [("step", 3.0, (1, 3))]
-    assert g.report() == dict(mode="graph", replays=2, eager=k + 1)
+    assert g.report() == dict(mode="graph", replays=2, called=k + 1)
     g.close()
     assert g.graph is None and g.static is None
 
@@ -270,7 +270,7 @@ def test_failed_capture_runs_the_step_eagerly(monkeypatch):
         torch.testing.assert_close(g(x), x * 2)
     assert len(attempts) == 1 and g.graph is None
     assert g.report() == dict(mode="eager (capture failed: RuntimeError: CUDA error: operation not permitted when "
-                                   "stream is capturing)", replays=0, eager=4)
+                                   "stream is capturing)", replays=0, called=4)
 
 
 def test_set_capturable_moves_adams_step_beside_its_parameter(monkeypatch):
@@ -349,7 +349,7 @@ def test_emulated_graph_search_equals_plain_and_resumes(search_store, tmp_path, 
     for key in ("train_loss", "val_loss", "val_acc"):
         assert whole["last"][key] == pytest.approx(plain["last"][key], rel=1e-5), key
     rec = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()][-1]
-    assert rec["steps"] == dict(mode="graph", replays=1, eager=3)  # 4 steps: 3 warm-up, 1 captured
+    assert rec["steps"] == dict(mode="graph", replays=1, called=3)  # 4 steps: 3 warm-up, 1 captured
     assert rec["eval"]["mode"] == "graph" and rec["eval"]["replays"] == 1
     assert json.loads((tmp_path / "whole" / "config.json").read_text())["ran"]["steps"]["mode"] == "graph"
 
@@ -394,4 +394,21 @@ def test_search_goes_on_eagerly_when_capture_fails(search_store, tmp_path, monke
     recs = [json.loads(line) for line in (tmp_path / "failed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["steps"]["mode"] for r in recs] == ["eager (capture failed: RuntimeError: CUDA error: operation not "
                                                   "supported when stream is capturing)"] * 2
-    assert all(r["steps"]["replays"] == 0 and r["steps"]["eager"] == 4 and r["eval"]["mode"] == "eager" for r in recs)
+    assert all(r["steps"]["replays"] == 0 and r["steps"]["called"] == 4 and r["eval"]["mode"] == "eager" for r in recs)
+
+
+@pytest.mark.parametrize("algo,space", [("darts", "darts"), ("gdas", "nb201")])
+def test_validation_costs_under_a_tenth_of_training(algo, space):
+    """By the step profile's launch count (as on CUDA: fused kernels, edges recomputed), an epoch's validation
+    pass (EVAL_GROUP batches per forward, no backward) launches under a tenth of the kernels its training steps do,
+    first order (the cheapest training step)."""
+    from ktnas.engine.searcher import EVAL_GROUP
+    from ktnas.engine.step_profile import launches_of, profile_eval_pass, profile_search_step
+
+    info = dict(in_channels=24, resolution=16, shape=[24, 16, 16], num_classes=10)
+    cfg = resolve_config(SearchConfig(features="x", device="cpu", kernels="triton", recompute="edge", algo=algo,
+                                      space=space, capture="graph"))
+    r = profile_search_step(cfg, info, cfg.batch_size)
+    step = launches_of(r["tracker"], r["triton_counts"])
+    per_batch = profile_eval_pass(cfg, info, EVAL_GROUP * cfg.batch_size) / EVAL_GROUP
+    assert EVAL_GROUP >= 2 and per_batch < step / 10, (per_batch, step)
