@@ -210,17 +210,28 @@ def test_cli_quick(tmp_path):
 
 def test_gpu_check_dry_run(tmp_path):
     """The GPU check script's CPU branch: every GPU command parses, the interpreted kernel tests and a tiny
-    profile run, the comparison is written (predictions only)."""
-    env = dict(__import__("os").environ, OUT=str(tmp_path / "gpu"), PYTHON=sys.executable)
-    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu-check.sh"), "--dry-run"], capture_output=True, text=True,
-                       env=env, timeout=900)
-    summary = (tmp_path / "gpu" / "summary.md").read_text()
+    profile run, the comparison is written (predictions only); what it leaves for return is two files, summary.md
+    and a tarball of the logs (at most 8 files, at most 2 folders deep), and no feature store."""
+    import tarfile
+
+    ret = tmp_path / "return"
+    env = dict(__import__("os").environ, WORK=str(tmp_path / "work"), PYTHON=sys.executable)
+    r = subprocess.run(["bash", str(ROOT / "bench" / "gpu-check.sh"), "--dry-run", "--return", str(ret)],
+                       capture_output=True, text=True, env=env, timeout=900)
+    summary = (ret / "summary.md").read_text()
     assert r.returncode == 0, summary + r.stderr[-2000:]
-    for name in ("env", "profile", "triton-tests", "kernels", "search", "compare"):
+    for name in ("env", "doctor", "profile", "triton-tests", "kernels", "search", "captured", "compare"):
         assert f"| {name} |" in summary, summary
-    assert "dry run: command parses" in summary
-    assert "predictions only" in (tmp_path / "gpu" / "compare.md").read_text()
-    assert json.loads((tmp_path / "gpu" / "bench-step" / "results.json").read_text())["rows"]
+    assert "dry run: command parses" in summary and "predictions only" in summary
+    back = [p for p in ret.rglob("*") if p.is_file()]
+    assert sorted(p.name for p in back) == ["gpu-check.tar.gz", "summary.md"]
+    assert all(len(p.relative_to(ret).parts) <= 3 for p in back)
+    with tarfile.open(ret / "gpu-check.tar.gz") as tar:
+        names = tar.getnames()
+        assert {"logs/summary.md", "logs/compare.md", "logs/doctor.log", "logs/bench-step/results.json"} <= set(names)
+        assert not any(".zarr" in n for n in names)
+        rows = json.loads(tar.extractfile("logs/bench-step/results.json").read())["rows"]
+    assert rows
 
 
 def test_fused_row_on_fake_tensors():

@@ -184,7 +184,7 @@ def test_errors_match_reference():
 
 
 def test_available():
-    assert tm.available() and tm.available("cpu")
+    assert tm.available() and tm.available(DEVICE)
 
 
 # ------------------------------------------------------------------------------------------ GDAS and PC-DARTS
@@ -206,13 +206,13 @@ def test_gdas_half(dtype):
 def test_gdas_straight_through_reaches_every_logit():
     """Through the hard Gumbel vector (one_hot - p.detach() + p), dL/dalpha is nonzero for every op."""
     gen = torch.Generator().manual_seed(3)
-    x = _nonzero(torch.randn(2, 3, 5, 5, generator=gen))
+    x = _nonzero(torch.randn(2, 3, 5, 5, generator=gen)).to(DEVICE)
     alpha = torch.randn(len(DARTS), generator=gen, requires_grad=True)
-    p = torch.softmax(alpha, 0)
+    p = torch.softmax(alpha.to(DEVICE), 0)
     index = DARTS.index("avg_pool_3x3")
-    hard = torch.nn.functional.one_hot(torch.tensor(index), len(DARTS)).float() - p.detach() + p
+    hard = torch.nn.functional.one_hot(torch.tensor(index), len(DARTS)).float().to(DEVICE) - p.detach() + p
     out = tm.mixed_op_triton_gdas(x, hard, {}, DARTS, 1, index=index)
-    (out * _nonzero(torch.randn(out.shape, generator=gen))).sum().backward()
+    (out * _nonzero(torch.randn(out.shape, generator=gen)).to(DEVICE)).sum().backward()
     assert (alpha.grad != 0).all()
 
 
@@ -252,7 +252,7 @@ def test_auto_probe(monkeypatch):
 
     monkeypatch.setattr(mixed, "_probed", {})
     with torch.inference_mode():  # the first call may come from evaluation code
-        assert mixed._probe("cpu", torch.float32) and mixed._probed == {("cpu", torch.float32): None}
+        assert mixed._probe(DEVICE, torch.float32) and list(mixed._probed.values()) == [None]
     reference = {v: mixed.DISPATCH[("torch", v)] for v in mixed.VARIANTS}
     for broken, why, dtype in ((lambda v: lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("no sm_50 support")),
                                 "no sm_50", torch.bfloat16),
@@ -262,5 +262,5 @@ def test_auto_probe(monkeypatch):
         for v in mixed.VARIANTS:  # the fused kernels of every variant broken
             monkeypatch.setitem(mixed.DISPATCH, ("triton", v), broken(v))
         with pytest.warns(UserWarning, match=why):
-            assert not mixed._probe("cpu", dtype)
-        assert not mixed._probe("cpu", dtype)  # decided once: no second warning, no second try
+            assert not mixed._probe(DEVICE, dtype)
+        assert not mixed._probe(DEVICE, dtype)  # decided once: no second warning, no second try
