@@ -35,7 +35,7 @@ demo: setup
 	$(BIN)/ktnas evaluate --model runs/demo-train/model.pt --dataset fashion-mnist --split test --limit 2000
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15
 
 clean:
 	rm -rf runs .pytest_cache

@@ -141,7 +141,7 @@ def _timer(device: torch.device, quick: bool):
         return lambda f: triton.testing.do_bench(f, warmup=10 if quick else 25, rep=40 if quick else 200,
                                                  return_mode="median")
 
-    def cpu_median(f, min_runs: int = 3 if quick else 7, min_s: float = 0.05 if quick else 0.5):
+    def cpu_median(f, min_runs: int = 1 if quick else 7, min_s: float = 0.0 if quick else 0.5):
         f()  # warm-up
         times, t_end = [], time.perf_counter() + min_s
         while len(times) < min_runs or time.perf_counter() < t_end:

@@ -3,8 +3,14 @@ import os
 import subprocess
 import sys
 
-import torch
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one process per core (pytest-xdist): one thread each, in the tests' own processes and in the ones they start
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     # the fused Triton kernels run on CPU tensors through Triton's interpreter (read when triton is imported)
     os.environ["TRITON_INTERPRET"] = "1"

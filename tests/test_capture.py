@@ -25,8 +25,9 @@ BACKEND = "aot_eager"
 
 
 def _run(algo, capture, order=1, space="darts", recompute="edge"):
+    # one reduction cell: its edges run at both strides, every op, at half the tracing of a normal + reduce pair
     cfg = resolve_config(SearchConfig(features="unused", algo=algo, order=order, space=space, batch_size=4,
-                                      epochs=3, layers=2, channels=4, reductions=(1,), device="cpu", kernels="torch",
+                                      epochs=3, layers=1, channels=4, reductions=(0,), device="cpu", kernels="torch",
                                       recompute=recompute, capture=capture, compile_backend=BACKEND))
     torch.manual_seed(0)
     info = dict(in_channels=6, resolution=8, shape=[6, 8, 8], num_classes=10)
@@ -137,32 +138,38 @@ def _search(store, out, **kw):
 @pytest.mark.parametrize("algo", ["darts", "gdas"])
 def test_seeded_search_compiled_same_genotype(search_store, tmp_path, algo):
     """A seeded two-epoch search compiled finds the plain search's genotype and losses."""
-    plain = _search(search_store, tmp_path / "plain", algo=algo, capture="none")
-    comp = _search(search_store, tmp_path / "comp", algo=algo, capture="compile")
+    one_cell = dict(layers=1, reductions=(0,))  # a reduction cell: both strides, every op, half the tracing
+    plain = _search(search_store, tmp_path / "plain", algo=algo, capture="none", **one_cell)
+    comp = _search(search_store, tmp_path / "comp", algo=algo, capture="compile", **one_cell)
     assert comp["genotype"] == plain["genotype"]
     for key in ("train_loss", "val_loss", "val_acc"):
         assert comp["last"][key] == pytest.approx(plain["last"][key], rel=1e-5), key
 
 
-def test_compiled_search_resumes(search_store, tmp_path, monkeypatch):
-    """Killed after its first epoch and resumed with --capture compile, a search ends as the uninterrupted one
-    (which ran without capture: the capture mode may change on resume)."""
+def _killed_then_resumed(store, out, monkeypatch, **kw):
+    """A search killed after its first epoch (KeyboardInterrupt), then resumed in the same folder: its summary."""
     import ktnas.engine.searcher as S
 
-    whole = _search(search_store, tmp_path / "whole", capture="none")
-    real, calls = S.SearchRun.train_epoch, []
+    real = S.SearchRun.train_epoch
 
     def killed(self, epoch, *a):
-        calls.append(epoch)
         if epoch == 1:
             raise KeyboardInterrupt
         return real(self, epoch, *a)
 
     monkeypatch.setattr(S.SearchRun, "train_epoch", killed)
     with pytest.raises(KeyboardInterrupt):
-        _search(search_store, tmp_path / "cut", capture="compile")
+        _search(store, out, **kw)
     monkeypatch.setattr(S.SearchRun, "train_epoch", real)
-    resumed = _search(search_store, tmp_path / "cut", capture="compile", resume=True)
+    return _search(store, out, resume=True, **kw)
+
+
+def test_compiled_search_resumes(search_store, tmp_path, monkeypatch):
+    """Killed after its first epoch and resumed with --capture compile, a search ends as the uninterrupted one
+    (which ran without capture: the capture mode may change on resume)."""
+    one_cell = dict(layers=1, reductions=(0,))
+    whole = _search(search_store, tmp_path / "whole", capture="none", **one_cell)
+    resumed = _killed_then_resumed(search_store, tmp_path / "cut", monkeypatch, capture="compile", **one_cell)
     assert resumed["genotype"] == whole["genotype"]
     assert resumed["last"]["val_loss"] == pytest.approx(whole["last"]["val_loss"], rel=1e-5)
 
@@ -340,8 +347,6 @@ def test_emulated_graph_search_equals_plain_and_resumes(search_store, tmp_path, 
     loaded on the CPU, then made capturable), it ends as the uninterrupted one."""
     import json
 
-    import ktnas.engine.searcher as R
-
     plain = _search(search_store, tmp_path / "plain", capture="none", epochs=2, batch_size=8)
     _emulated_graphs(monkeypatch)
     whole = _search(search_store, tmp_path / "whole", capture="graph", epochs=2, batch_size=8)
@@ -353,19 +358,8 @@ def test_emulated_graph_search_equals_plain_and_resumes(search_store, tmp_path, 
     assert rec["eval"]["mode"] == "graph" and rec["eval"]["replays"] == 1
     assert json.loads((tmp_path / "whole" / "config.json").read_text())["ran"]["steps"]["mode"] == "graph"
 
-    real, calls = R.SearchRun.train_epoch, []
-
-    def killed(self, epoch, *a):
-        calls.append(epoch)
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return real(self, epoch, *a)
-
-    monkeypatch.setattr(R.SearchRun, "train_epoch", killed)
-    with pytest.raises(KeyboardInterrupt):
-        _search(search_store, tmp_path / "cut", capture="graph", epochs=2, batch_size=8)
-    monkeypatch.setattr(R.SearchRun, "train_epoch", real)
-    resumed = _search(search_store, tmp_path / "cut", capture="graph", epochs=2, batch_size=8, resume=True)
+    resumed = _killed_then_resumed(search_store, tmp_path / "cut", monkeypatch, capture="graph", epochs=2,
+                                   batch_size=8)
     assert resumed["genotype"] == whole["genotype"]
     assert resumed["last"]["val_loss"] == pytest.approx(whole["last"]["val_loss"], rel=1e-5)
 
