@@ -148,6 +148,10 @@ class SearchRun:
             self.amp = amp
             set_capturable(self.algorithm.a_opt, False)
 
+    def _totals(self) -> torch.Tensor:
+        """[loss sum, correct] on the device (MPS has no float64): summed there, read by the host at the end."""
+        return torch.zeros(2, dtype=torch.float64 if self.device.type != "mps" else torch.float32, device=self.device)
+
     def generators(self, epoch: int) -> tuple[torch.Generator, np.random.Generator]:
         """The epoch's random generators, seeded by (seed, epoch) alone: every rank and a resumed run draw alike."""
         return (torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch),
@@ -157,8 +161,7 @@ class SearchRun:
         cfg = self.cfg
         self.model.train()
         gen, rng = self.generators(epoch)
-        # summed on the device, read by the host only for the bar now and then: no sync per step
-        tot = torch.zeros(2, dtype=torch.float64 if self.device.type != "mps" else torch.float32, device=self.device)
+        tot = self._totals()  # summed on the device, read by the host only for the bar now and then
         seen = 0
         bar = progress(zip(train, cycle(val)), total=len(train), desc=f"search {cfg.algo} epoch {epoch + 1}/"
                        f"{cfg.epochs}", enabled=cfg.progress, leave=False)
@@ -176,38 +179,39 @@ class SearchRun:
             tot_loss, correct, seen = distributed.sum_over_ranks((tot_loss, correct, seen), self.device)
         return dict(train_loss=tot_loss / seen, train_acc=correct / seen, steps=self.steps_report)
 
+    @contextlib.contextmanager
+    def evaluator(self, arch_fn):
+        """``forward(x) -> logits`` for the validation pass: eager, each call under ``arch_fn()``; or, where the
+        search step is captured in a CUDA graph (and no capture has failed), captured too, under one ``arch_fn()``
+        for the pass (the alphas do not change during it) and replayed. ``eval_report`` says how it ran."""
+        if self.capture != "graph" or self.capture_failed is not None or self.eval_failed is not None:
+            counted = _Counted(lambda x: self.loss(x, None, arch_fn(), net=self.model, logits_only=True), "eager")
+            yield counted
+            self.eval_report = counted.report()
+            return
+        arch, amp = arch_fn(), self.amp
+        self.amp = dict(amp, cache_enabled=False)  # autocast's weight-cast cache is not capture-safe
+        graph = GraphStep(self, lambda x: self.loss(x, None, arch, net=self.model, logits_only=True), warmup=1,
+                          what="validation pass")
+        try:
+            yield graph
+        finally:
+            self.eval_report, self.eval_failed = graph.report(), graph.failed
+            graph.close()
+            self.amp = amp
+
     @torch.no_grad()
     def evaluate(self, val, arch_fn) -> dict:
         """Mean loss and accuracy over the validation split, :data:`EVAL_GROUP` consecutive batches per forward
-        (half the forwards, and kernel launches, of one per batch; the batch statistics of the cells' BNs are
-        those of the group), each under ``arch_fn()``. Where the search step is captured in a CUDA graph (and no
-        capture has failed) the pass is too, under one ``arch_fn()`` for the pass (the alphas do not change during
-        it): one replay per group. ``eval_report`` says how it ran."""
-        graphed = self.capture == "graph" and self.capture_failed is None and self.eval_failed is None
-        tot = torch.zeros(2, dtype=torch.float64 if self.device.type != "mps" else torch.float32, device=self.device)
-        seen = 0
-        batches = grouped(val, EVAL_GROUP)
-        if graphed:
-            arch = arch_fn()
-            run = GraphStep(self, lambda x: self.loss(x, None, arch, net=self.model,
-                                                                                       logits_only=True),
-                                                               warmup=1, what="validation pass")
-            amp, self.amp = self.amp, dict(self.amp, cache_enabled=False)
-        else:
-            run = None
-        try:
-            for x, y in batches:
-                logits = (run(x) if graphed else self.loss(x, y, arch_fn(), net=self.model, logits_only=True)).float()
-                loss = self.criterion(logits, y).to(tot.dtype) * len(y)
-                tot += torch.stack([loss, (logits.argmax(-1) == y).sum().to(tot.dtype)])
+        (half the forwards, and kernel launches, of one per batch; the cells' BNs take the statistics of the
+        group), each under ``arch_fn()`` (see :meth:`evaluator`)."""
+        tot, seen = self._totals(), 0
+        with self.evaluator(arch_fn) as forward:
+            for x, y in grouped(val, EVAL_GROUP):
+                logits = forward(x).float()
+                tot += torch.stack([self.criterion(logits, y).to(tot.dtype) * len(y),
+                                    (logits.argmax(-1) == y).sum().to(tot.dtype)])
                 seen += len(y)
-        finally:
-            if graphed:
-                self.amp = amp
-                self.eval_report, self.eval_failed = run.report(), run.failed
-                run.close()
-            else:
-                self.eval_report = dict(mode="eager", replays=0, called=-(-len(val) // EVAL_GROUP))
         tot_loss, correct = tot.tolist()
         correct = int(correct)
         if self.ddp:
