@@ -161,3 +161,14 @@ def test_grid_over_the_limits_is_refused(monkeypatch):
     x, w, convs = _edge(1)
     with pytest.raises(KernelError, match=r"_fwd_stats_kernel: grid \(1, 4\) exceeds CUDA's limits \(2147483647, 2\)"):
         tm.mixed_op_triton(x, w, convs, DARTS, 1)
+
+
+def test_first_use_from_inference_mode_is_checked_not_refused(auto_on_cpu, monkeypatch):
+    """A specialisation first used under torch.inference_mode (evaluation, prediction) is checked like any other:
+    its inputs are inference tensors, the comparison's copies are not; no fallback."""
+    monkeypatch.setitem(mixed.DISPATCH, ("triton", "full"), mixed.DISPATCH[("torch", "full")])
+    x, w, convs = _edge(1)
+    with torch.inference_mode(), mixed.observe_dispatch() as seen:
+        out = mixed_op(x, w, convs, DARTS, 1)
+    assert list(seen.values()) == ["triton"] and mixed.first_use_failures() == {}
+    torch.testing.assert_close(out, mixed_op(x, w, convs, DARTS, 1, impl="torch"), rtol=0, atol=0)
