@@ -167,8 +167,8 @@ def test_first_use_from_inference_mode_is_checked_not_refused(auto_on_cpu, monke
     """A specialisation first used under torch.inference_mode (evaluation, prediction) is checked like any other:
     its inputs are inference tensors, the comparison's copies are not; no fallback."""
     monkeypatch.setitem(mixed.DISPATCH, ("triton", "full"), mixed.DISPATCH[("torch", "full")])
-    x, w, convs = _edge(1)
     with torch.inference_mode(), mixed.observe_dispatch() as seen:
+        x, w, convs = _edge(1)  # made in inference mode, as a network's activations there are
         out = mixed_op(x, w, convs, DARTS, 1)
     assert list(seen.values()) == ["triton"] and mixed.first_use_failures() == {}
     torch.testing.assert_close(out, mixed_op(x, w, convs, DARTS, 1, impl="torch"), rtol=0, atol=0)
