@@ -202,8 +202,8 @@ def capture(device: torch.device, precision: str) -> tuple:
                 for n, p in a.items())
     report = captured.steps_report
     detail = (f"{'CUDA graph' if mode == 'graph' else 'torch.compile (aot_eager)'}: {steps} steps ({report['mode']}: "
-              f"{report['replays']} replayed, {report['called']} called) against eager ones; largest relative parameter "
-              f"difference {worst[0]:.2g} ({worst[1]}), tolerance {tol:g}")
+              f"{report['replays']} replayed, {report['called']} called) against eager ones; largest relative "
+              f"parameter difference {worst[0]:.2g} ({worst[1]}), tolerance {tol:g}")
     return ("ok" if worst[0] <= tol else "FAIL"), detail, dict(max_rel_diff=worst[0], parameter=worst[1],
                                                               steps=report)
 

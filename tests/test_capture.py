@@ -188,7 +188,8 @@ def _stand_in_cuda(monkeypatch, log=None, graph_ctx=None):
         log.append(f"exit {tag}")
 
     monkeypatch.setattr(C.torch.cuda, "Stream", lambda device: types.SimpleNamespace(wait_stream=lambda s: None))
-    monkeypatch.setattr(C.torch.cuda, "current_stream", lambda device: types.SimpleNamespace(wait_stream=lambda s: None))
+    stream = types.SimpleNamespace(wait_stream=lambda s: None)
+    monkeypatch.setattr(C.torch.cuda, "current_stream", lambda device: stream)
     monkeypatch.setattr(C.torch.cuda, "stream", lambda s: ctx("side"))
     monkeypatch.setattr(C.torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(C.torch.cuda, "graph", graph_ctx or (lambda g, capture_error_mode: ctx("capture")))
@@ -331,7 +332,8 @@ def _emulated_graphs(monkeypatch):
 
     monkeypatch.setattr(C.GraphStep, "__init__", remember)
     monkeypatch.setattr(C.torch.cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(sys.modules["torch.optim.adam"], "_get_capturable_supported_devices", lambda *a, **k: ["cuda", "cpu"])
+    monkeypatch.setattr(sys.modules["torch.optim.adam"], "_get_capturable_supported_devices",
+                        lambda *a, **k: ["cuda", "cpu"])
     force = lambda capture, *a, **kw: capture if capture in ("graph", "none") else resolve_capture(capture, *a, **kw)
     monkeypatch.setattr(S, "resolve_capture", force)
     monkeypatch.setattr(searcher, "resolve_capture", force)
