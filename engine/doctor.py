@@ -71,11 +71,11 @@ def edge_shapes(space: str, batch: int = 64) -> list[tuple]:
 
     from ktnas.kernels import observe_dispatch
 
-    from .searcher import search_layout
+    from .layout import resolve_layout
+    from .spaces import get_space
     from .supernet import Supernet
 
-    cfg = type("Cfg", (), dict(stem="features", space=space, layers=None, channels=None, reductions=None))
-    layout = search_layout(cfg, DEFAULT_FEATURES).as_dict()
+    layout = resolve_layout(get_space(space), DEFAULT_FEATURES["resolution"], "search").as_dict()
     with FakeTensorMode(allow_non_fake_inputs=True), observe_dispatch() as seen:
         net = Supernet(space, 10, DEFAULT_FEATURES["in_channels"], kernels="torch", **layout)
         net(torch.empty(batch, *DEFAULT_FEATURES["shape"]))

@@ -258,9 +258,10 @@ def mixed_op(x: torch.Tensor, weights: torch.Tensor, conv_outs: dict, ops, strid
                           f"channels: pass --channels divisible by k")
     chosen = resolve_impl(impl, x.device, x.dtype)
     kw = dict(pool_bn=pool_bn, index=index, k=k, eps=eps)
-    if (chosen == "triton" and _auto(impl)) or _dispatch_observers:
+    checked = chosen == "triton" and _auto(impl)
+    if checked or _dispatch_observers:
         spec = specialisation(x, conv_outs, ops, stride, variant, pool_bn, index, k)
-        if chosen == "triton" and _auto(impl):
+        if checked:
             chosen = _checked(spec, x, weights, conv_outs, ops, stride, variant, kw)
         for seen in _dispatch_observers:
             seen[spec] = chosen
