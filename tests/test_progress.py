@@ -58,3 +58,39 @@ def test_every_command_with_a_progress_bar_takes_quiet(search_store, tmp_path):
     assert not re.search(r"\d+/\d+ \[|it/s|s/it", r.stderr), r.stderr[-2000:]
     r = ktnas("inspect", search_store, "--verify", "--quiet")
     assert "verify" not in r.stderr and "chunk/s" not in r.stderr
+
+
+def test_postfix_updates_wait_for_the_next_timed_line():
+    """A loop that sets its bar's postfix every step (a running loss) prints, to a log, its start and end only;
+    the last postfix shows in the end line."""
+    f = io.StringIO()
+    bar = progress(range(500), desc="epoch", file=f)
+    for i in bar:
+        bar.set_postfix(loss=f"{1 / (i + 1):.3f}")
+        bar.set_description(f"epoch {i % 3}")
+    bar.close()
+    assert _updates(f.getvalue()) <= 3 and "loss=0.002" in f.getvalue(), f.getvalue()
+
+
+def test_train_logged_to_a_file_is_bounded(tmp_path):
+    """`ktnas train` with its standard error in a file: per epoch its batch bars' start and end lines and the epoch
+    bar's, never a line per postfix update (the bars update theirs every few batches)."""
+    import warnings
+
+    from ktnas.cache.precompute import precompute
+
+    store = tmp_path / "s.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random stem weights
+        precompute(dataset="synthetic:64/32", stem="mobilenet_v2:features.1", weights="none", image_size=32,
+                   out=str(store), progress=False)
+    darts_v2 = ("Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1), ('sep_conv_3x3', 0), ('sep_conv_3x3', 1), "
+                "('sep_conv_3x3', 1), ('skip_connect', 0), ('skip_connect', 0), ('dil_conv_3x3', 2)], "
+                "normal_concat=[2, 3, 4, 5], reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1), ('skip_connect', 2), "
+                "('max_pool_3x3', 1), ('max_pool_3x3', 0), ('skip_connect', 2), ('skip_connect', 2), "
+                "('max_pool_3x3', 1)], reduce_concat=[2, 3, 4, 5])")
+    r = ktnas("train", "--features", store, "--genotype", darts_v2, "--out", tmp_path / "run",
+              "--epochs", "2", "--batch-size", "2", "--limit", "64", "--layers", "2", "--channels", "4",
+              "--device", "cpu")
+    lines = [line for line in r.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert len(lines) <= 2 * 6 + 4, r.stderr[-3000:]
