@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -218,9 +219,13 @@ def memory(device: torch.device, precision: str) -> tuple:
     from .searcher import SearchRun
     from .step_profile import profile_search_step
 
+    from ktnas.kernels import resolve_impl
+
     cfg = resolve_config(SearchConfig(features="unused", device=str(device), precision=precision, capture="none",
                                       progress=False))
-    predicted = profile_search_step(cfg, DEFAULT_FEATURES, cfg.batch_size)["peak_bytes"]
+    # the profile of the step as it runs here: the kernels 'auto' picks on this device (fused ones keep less)
+    profiled = dataclasses.replace(cfg, kernels=resolve_impl(cfg.kernels, device))
+    predicted = profile_search_step(profiled, DEFAULT_FEATURES, cfg.batch_size)["peak_bytes"]
     torch.manual_seed(0)
     run = SearchRun(cfg, device, DEFAULT_FEATURES)
     run.model.train()
