@@ -41,7 +41,7 @@ from ktnas.cache.errors import KtnasError
 from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM, get_stem
 from ktnas.engine.algorithms import ALGORITHMS
 from ktnas.engine.search import SearchConfig, default_recompute, resolve_config
-from ktnas.engine.step_profile import profile_search_step
+from ktnas.engine.step_profile import launches_of, profile_search_step
 from ktnas.engine.supernet import count_parameters
 from ktnas.kernels.errors import KernelError
 
@@ -137,7 +137,7 @@ def profile_step(config: str = "cached", space: str = "darts", algo: str = "dart
                cells=run.layout["layers"], channels=run.layout["channels"], input_shape=list(feat), **sizes,
                saved_bytes=max((s["bytes"] for s in saved), default=0), forwards=len(saved),
                start_bytes=base, peak_bytes=tracker.peak, aten_launches=tracker.launches,
-               triton_launches=triton_launches, launches=tracker.launches + triton_launches, syncs=tracker.syncs,
+               triton_launches=triton_launches, launches=launches_of(tracker, triton_counts), syncs=tracker.syncs,
                flops=sum(tracker.flops.values()) - fused_flops, fused_op_flops=fused_flops,
                bytes_moved=tracker.bytes_moved + triton_bytes,
                top_ops=dict(tracker.ops.most_common(8)), profile_s=time.perf_counter() - t0)

@@ -163,7 +163,7 @@ class GraphStep:
         return self.out
 
     def report(self) -> dict:
-        """How the epoch's steps ran: ``{"mode": "graph" | "eager (capture failed: ...)", "replays", "eager"}``."""
+        """How the epoch's steps ran: ``{"mode": "graph" | "eager (capture failed: ...)", "replays", "called"}``."""
         mode = "graph" if self.failed is None else f"eager (capture failed: {self.failed})"
         return dict(mode=mode, replays=self.replays, called=self.called)
 
