@@ -11,9 +11,9 @@ peak is ``max_memory_allocated``, recorded by ``ktnas search`` per epoch), in th
    features of the same store (only the genotype differs), test accuracy on the test split;
 5. ``ktnas evaluate`` of KT-NAS's exported model on raw test images (the stem + cells as users run them).
 
-Same algorithm, order, epochs, batch size, search samples (``--search-limit``: the first N training images, split
-into search-train and search-validation), seed and device for both searches. Every command is recorded in the
-report, so each figure can be reproduced by itself.
+Same algorithm (with its options), epochs, batch size, search samples (``--search-limit``: the first N
+training images, split into search-train and search-validation), seed and device for both searches. Every command
+is recorded in the report, so each figure can be reproduced by itself.
 """
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ import numpy as np
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.runtime import resolve_device
 from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM
+from ktnas.engine.algorithms import algorithm_variants, resolve_variant, variant_argv
 from ktnas.engine.layout import dropped_stages
+from ktnas.engine.spaces import SPACES
 from ktnas.engine.runs import read_jsonl
 
 from .report import Column, Report, mean_and_sd, mean_sd
@@ -42,9 +44,9 @@ def add_arguments(p) -> None:
     p.add_argument("--stem", default=DEFAULT_STEM, help="KT-NAS stem ARCH:CUT (default: %(default)s)")
     p.add_argument("--weights", default="imagenet", help="stem weights (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="stem input px (default: %(default)s)")
-    p.add_argument("--space", default="darts", choices=("darts", "nb201"))
-    p.add_argument("--algo", default="darts", choices=("darts", "pcdarts", "gdas", "random"))
-    p.add_argument("--order", type=int, default=1, choices=(1, 2))
+    p.add_argument("--space", default="darts", choices=tuple(SPACES), help="search space (default: %(default)s)")
+    p.add_argument("--algo", default="darts", help="the search algorithm: a name of `ktnas search --algo` or a "
+                   f"variant ({', '.join(algorithm_variants())}) (default: %(default)s)")
     p.add_argument("--search-epochs", type=int, default=3, help="both searches (default: %(default)s)")
     p.add_argument("--search-limit", type=int, default=10000,
                    help="first N training images for search-train + search-validation (default: %(default)s)")
@@ -120,7 +122,7 @@ def _one_config(args, config, algo, seed, source, store, common, precompute_s, d
     phase already finished in ``work`` is reused (its own recorded seconds), an interrupted one resumed."""
     key = f"{config}-{algo}-s{seed}"
     sdir = work / f"{key}-search"
-    search = _cli("search", *source, "--space", args.space, "--algo", algo, "--order", args.order, "--epochs",
+    search = _cli("search", *source, "--space", args.space, *variant_argv(algo), "--epochs",
                   args.search_epochs, "--batch-size", args.batch_size, "--limit", args.search_limit, "--seed", seed,
                   "--precision", args.precision, *common, "--out", sdir)
     done = _done_epochs(sdir) >= args.search_epochs
@@ -132,7 +134,7 @@ def _one_config(args, config, algo, seed, source, store, common, precompute_s, d
     trained, tdir = _train_genotype(args, key, sdir / "genotype.json", store, seed, common, work, phases)
     config_json = json.loads((sdir / "config.json").read_text())
     search_s, last = sum(m["seconds"] for m in metrics), metrics[-1]
-    row = dict(config=config, space=args.space, algo=algo, order=args.order, seed=seed, batch=args.batch_size,
+    row = dict(config=config, space=args.space, algo=algo, seed=seed, batch=args.batch_size,
                device=device, search_epochs=args.search_epochs, search_samples=args.search_limit, search_s=search_s,
                search_wall_s=json.loads((sdir / "wall_s.json").read_text()),
                precompute_s=precompute_s if config == "kt-nas" else 0.0,
@@ -174,7 +176,7 @@ def _random_row(args, seed, store, common, device, work, phases) -> dict:
     path = work / f"random-s{seed}.json"
     g.save(path)
     trained, _ = _train_genotype(args, f"random-s{seed}", path, store, seed, common, work, phases)
-    return dict(config="random", space=args.space, algo="-", order=args.order, seed=seed, batch=args.batch_size,
+    return dict(config="random", space=args.space, algo="-", seed=seed, batch=args.batch_size,
                 device=device, search_epochs=0, search_samples=0, search_s=0.0, search_wall_s=0.0, precompute_s=0.0,
                 cost_s=0.0, peak_mem_bytes=None, search_val_acc=None, test_acc=trained["test_acc"],
                 raw_test_acc=None, params=None, genotype=genotype_str(g), skips=count_skips(g), entropy=None)
@@ -227,9 +229,11 @@ def bench_accuracy(args, work_dir: Path) -> tuple[list[dict], list[str]]:
         seeds = [int(x) for x in (args.seeds or str(args.seed)).split(",") if x]
     except ValueError:
         seeds = []
-    if any(a not in ("darts", "pcdarts", "gdas", "random") for a in algos) or not algos or not seeds:
-        raise KtnasError(f"--algos takes darts, pcdarts, gdas, random and --seeds integers, got {args.algos!r} / "
-                         f"{args.seeds!r}: e.g. --algos darts,gdas --seeds 0,1,2")
+    for a in algos:
+        resolve_variant(a)  # a one-line refusal of an unknown name
+    if not algos or not seeds:
+        raise KtnasError(f"--algos takes algorithms and --seeds integers, got {args.algos!r} / {args.seeds!r}: e.g. "
+                         f"--algos darts,gdas --seeds 0,1,2")
     width = _widths(args, store)
     runs = {"kt-nas": ["--features", store, *width["kt-nas"]],
             "classic": ["--stem", "none", "--dataset", args.dataset, *width["classic"]]}
@@ -255,7 +259,7 @@ def _budget_id(args, device: str) -> str:
     """What every phase's result depends on but the algorithm and the seed: one folder of runs per budget."""
     import hashlib
 
-    keys = ("dataset", "stem", "weights", "image_size", "space", "order", "search_epochs", "search_limit",
+    keys = ("dataset", "stem", "weights", "image_size", "space", "search_epochs", "search_limit",
             "search_channels", "batch_size", "train_epochs", "train_limit", "train_layers", "train_channels",
             "train_batch_size", "precision")
     d = {k: getattr(args, k) for k in keys} | dict(device=device)
@@ -277,10 +281,9 @@ def _s(v) -> str:
 def _search(r) -> str:
     if r["config"] == "random":
         return "none: one uniformly drawn architecture per seed"
-    order = " order 2" if r["order"] == 2 and r["algo"] in ("darts", "pcdarts") else ""
     net = r.get("supernet")
     net = f", supernet {net['layers']} cells C={net['channels']}" if net else ""
-    return f"{r['algo']}{order}, {r['search_epochs']} ep, {r['search_samples']:,} img, batch {r['batch']}{net}"
+    return f"{r['algo']}, {r['search_epochs']} ep, {r['search_samples']:,} img, batch {r['batch']}{net}"
 
 
 

@@ -1,6 +1,6 @@
 """``python -m ktnas.bench.compare STEP.json SEARCH.json --out compare.md``: the step profile's predictions beside
 what ``ktnas bench search`` measured on a GPU (peak memory: ``max_memory_allocated``; step time: the median step),
-row by row (same space, algorithm, order, batch and configuration). Used by ``bench/gpu-check.sh``; without a
+row by row (same space, algorithm variant, batch and configuration). Used by ``bench/gpu-check.sh``; without a
 GPU's measurements (no SEARCH file, or one measured on the CPU) it lists the predictions alone and says so."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 
 def _key(r):
-    return r["space"], r["algo"], r["order"], r["batch"], r["config"]
+    return r["space"], r["variant"], r["batch"], r["config"]
 
 
 def compare(step_rows: list[dict], search_rows: list[dict] | None) -> list[dict]:
@@ -25,7 +25,7 @@ def compare(step_rows: list[dict], search_rows: list[dict] | None) -> list[dict]
         if p.get("skipped") is not None:
             continue
         m = measured.get(_key(p))
-        row = dict(space=p["space"], algo=p["algo"], order=p["order"], batch=p["batch"], config=p["config"],
+        row = dict(space=p["space"], variant=p["variant"], batch=p["batch"], config=p["config"],
                    predicted_peak_mib=p["peak_bytes"] / 2**20, predicted_ms=p["predicted_ms"],
                    launches=p["launches"], measured_peak_mib=None, measured_ms=None)
         if m is not None:
@@ -45,10 +45,10 @@ def _diff(p, m):
 
 def markdown(rows: list[dict], gpu: str | None) -> str:
     lines = ["# Step profile (predicted, this CPU) vs ktnas bench search (measured, " + (gpu or "no GPU") + ")", "",
-             "| space | algo | order | batch | config | peak MiB predicted | measured | diff | step ms predicted "
-             "| measured | diff | launches |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| space | algo | batch | config | peak MiB predicted | measured | diff | step ms predicted "
+             "| measured | diff | launches |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['space']} | {r['algo']} | {r['order']} | {r['batch']} | {r['config']} | "
+        lines.append(f"| {r['space']} | {r['variant']} | {r['batch']} | {r['config']} | "
                      f"{_fmt(r['predicted_peak_mib'], ',.0f')} | {_fmt(r['measured_peak_mib'], ',.0f')} | "
                      f"{_diff(r['predicted_peak_mib'], r['measured_peak_mib'])} | {_fmt(r['predicted_ms'], ',.1f')} | "
                      f"{_fmt(r['measured_ms'], ',.1f')} | {_diff(r['predicted_ms'], r['measured_ms'])} | "

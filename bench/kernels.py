@@ -26,6 +26,7 @@ import time
 import torch
 
 from ktnas.cache.errors import KtnasError
+from ktnas.engine.spaces import SPACES
 from ktnas.kernels.reference import is_conv_branch, mixed_op_reference
 
 from .report import Column, Report
@@ -33,9 +34,8 @@ from .report import Column, Report
 HELP = "one edge's mixed op, forward + backward: fused Triton kernels vs eager reference vs torch.compile"
 SHAPES = ((64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8), (256, 16, 32, 32))
 QUICK_SHAPES = ((8, 16, 16, 16), (4, 24, 9, 9))
-EDGES = {"darts": ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
-                   "dil_conv_3x3", "dil_conv_5x5"),
-         "free": ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect")}
+# the DARTS space's edge, and its parameter-free ops alone (the ops the kernels compute themselves)
+EDGES = {"darts": SPACES["darts"].ops, "free": tuple(o for o in SPACES["darts"].ops if not is_conv_branch(o, 1))}
 IMPLS = ("eager", "compile", "triton")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TARGETS = dict(vs_eager=2.0, vs_compile=1.3, mem_saving=0.4, bw_frac=0.6)

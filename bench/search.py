@@ -30,7 +30,7 @@ from ktnas.cache.runtime import resolve_device
 from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM
 from ktnas.cache.store import store_exists
 from ktnas.cache.stream import FeatureLoader
-from ktnas.engine.algorithms import ALGORITHMS
+from ktnas.engine.algorithms import ALGORITHMS, algorithm_variants, resolve_variant
 from ktnas.engine.capture import GRAPH_WARMUP
 from ktnas.engine.data import ImageBatches
 from ktnas.engine.distributed import tensor_hash
@@ -38,6 +38,7 @@ from ktnas.engine.flags import parse_size
 from ktnas.engine.memory import choose_batch_size
 from ktnas.engine.runs import seed_all
 from ktnas.engine.search import SearchConfig, resolve_config
+from ktnas.engine.spaces import SPACES
 from ktnas.engine.searcher import SearchRun
 from ktnas.engine.supernet import RECOMPUTE, count_parameters
 from ktnas.engine.train import stem_of_store
@@ -46,13 +47,11 @@ from ktnas.kernels.errors import KernelError
 from .report import names, positive
 from .search_data import CLASSIC_SIZE, HostMemory, SearchData, full_batches, load_data
 
-ALGOS = {"darts-1": ("darts", 1), "darts-2": ("darts", 2), "pcdarts": ("pcdarts", 1), "gdas": ("gdas", 1)}
-SPACES = ("darts", "nb201")
 CONFIGS = ("baseline", "stem-on-the-fly", "cached", "cached-compiled", "cached-fused", "cached-fused-graph")
 CASES = ("baseline", "stem-on-the-fly", "cached", "cached-memory", "cached-compiled", "cached-fused",
          "cached-fused-graph")
 DEFAULT_CASES = tuple(c for c in CASES if c != "cached-compiled")  # compiling (minutes on a CPU): on request
-FULL = dict(algos=tuple(ALGOS), spaces=SPACES, steps=20, warmup=5, batch_size=None)
+FULL = dict(algos=None, spaces=None, steps=20, warmup=5, batch_size=None)
 QUICK = dict(algos=("darts-1", "darts-2"), spaces=("darts",), steps=3, warmup=1, batch_size=8)
 NEEDS_CUDA_FUSED = ("needs CUDA: the fused Triton kernels run on the CPU only under Triton's interpreter "
                     "(TRITON_INTERPRET=1), far too slow to time")
@@ -146,7 +145,7 @@ def _measure(case: _Case, data: SearchData, cfg: SearchConfig, batch: int, devic
         run.model.train()
         fetch = _inputs(case, data, run, batch, device, cfg.seed, stack)
         gen, rng = torch.Generator().manual_seed(cfg.seed), np.random.default_rng(cfg.seed)
-        epoch = cfg.warmup  # the architecture parameters train from this epoch on (PC-DARTS' warm-up)
+        epoch = run.arch_start  # the architecture parameters train from this epoch on (PC-DARTS' warm-up)
         # ktnas search's own step as --capture runs it: graph rows capture after GRAPH_WARMUP eager steps
         step = stack.enter_context(run.stepper(epoch, gen, rng))
         w0, a0 = tensor_hash(run.model.weight_parameters()), tensor_hash(run.model.arch_parameters())
@@ -192,15 +191,17 @@ def _cuda_reason(case: _Case, algo: str, device) -> str | None:
     return None
 
 
-def _run_case(case: _Case, data: SearchData, space: str, algo: str, order: int, batch: int, device, *, steps: int,
+def _run_case(case: _Case, data: SearchData, space: str, variant: str, batch: int, device, *, steps: int,
               warmup: int, precision: str, seed: int, memory: HostMemory, memory_cap: int | None, broken: list,
               recompute: str | None = None, compile_backend: str = "inductor") -> dict:
-    row = dict(config=case.config, source=case.source, space=space, algo=algo, order=order, batch=batch,
+    algo, options = resolve_variant(variant)
+    row = dict(config=case.config, source=case.source, space=space, variant=variant, algo=algo, options=options,
+               batch=batch,
                device=str(device), precision=precision, kernels=case.kernels, step_ms=None, samples_per_s=None,
                peak_mem_bytes=None, mem_increase_bytes=None, skipped=None, steps=steps, warmup=warmup)
     kw = (dict(stem="none", dataset=data.attrs.get("dataset", "?")) if case.config == "baseline"
           else dict(stem="features", features=data.store, recompute=recompute or "auto"))
-    cfg = resolve_config(SearchConfig(space=space, algo=algo, order=order, batch_size=batch, device=str(device),
+    cfg = resolve_config(SearchConfig(space=space, algo=algo, options=options, batch_size=batch, device=str(device),
                                       precision=precision, kernels=case.kernels, seed=seed, progress=False,
                                       capture=case.capture, compile_backend=compile_backend, **kw))
     row["recompute"], row["capture"] = cfg.recompute, cfg.capture
@@ -243,7 +244,7 @@ def _run_case(case: _Case, data: SearchData, space: str, algo: str, order: int, 
 def _add_ratios(rows: list[dict]) -> None:
     """speedup and mem_ratio against the group's baseline; stream_overhead of disk over memory."""
     def key(r):
-        return r["space"], r["algo"], r["order"], r["batch"]
+        return r["space"], r["variant"], r["batch"]
 
     base = {key(r): r for r in rows if r["config"] == "baseline" and r["skipped"] is None}
     mem = {key(r): r for r in rows if r["config"] == "cached" and r["source"] == "memory" and r["skipped"] is None}
@@ -297,16 +298,14 @@ def _run_all(cases, data, spaces, algos, batches, dev, steps, warmup, precision,
     prime = next((c for c in cases if _CASES[c].kernels == "torch"
                   and not (_CASES[c].source == "images" and data.images is None)), None)
     if prime is not None:
-        algo, order = ALGOS[algos[0]]
-        _run_case(_CASES[prime], data, spaces[0], algo, order, batches[algos[0]], dev, steps=1, warmup=0,
+        _run_case(_CASES[prime], data, spaces[0], algos[0], batches[algos[0]], dev, steps=1, warmup=0,
                   precision=precision, seed=seed, memory=memory, memory_cap=None, broken=broken)
     for space in spaces:
         for a in algos:
-            algo, order = ALGOS[a]
             for name in cases:
                 case = _CASES[name]
                 print(f"ktnas bench search: {space} {a} batch {batches[a]}: {name} ...", file=sys.stderr)
-                rows.append(_run_case(case, data, space, algo, order, batches[a], dev, steps=steps,
+                rows.append(_run_case(case, data, space, a, batches[a], dev, steps=steps,
                                       warmup=warmup, precision=precision, seed=seed, memory=memory,
                                       memory_cap=cap, broken=broken, recompute=recompute,
                                       compile_backend=compile_backend))
@@ -320,15 +319,16 @@ def bench_search(features=None, *, samples: int | None = None, dataset: str = "f
                  precision: str = "fp32", memory_cap=None, seed: int = 0, work_dir=None,
                  notes: list | None = None, recompute: str | None = None,
                  compile_backend: str = "inductor") -> list[dict]:
-    """Rows ``{config, source, space, algo, order, batch, device, step_ms, samples_per_s, peak_mem_bytes,
+    """Rows ``{config, source, space, variant, algo, options, batch, device, step_ms, samples_per_s, peak_mem_bytes,
     mem_increase_bytes, speedup, mem_ratio, stream_overhead, params, cells, loss, skipped, ...}``, one per
     configuration, space and algorithm (see the module docstring). ``features``: a store of stem features (None:
     build one into ``work_dir``/features.zarr from ``dataset``/``stem``/``weights``/``image_size``). ``quick``:
     the defaults of a run of a few minutes on a CPU (darts-1 and darts-2 on the DARTS space, batch 8, 1 + 3
     steps). Lines describing the run are appended to ``notes`` when given."""
     mode = QUICK if quick else FULL
-    algos = names(algos or mode["algos"], tuple(ALGOS), "--algos")
-    spaces = names(spaces or mode["spaces"], SPACES, "--spaces")
+    variants = tuple(algorithm_variants())
+    algos = names(algos or mode["algos"] or variants, variants, "--algos")
+    spaces = names(spaces or mode["spaces"] or tuple(SPACES), tuple(SPACES), "--spaces")
     cases = names(configs or DEFAULT_CASES, CASES, "--configs")
     if recompute is not None and recompute not in RECOMPUTE:
         raise KtnasError(f"unknown --recompute {recompute!r}: use one of {', '.join(RECOMPUTE)}")
@@ -337,7 +337,8 @@ def bench_search(features=None, *, samples: int | None = None, dataset: str = "f
     batch_size = mode["batch_size"] if batch_size is None else batch_size
     dev, cap = _check_args(steps, warmup, batch_size, samples, precision, device, memory_cap)
     notes = [] if notes is None else notes
-    batches = {a: ALGORITHMS[ALGOS[a][0]].defaults["batch_size"] if batch_size is None else batch_size for a in algos}
+    batches = {a: ALGORITHMS[resolve_variant(a)[0]].defaults["batch_size"] if batch_size is None else batch_size
+               for a in algos}
     need = 2 * (warmup + steps) * max(batches.values())  # distinct full batches for every step of each split
     work_dir = Path(work_dir or "runs/bench-search")
     work_dir.mkdir(parents=True, exist_ok=True)

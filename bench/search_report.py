@@ -4,17 +4,15 @@ from __future__ import annotations
 from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM
 
 from .report import Column, Report, rate
-from .search import ALGOS, CASES, FULL, QUICK, bench_search
+from ktnas.engine.algorithms import algorithm_variants
+
+from .search import CASES, FULL, QUICK, bench_search
 
 HELP = ("median search-step time, samples/s and peak memory: classic DARTS against KT-NAS (stem on the fly, "
         "cached features from disk or memory, fused kernels, CUDA graph)")
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def _algo_label(r) -> str:
-    return f"{r['algo']} ({'2nd' if r['order'] == 2 else '1st'} order)" if r["algo"] == "darts" else r["algo"]
-
-
 def _mib(v) -> str:
     return f"{v / 2**20:,.0f}" if v is not None else "-"
 
@@ -39,7 +37,7 @@ def _note(r) -> str:
     return ", ".join(parts)
 
 
-COLUMNS = [Column("space", "space"), Column(None, "algo", _algo_label), Column("batch", "batch"),
+COLUMNS = [Column("space", "space"), Column("variant", "algo"), Column("batch", "batch"),
            Column("config", "config"), Column("source", "input"),
            Column("step_ms", "step ms (median)", lambda v: "-" if v is None else f"{v:,.1f}"),
            Column("samples_per_s", "samples/s", lambda v: "-" if v is None else rate(v)),
@@ -61,7 +59,7 @@ def _kind_label(kind) -> str:
 def _chart(axes, rows) -> None:
     """Left: samples/s; right: peak memory (CPU: the RSS increase); bars per configuration, grouped by (space,
     algorithm, batch); a skipped configuration is named at its place."""
-    groups = list(dict.fromkeys((r["space"], _algo_label(r), r["batch"]) for r in rows))
+    groups = list(dict.fromkeys((r["space"], r["variant"], r["batch"]) for r in rows))
     kinds = list(dict.fromkeys((r["config"], r["source"]) for r in rows))
     width = 0.8 / max(1, len(kinds))
     cpu = bool(rows) and not rows[0]["device"].startswith("cuda")
@@ -72,7 +70,7 @@ def _chart(axes, rows) -> None:
             xs, hs = [], []
             for g, grp in enumerate(groups):
                 for r in rows:
-                    if (r["space"], _algo_label(r), r["batch"]) == grp and (r["config"], r["source"]) == kind:
+                    if (r["space"], r["variant"], r["batch"]) == grp and (r["config"], r["source"]) == kind:
                         x = g + (k - (len(kinds) - 1) / 2) * width
                         if r["skipped"] is None:
                             xs.append(x)
@@ -99,9 +97,10 @@ def add_arguments(p) -> None:
                         f"{','.join(QUICK['spaces'])} --batch-size {QUICK['batch_size']} --warmup {QUICK['warmup']} "
                         f"--steps {QUICK['steps']} unless given")
     p.add_argument("--algos", default=None,
-                   help=f"comma-separated subset of {','.join(ALGOS)} (default: all; --quick: "
+                   help=f"comma-separated subset of {','.join(algorithm_variants())} (default: all; --quick: "
                         f"{','.join(QUICK['algos'])})")
-    p.add_argument("--spaces", default=None, help="comma-separated subset of darts,nb201 (default: both; --quick: "
+    p.add_argument("--spaces", default=None, help="comma-separated subset of the registered spaces (default: all; "
+                                                  "--quick: "
                                                   "darts)")
     p.add_argument("--configs", default=None,
                    help=f"comma-separated subset of {','.join(CASES)} (default: all but cached-compiled; "
@@ -157,7 +156,7 @@ def report(args, work_dir=None) -> Report:
               "batch; on the CPU peak mem is the process's RSS peak during the configuration, (+N) its increase "
               "over the RSS at its start, and mem vs baseline compares the increases",
               "streaming: step time of cached (disk) over cached (memory) - 1",
-              "targets (H100, issue 5): cached-fused-graph against the baseline, DARTS 1st and 2nd order at batch "
+              "targets (H100): cached-fused-graph against the baseline, DARTS 1st and 2nd order at batch "
               "64: samples/s vs baseline >= 10x and mem vs baseline <= 0.125x; streaming <= +10%"]
     return Report("search", "ktnas bench search: one search step, classic DARTS vs KT-NAS", rows, COLUMNS, _chart,
                   device=rows[0]["device"] if rows else "cpu", notes=notes, chart_panels=2)

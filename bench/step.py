@@ -39,21 +39,21 @@ import warnings
 
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM, get_stem
-from ktnas.engine.algorithms import ALGORITHMS
+from ktnas.engine.algorithms import ALGORITHMS, algorithm_variants, resolve_variant
+from ktnas.engine.spaces import SPACES
 from ktnas.engine.search import SearchConfig, default_recompute, resolve_config
 from ktnas.engine.step_profile import launches_of, profile_search_step
 from ktnas.engine.supernet import count_parameters
 from ktnas.kernels.errors import KernelError
 
 from .report import Column, Report, names
-from .search import ALGOS, SPACES
 from .search_data import CLASSIC_SIZE
 
 HELP = ("what one search step costs on a GPU, from any machine: peak memory, kernel launches, FLOPs, bytes moved "
         "and predicted step time, classic DARTS vs KT-NAS (reference and fused ops)")
 CONFIGS = ("baseline", "stem-on-the-fly", "cached", "cached-darts-edges", "cached-fused")
 AS_AUTHORS = ("baseline", "cached-darts-edges")  # DARTS' own computation: nothing recomputed
-FULL = dict(algos=tuple(ALGOS), spaces=SPACES, batch_size=None)
+FULL = dict(algos=None, spaces=None, batch_size=None)  # None: every registered variant and space
 QUICK = dict(algos=("darts-1",), spaces=("darts",), batch_size=4)
 # GPUs: memory bandwidth (bytes/s) and dense peak FLOP/s (SXM parts, NVIDIA's data sheets)
 GPUS = {"H100": dict(bandwidth=3.35e12, tf32=494.7e12, bf16=989.4e12, fp32=66.9e12),
@@ -70,8 +70,8 @@ LAUNCH_US = 1e3 * DARTS_OWN["step_ms"] / DARTS_OWN["launches"]
 # H100 anchors of max_memory_allocated (MiB), batch 64 (the note above): what the fp32 rows are checked against
 # (the KT-NAS ones measured DARTS' own code with its first cells replaced by the cached input: the computation of
 # the cached-darts-edges configuration; ktnas's own edges share one ReLU and skip 'none', and keep less)
-ANCHORS = {("baseline", "darts", "darts", 1, "fp32"): 7766, ("cached-darts-edges", "darts", "darts", 1, "fp32"): 3270,
-           ("baseline", "darts", "darts", 2, "fp32"): 8910, ("cached-darts-edges", "darts", "darts", 1, "bf16"): 1812}
+ANCHORS = {("baseline", "darts", "darts-1", "fp32"): 7766, ("cached-darts-edges", "darts", "darts-1", "fp32"): 3270,
+           ("baseline", "darts", "darts-2", "fp32"): 8910, ("cached-darts-edges", "darts", "darts-1", "bf16"): 1812}
 
 
 # ------------------------------------------------------------------------------------------------ one step
@@ -81,7 +81,7 @@ def _stem(spec: str, image_size: int):
         return get_stem(spec, weights="none", image_size=image_size)
 
 
-def _profile_config(config, space, algo, order, batch, precision, seed, stem, image_size, num_classes, layers,
+def _profile_config(config, space, variant, batch, precision, seed, stem, image_size, num_classes, layers,
                     channels, recompute=None):
     """(resolved SearchConfig, data info, frozen stem or None, the step's input shape) of a configuration."""
     if config not in CONFIGS:
@@ -93,7 +93,8 @@ def _profile_config(config, space, algo, order, batch, precision, seed, stem, im
     feat = (3, CLASSIC_SIZE, CLASSIC_SIZE) if baseline else tuple(frozen.output_shape)
     info = dict(in_channels=feat[0], resolution=min(feat[1:]), shape=list(feat), num_classes=num_classes)
     kw = dict(stem="none", dataset="profile") if baseline else dict(stem="features", features="profile")
-    cfg = resolve_config(SearchConfig(space=space, algo=algo, order=order, batch_size=batch, device="cpu",
+    algo, options = resolve_variant(variant)
+    cfg = resolve_config(SearchConfig(space=space, algo=algo, options=options, batch_size=batch, device="cpu",
                                       kernels="triton" if config == "cached-fused" else "torch", seed=seed,
                                       progress=False, layers=layers, channels=channels,
                                       recompute="none" if config in AS_AUTHORS
@@ -102,12 +103,14 @@ def _profile_config(config, space, algo, order, batch, precision, seed, stem, im
     return cfg, info, frozen, feat
 
 
-def profile_step(config: str = "cached", space: str = "darts", algo: str = "darts", order: int = 1,
+def profile_step(config: str = "cached", space: str = "darts", variant: str = "darts-1",
                  batch: int = 64, *, precision: str = "fp32", fake: bool = True, seed: int = 0,
                  stem: str = DEFAULT_STEM, image_size: int = DEFAULT_IMAGE_SIZE, raw_shape=(1, 28, 28),
                  num_classes: int = 10, layers: int | None = None, channels: int | None = None,
                  darts_edges: bool | None = None, recompute: str | None = None) -> dict:
-    """Profile one ``SearchRun.search_step`` of ``config`` (see the module docstring) at ``batch``; a row dict.
+    """Profile one ``SearchRun.search_step`` of ``config`` (see the module docstring) for the algorithm
+    ``variant`` (a label of ``ktnas.engine.algorithms.algorithm_variants``, or an algorithm's name) at ``batch``;
+    a row dict.
 
     ``fake``: on fake tensors (nothing computed; False: on real CPU tensors, to check the instruments). ``stem`` /
     ``image_size`` / ``raw_shape``: the frozen stem whose features the KT-NAS configurations take, and the raw
@@ -117,7 +120,7 @@ def profile_step(config: str = "cached", space: str = "darts", algo: str = "dart
     (the baseline does, KT-NAS does not); True on KT-NAS: DARTS' own code on the cached input (the H100 anchor).
     ``recompute``: ``ktnas search --recompute`` of the KT-NAS configurations (default: search's, edge); the
     baseline and cached-darts-edges compute as DARTS' own code, recomputing nothing."""
-    cfg, info, frozen, feat = _profile_config(config, space, algo, order, batch, precision, seed, stem, image_size,
+    cfg, info, frozen, feat = _profile_config(config, space, variant, batch, precision, seed, stem, image_size,
                                               num_classes, layers, channels, recompute)
     baseline, fused = config == "baseline", config == "cached-fused"
     darts_edges = True if config == "cached-darts-edges" else darts_edges
@@ -130,7 +133,8 @@ def profile_step(config: str = "cached", space: str = "darts", algo: str = "dart
     fused_flops = sum(v for op, v in tracker.flops.items() if "ktnas" in op)  # the fused op's own formula
     triton_launches = sum(v["launches"] for v in triton_counts.values())
     triton_bytes = sum(v["bytes"] for v in triton_counts.values())
-    row = dict(config=config, space=space, algo=algo, order=order, batch=batch, precision=precision,
+    row = dict(config=config, space=space, variant=variant, algo=cfg.algo, options=cfg.options, batch=batch,
+               precision=precision,
                recompute=cfg.recompute,
                kernels="triton" if fused else "torch", fake=fake,
                darts_edges=baseline if darts_edges is None else darts_edges, params=count_parameters(run.model),
@@ -167,8 +171,9 @@ def bench_step(*, quick: bool = False, algos=None, spaces=None, configs=None, ba
     the same space, algorithm and batch. A configuration that cannot be profiled here is a row with its reason."""
 
     mode = QUICK if quick else FULL
-    algos = names(algos or mode["algos"], tuple(ALGOS), "--algos")
-    spaces = names(spaces or mode["spaces"], SPACES, "--spaces")
+    variants = tuple(algorithm_variants())
+    algos = names(algos or mode["algos"] or variants, variants, "--algos")
+    spaces = names(spaces or mode["spaces"] or tuple(SPACES), tuple(SPACES), "--spaces")
     configs = names(configs or CONFIGS, CONFIGS, "--configs")
     batch_size = mode["batch_size"] if batch_size is None else batch_size
     if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
@@ -178,13 +183,13 @@ def bench_step(*, quick: bool = False, algos=None, spaces=None, configs=None, ba
     rows = []
     for space in spaces:
         for a in algos:
-            algo, order = ALGOS[a]
-            batch = batch_size or ALGORITHMS[algo].defaults["batch_size"]
+            batch = batch_size or ALGORITHMS[resolve_variant(a)[0]].defaults["batch_size"]
             for config in configs:
                 print(f"ktnas bench step: {space} {a} batch {batch}: {config} ...", file=sys.stderr)
-                head = dict(config=config, space=space, algo=algo, order=order, batch=batch, precision=precision)
+                head = dict(config=config, space=space, variant=a, algo=resolve_variant(a)[0], batch=batch,
+                            precision=precision)
                 try:
-                    r = profile_step(config, space, algo, order, batch, precision=precision, fake=fake, seed=seed,
+                    r = profile_step(config, space, a, batch, precision=precision, fake=fake, seed=seed,
                                      stem=stem, image_size=image_size, recompute=recompute)
                     r.update(predict(r, gpu))
                     r["skipped"] = None
@@ -199,7 +204,7 @@ def bench_step(*, quick: bool = False, algos=None, spaces=None, configs=None, ba
 
 def _add_ratios(rows) -> None:
     def key(r):
-        return r["space"], r["algo"], r["order"], r["batch"], r["precision"]
+        return r["space"], r["variant"], r["batch"], r["precision"]
 
     base = {key(r): r for r in rows if r["config"] == "baseline" and r.get("skipped") is None}
     for r in rows:
@@ -208,7 +213,7 @@ def _add_ratios(rows) -> None:
         r["mem_ratio"] = r["peak_bytes"] / b["peak_bytes"] if ok else None
         r["launch_ratio"] = r["launches"] / b["launches"] if ok else None
         r["speedup_predicted"] = b["predicted_ms"] / r["predicted_ms"] if ok else None
-        anchor = ANCHORS.get((r["config"], r["space"], r["algo"], r["order"], r["precision"]))
+        anchor = ANCHORS.get((r["config"], r["space"], r["variant"], r["precision"]))
         if anchor is not None and r.get("skipped") is None and r["batch"] == 64:
             r["anchor_mib"] = anchor
             r["anchor_diff"] = r["peak_bytes"] / 2**20 / anchor - 1
@@ -242,10 +247,6 @@ def _x(v) -> str:
     return "-" if v is None else f"{v:.2f}x"
 
 
-def _algo_label(r) -> str:
-    return f"darts ({'2nd' if r['order'] == 2 else '1st'})" if r["algo"] == "darts" else r["algo"]
-
-
 def _anchor(r) -> str:
     if r.get("anchor_mib") is None:
         return ""
@@ -256,7 +257,7 @@ def _cell(key, fmt):
     return lambda r: "-" if r.get("skipped") is not None else fmt(r[key])
 
 
-COLUMNS = [Column("space", "space"), Column(None, "algo", _algo_label), Column("batch", "batch"),
+COLUMNS = [Column("space", "space"), Column("variant", "algo"), Column("batch", "batch"),
            Column("config", "config"), Column("precision", "precision"), Column("recompute", "recompute"),
            Column(None, "peak MiB (exact)", _cell("peak_bytes", _mib)),
            Column(None, "saved for bwd MiB (exact)", _cell("saved_bytes", _mib)),
@@ -275,7 +276,7 @@ COLUMNS = [Column("space", "space"), Column(None, "algo", _algo_label), Column("
 def _chart(axes, rows) -> None:
     """Left: peak memory; right: kernel launches; bars per configuration grouped by (space, algorithm)."""
     rows = [r for r in rows if r.get("skipped") is None]
-    groups = list(dict.fromkeys((r["space"], _algo_label(r), r["batch"]) for r in rows))
+    groups = list(dict.fromkeys((r["space"], r["variant"], r["batch"]) for r in rows))
     kinds = list(dict.fromkeys(r["config"] for r in rows))
     colors = {"baseline": "tab:gray", "stem-on-the-fly": "tab:orange", "cached": "tab:blue",
               "cached-darts-edges": "tab:cyan", "cached-fused": "tab:green"}
@@ -286,7 +287,7 @@ def _chart(axes, rows) -> None:
             xs, hs = [], []
             for g, grp in enumerate(groups):
                 for r in rows:
-                    if (r["space"], _algo_label(r), r["batch"]) == grp and r["config"] == kind:
+                    if (r["space"], r["variant"], r["batch"]) == grp and r["config"] == kind:
                         xs.append(g + (k - (len(kinds) - 1) / 2) * width)
                         hs.append(r[key] / scale)
             ax.bar(xs, hs, width, color=colors.get(kind, "tab:purple"), label=kind)
@@ -301,8 +302,9 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true",
                    help=f"a check that everything runs: --algos {','.join(QUICK['algos'])} --spaces "
                         f"{','.join(QUICK['spaces'])} --batch-size {QUICK['batch_size']} unless given")
-    p.add_argument("--algos", default=None, help=f"comma-separated subset of {','.join(ALGOS)} (default: all)")
-    p.add_argument("--spaces", default=None, help="comma-separated subset of darts,nb201 (default: both)")
+    p.add_argument("--algos", default=None, help=f"comma-separated subset of {','.join(algorithm_variants())} "
+                                                 "(default: all)")
+    p.add_argument("--spaces", default=None, help="comma-separated subset of the registered spaces (default: all)")
     p.add_argument("--configs", default=None, help=f"comma-separated subset of {','.join(CONFIGS)} (default: all)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="one batch for every algorithm (default: the papers': darts 64, pcdarts 256, gdas 64)")

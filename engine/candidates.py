@@ -22,9 +22,6 @@ from .predictor import TAG_INIT, derive_seed
 from .spaces import genotype_str, get_space
 from .train import TrainConfig, make_optimizer, run_epoch, stem_batches, stem_images, stem_of_store
 
-# the proxy network's paper-style size when --layers/--channels are not given: NB201 2 cells per stage (3 stages
-# and 2 ResNet blocks: 8 positions), DARTS 8 cells; C=16; the stem replaces the cells above its resolution
-PROXY = {"nb201": (8, 16), "darts": (8, 16)}
 
 
 class CandidateTrainer:
@@ -43,8 +40,9 @@ class CandidateTrainer:
         images = classic_images(store, n, cfg.data_root) if classic else None
         C, H, W = (int(v) for v in (images[0].shape[1:] if classic else sp.shape[2:]))
         self.shape = (C, H, W)
-        layout = resolve_layout(get_space(cfg.space), None if classic else H, "eval", layers=cfg.layers,
-                                channels=cfg.channels, reference=PROXY[cfg.space])
+        space = get_space(cfg.space)  # its proxy network's size when --layers/--channels are not given
+        layout = resolve_layout(space, None if classic else H, "eval", layers=cfg.layers,
+                                channels=cfg.channels, reference=space.proxy)
         self.network_config = dict(num_classes=int(attrs["num_classes"]), **layout.as_dict(),
                                    in_channels=None if classic else C, in_size=None if classic else H)
         source = ("images, classic conv stem" if classic else

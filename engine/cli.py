@@ -144,9 +144,10 @@ def register_store_commands(sub) -> None:
     s.set_defaults(func=cmd_inspect)
 
 
-def register_engine_commands(sub) -> None:
+def register_engine_commands(sub, argv=None) -> None:
     """Add ``search``, ``train``, ``evaluate``, ``evolve``, ``genotype``, ``predict``, ``export`` and ``doctor`` to
-    the ``ktnas`` subparsers ``sub``."""
+    the ``ktnas`` subparsers ``sub``; ``argv``: the command line (default ``sys.argv[1:]``), whose ``--algo``
+    decides which algorithm's options ``search`` shows."""
     from ktnas.engine.doctor import add_doctor_parser
     from ktnas.engine.evolve import add_evolve_parser
     from ktnas.engine.export import add_export_parser
@@ -155,7 +156,7 @@ def register_engine_commands(sub) -> None:
     from ktnas.engine.search import add_search_parser
     from ktnas.engine.train import add_evaluate_parser, add_train_parser
 
-    add_search_parser(sub)
+    add_search_parser(sub, argv)
     add_train_parser(sub)
     add_evaluate_parser(sub)
     add_evolve_parser(sub)
@@ -180,12 +181,17 @@ def register_plugin_commands(sub) -> None:
                   file=sys.stderr)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv=None) -> argparse.ArgumentParser:
+    """The ``ktnas`` parser for the command line ``argv`` (default ``sys.argv[1:]``), after loading the plug-ins
+    (``ktnas.engine.plugins``), whose spaces and algorithms it offers."""
+    from ktnas.engine.plugins import load_plugins
+
+    load_plugins()
     p = argparse.ArgumentParser(prog="ktnas", description="Fast, memory-lean NAS by knowledge transfer from frozen "
                                                           "pretrained stems.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_store_commands(sub)
-    register_engine_commands(sub)
+    register_engine_commands(sub, argv)
     register_plugin_commands(sub)
     return p
 
@@ -203,7 +209,12 @@ def one_line_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser(argv)
+    except KtnasError as e:  # a plug-in that cannot be loaded
+        print(f"ktnas: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     fmt = warnings.formatwarning
     with warnings.catch_warnings():
         warnings.simplefilter("always")

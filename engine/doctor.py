@@ -88,7 +88,9 @@ def kernel_cases(full: bool) -> list[dict]:
     op (``full``), or at small shapes (batch 2, 8 channels, at most 6x6) the full op, PC-DARTS and GDAS for one
     pool and one conv op (the interpreter's budget)."""
     cases = []
-    for space in ("darts", "nb201"):
+    from .spaces import SPACES
+
+    for space in SPACES:
         for shape, stride, ops, pool_bn in edge_shapes(space):
             if not full:
                 shape = (2, 8, min(shape[2], 6), min(shape[3], 6))
@@ -232,10 +234,10 @@ def memory(device: torch.device, precision: str) -> tuple:
     gen, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
     x = torch.randn(cfg.batch_size, *DEFAULT_FEATURES["shape"], device=device)
     y = torch.randint(0, 10, (cfg.batch_size,), device=device)
-    run.search_step(cfg.warmup, x, y, x, y, gen, rng)
+    run.search_step(run.arch_start, x, y, x, y, gen, rng)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    run.search_step(cfg.warmup, x, y, x, y, gen, rng)
+    run.search_step(run.arch_start, x, y, x, y, gen, rng)
     torch.cuda.synchronize(device)
     measured = torch.cuda.max_memory_allocated(device)
     err = predicted / measured - 1

@@ -17,7 +17,7 @@ import datetime
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +26,8 @@ import torch
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.runtime import DEFAULT_OUT, resolve_device
 
-from .candidates import PROXY, CandidateTrainer
-from .flags import add_config_arguments, check_positive, config_from_args
+from .candidates import CandidateTrainer
+from .flags import add_config_arguments, check_positive, config_from_args, option
 from .predictor import (ArchPredictor, arch_graph, fit_ranker, heldout_tau, kendall_tau, predict_scores,
                         pretrain_predictor)
 from .predictor_dcl import PREDICTORS, predictor_method
@@ -36,8 +36,7 @@ from .runs import RunDir, atomic_write, progress, set_rng_state
 from .spaces import SPACES, get_space, space_of
 
 __all__ = ["EvolveConfig", "evolve", "mutate", "arch_graph", "ArchPredictor", "pretrain_predictor", "fit_ranker",
-           "predict_scores", "heldout_tau", "kendall_tau", "CandidateTrainer", "plot_accuracy", "add_evolve_parser",
-           "PROXY"]
+           "predict_scores", "heldout_tau", "kendall_tau", "CandidateTrainer", "plot_accuracy", "add_evolve_parser"]
 
 ALGOS = tuple(PROPOSERS)
 NOT_COMPARED = ("stop_after", "device", "workers", "cycles")  # a resumed run may change these (a larger --cycles
@@ -49,57 +48,54 @@ def mutate(genotype, rng: np.random.Generator):
     return space_of(genotype).mutate(genotype, rng)
 
 
-def _h(help: str, **kw):
-    return dict(metadata=dict(help=help, **kw))
-
 
 @dataclass
 class EvolveConfig:
-    """Everything ``ktnas evolve`` takes. ``layers``/``channels`` None: the proxy network (``PROXY``: NB201 2
-    cells per stage, DARTS 8 cells, C=16, minus what the stem replaces); ``parallel`` None: 1 on the CPU, 8 on
+    """Everything ``ktnas evolve`` takes. ``layers``/``channels`` None: the space's proxy network (its ``proxy``:
+    NB201 2 cells per stage, DARTS 8 cells, C=16, minus what the stem replaces); ``parallel`` None: 1 on the CPU, 8 on
     CUDA (a resumed run keeps its own)."""
 
-    features: str = field(default=DEFAULT_OUT, **_h("feature store"))
-    out: str = field(default="runs/evolve", **_h("run directory", required=True))
-    space: str = field(default="nb201", **_h("search space", choices=tuple(SPACES)))
-    algo: str = field(default="rea", **_h("proposer", choices=ALGOS))
-    population: int = field(default=20, **_h("P: initial random candidates and the aging population's size"))
-    sample: int = field(default=5, **_h("S: tournament size"))
-    cycles: int = field(default=80, **_h("candidates trained after the initial population; budget P + N"))
+    features: str = option(DEFAULT_OUT, "feature store")
+    out: str = option("runs/evolve", "run directory", required=True)
+    space: str = option("nb201", "search space (a registered one)")
+    algo: str = option("rea", "proposer", choices=ALGOS)
+    population: int = option(20, "P: initial random candidates and the aging population's size")
+    sample: int = option(5, "S: tournament size")
+    cycles: int = option(80, "candidates trained after the initial population; budget P + N")
     epochs_per_candidate: int = 1
     batch_size: int = 128
-    lr: float = field(default=0.1, **_h("cosine to 0 over a candidate's steps"))
+    lr: float = option(0.1, "cosine to 0 over a candidate's steps")
     momentum: float = 0.9
     weight_decay: float = 5e-4
     grad_clip: float = 5.0
-    layers: int | None = field(default=None, **_h("candidate size: cells built (NB201: ResNet blocks included); "
-                                                  "default: the proxy network minus what the stem replaces"))
-    channels: int | None = field(default=None, **_h("candidate size: width of the first cells"))
-    train_portion: float = field(default=0.5, **_h("of the train split for candidate training, the rest validates"))
-    limit: int | None = field(default=None, **_h("first N samples of the train split only"))
-    parallel: int | None = field(default=None, **_h("candidates trained at once in lock-step (default: 1 on CPU, "
-                                                    "8 on CUDA); the predictor trains this many per cycle"))
-    pool: int = field(default=100, **_h("predictor: children ranked per cycle"))
-    pretrain_archs: int = field(default=4096, **_h("predictor: sampled architectures of the unsupervised "
-                                                   "pre-training"))
+    layers: int | None = option(None, "candidate size: cells built (NB201: ResNet blocks included); "
+                                                  "default: the proxy network minus what the stem replaces")
+    channels: int | None = option(None, "candidate size: width of the first cells")
+    train_portion: float = option(0.5, "of the train split for candidate training, the rest validates")
+    limit: int | None = option(None, "first N samples of the train split only")
+    parallel: int | None = option(None, "candidates trained at once in lock-step (default: 1 on CPU, "
+                                                    "8 on CUDA); the predictor trains this many per cycle")
+    pool: int = option(100, "predictor: children ranked per cycle")
+    pretrain_archs: int = option(4096, "predictor: sampled architectures of the unsupervised "
+                                                   "pre-training")
     pretrain_steps: int = 500
-    fit_steps: int = field(default=200, **_h("predictor: ranking-loss steps per fit"))
-    hidden: int = field(default=32, **_h("predictor: graph network width"))
-    predictor: str = field(default="gae", **_h("predictor: gae (masked graph autoencoder pre-training, margin "
+    fit_steps: int = option(200, "predictor: ranking-loss steps per fit")
+    hidden: int = option(32, "predictor: graph network width")
+    predictor: str = option("gae", "predictor: gae (masked graph autoencoder pre-training, margin "
                                                "ranking loss) | dcl (DCL-ENAS: contrastive pre-training, "
-                                               "contrastive ranking fine-tuning)", choices=PREDICTORS))
-    cv_folds: int = field(default=5, **_h("predictor: folds of the held-out Kendall tau at the end (0: none)"))
+                                               "contrastive ranking fine-tuning)", choices=PREDICTORS)
+    cv_folds: int = option(5, "predictor: folds of the held-out Kendall tau at the end (0: none)")
     seed: int = 0
-    device: str = field(default="auto", **_h("auto | cpu | cuda"))
-    resume: bool = field(default=False, **_h("continue the run in --out (a larger --cycles extends it)"))
-    stop_after: int | None = field(default=None, **_h("stop once this many candidates are trained (continue: "
-                                                      "--resume)"))
-    on_the_fly: bool = field(default=False, **_h("train candidates on augmented images through the frozen stem "
-                                                 "instead of cached features"))
-    dataset: str | None = field(default=None, **_h("images for --on-the-fly (default: the store's data set)"))
-    data_root: str | None = field(default=None, **_h("folder with the data set's files"))
-    workers: int = field(default=2, **_h("feature reader threads"))
-    progress: bool = field(default=True, **_h("no progress bars", flag="quiet"))
+    device: str = option("auto", "auto | cpu | cuda")
+    resume: bool = option(False, "continue the run in --out (a larger --cycles extends it)")
+    stop_after: int | None = option(None, "stop once this many candidates are trained (continue: "
+                                                      "--resume)")
+    on_the_fly: bool = option(False, "train candidates on augmented images through the frozen stem "
+                                                 "instead of cached features")
+    dataset: str | None = option(None, "images for --on-the-fly (default: the store's data set)")
+    data_root: str | None = option(None, "folder with the data set's files")
+    workers: int = option(2, "feature reader threads")
+    progress: bool = option(True, "no progress bars", flag="quiet")
 
 
 def resolve_config(cfg: EvolveConfig) -> EvolveConfig:
@@ -327,6 +323,6 @@ def add_evolve_parser(subparsers):
                                              "every candidate trained on cached features",
                               description="Evolutionary and predictor-guided search on a feature store: each "
                                           "candidate network is trained for real, at the cost of its cells alone.")
-    add_config_arguments(s, EvolveConfig)
+    add_config_arguments(s, EvolveConfig, overrides=dict(space=dict(choices=tuple(SPACES))))  # those registered now
     s.set_defaults(func=cmd_evolve)
     return s

@@ -14,6 +14,8 @@ A config field documents itself through ``dataclasses.field(default=..., metadat
     a callable parsing the flag's text, replacing the one the annotation implies.
 ``exclusive``
     a group name: the flags of the fields naming the same group are mutually exclusive.
+``min``
+    the smallest value the config's own check accepts (not a flag setting; read by that check).
 
 Annotations understood: ``int``, ``float``, ``str``, ``bool`` (store_true when the default is False, store_false
 when True), ``X | None``, ``Literal[...]`` (choices), ``tuple[X, ...]`` and fixed ``tuple[X, Y]`` (comma
@@ -32,6 +34,12 @@ import types
 import typing
 
 from ktnas.cache.errors import KtnasError
+
+def option(default=None, help: str | None = None, **metadata):
+    """A config field with its flag's help and other metadata keys (module docstring): ``x: int = option(3,
+    "what x is")``. The one way every ktnas config declares a setting."""
+    return dataclasses.field(default=default, metadata=dict(metadata, **({"help": help} if help else {})))
+
 
 def flag_name(cls_or_cfg, name: str) -> str:
     """The flag (without dashes) of field ``name`` of a config dataclass (class or instance)."""
@@ -115,6 +123,7 @@ def _argument(f: dataclasses.Field, tp, spec: dict, cls_name: str) -> tuple[str,
     """The flag and the ``add_argument`` keywords of one field."""
     what = f"{cls_name}.{f.name}"
     default = spec.pop("default", _default(f))
+    spec.pop("min", None)
     kw = {k: spec.pop(k) for k in ("choices", "metavar") if spec.get(k) is not None}
     tp, _ = _strip_optional(tp)
     flag = spec.pop("flag", None)
@@ -174,6 +183,19 @@ def add_config_arguments(parser, cls, *, skip=(), overrides=None) -> dict[str, a
     return actions
 
 
+def peek_flag(argv, name: str, default=None):
+    """The value of ``--NAME X`` / ``--NAME=X`` in ``argv`` before it is parsed (the last one wins; ``default``
+    without it): what a parser whose flags depend on it (``ktnas search --algo``) needs first."""
+    flag, value = "--" + name.replace("_", "-"), default
+    argv = [str(a) for a in argv]
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
 def config_from_args(cls, args: argparse.Namespace, **extra):
     """``cls(**fields)`` from the parsed ``args`` (fields without a flag keep their default); ``extra`` wins."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
@@ -221,5 +243,5 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-__all__ = ["add_config_arguments", "config_from_args", "check_positive", "comma_tuple", "flag_name",
-           "format_bytes", "parse_size"]
+__all__ = ["option", "add_config_arguments", "config_from_args", "check_positive", "comma_tuple", "flag_name",
+           "format_bytes", "parse_size", "peek_flag"]

@@ -89,7 +89,7 @@ def trial_peak(cfg, device, info: dict, batch_size: int) -> int | None:
         run = SearchRun(dataclasses.replace(cfg, batch_size=batch_size, progress=False), device, info)
         batch = lambda: (torch.randn(batch_size, *info["shape"], device=device),
                          torch.randint(info["num_classes"], (batch_size,), device=device))
-        run.train_epoch(cfg.warmup, [batch()], [batch()])  # at epoch `warmup` the alphas train (pcdarts too)
+        run.train_epoch(run.arch_start, [batch()], [batch()])  # an epoch whose steps train the alphas too
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device))
     except torch.cuda.OutOfMemoryError:

@@ -6,6 +6,7 @@ loop: data, process group, resume, files. The README ("Search") documents the ru
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 import time
@@ -22,7 +23,8 @@ from . import distributed
 from .algorithms import ALGORITHMS, get_algorithm
 from .capture import CAPTURE, check_capture, resolve_capture
 from .data import search_data
-from .flags import add_config_arguments, check_positive, comma_tuple, config_from_args, format_bytes, parse_size
+from .flags import (add_config_arguments, check_positive, comma_tuple, config_from_args, format_bytes, option,
+                    parse_size, peek_flag)
 from .memory import choose_batch_size
 from .plots import plot_alphas
 from .runs import RunDir, peak_memory, seed_all, set_rng_state
@@ -31,64 +33,59 @@ from .spaces import SPACES, alpha_entropy, count_skips, genotype_str, get_space,
 from .supernet import RECOMPUTE, count_parameters
 
 
-def _opt(help: str, **kw):
-    return field(default=None, metadata=dict(help=help, **kw))
-
-
 @dataclass
 class SearchConfig:
     """Everything ``ktnas search`` takes. ``None`` means: the algorithm's paper default (its ``defaults``), or
-    for the layout, the paper's search network minus the cells the stem replaces (``ktnas.engine.layout``)."""
-    features: str | None = _opt("feature store (from precompute-features)")
-    out: str = field(default="runs/search", metadata=dict(help="run directory", required=True))
-    space: str = "darts"               # a registered search space (ktnas.engine.spaces.SPACES)
-    algo: str = "darts"                # a registered algorithm (ktnas.engine.algorithms.ALGORITHMS)
-    order: int = field(default=1, metadata=dict(choices=(1, 2), help="darts/pcdarts: 2 = unrolled"))
-    stem: str = field(default="features", metadata=dict(choices=("features", "none"), help=(
-        "features: the store's frozen stem (KT-NAS); none: classic conv stem on --dataset images")))
-    dataset: str | None = _opt("with --stem none: fashion-mnist, cifar10, synthetic:TRAIN/TEST, ...")
-    data_root: str | None = _opt("folder with the data set's files")
-    image_size: int = field(default=32, metadata=dict(help="--stem none, imagefolder sets only"))
-    epochs: int | None = _opt("default: 50 (gdas: 250)")
-    batch_size: int | None = _opt("per rank under torchrun; default: 64 (pcdarts: 256)")
-    lr: float | None = _opt("weight learning rate (cosine to --lr-min)")
-    lr_min: float | None = _opt("default: 0.001 (pcdarts: 0)")
-    momentum: float = 0.9
-    weight_decay: float | None = _opt("default: 3e-4 (gdas: 5e-4)")
+    for the layout, the paper's search network minus the cells the stem replaces (``ktnas.engine.layout``).
+    ``options``: the algorithm's own options by name (its ``Options`` dataclass; the missing ones take its
+    defaults), e.g. ``{"order": 2}`` for DARTS, ``{"pc_k": 2}`` for PC-DARTS."""
+    features: str | None = option(None, "feature store (from precompute-features)")
+    out: str = option("runs/search", "run directory", required=True)
+    space: str = option("darts", "search space")
+    algo: str = option("darts", "search algorithm; `ktnas search --algo NAME --help` shows its own options and "
+                                "defaults")
+    stem: str = option("features", "features: the store's frozen stem (KT-NAS); none: classic conv stem on "
+                                   "--dataset images", choices=("features", "none"))
+    dataset: str | None = option(None, "with --stem none: fashion-mnist, cifar10, synthetic:TRAIN/TEST, ...")
+    data_root: str | None = option(None, "folder with the data set's files")
+    image_size: int = option(32, "--stem none, imagefolder sets only")
+    epochs: int | None = option(None, "search epochs")
+    batch_size: int | None = option(None, "batch size (per rank under torchrun)")
+    lr: float | None = option(None, "weight learning rate (cosine to --lr-min)")
+    lr_min: float | None = option(None, "final weight learning rate")
+    momentum: float = option(0.9, "SGD momentum of the weights")
+    weight_decay: float | None = option(None, "weight decay of the weights")
     nesterov: bool | None = None
-    grad_clip: float = 5.0
-    arch_lr: float | None = _opt("default: 3e-4 (pcdarts: 6e-4)")
-    arch_weight_decay: float = 1e-3
+    grad_clip: float = option(5.0, "gradient norm clip of the weights")
+    arch_lr: float | None = option(None, "Adam learning rate of the architecture parameters")
+    arch_weight_decay: float = option(1e-3, "Adam weight decay of the architecture parameters")
     arch_betas: tuple[float, float] = (0.5, 0.999)
-    unrolled_r: float = 1e-2
-    layers: int | None = _opt("cells the supernet is built with (NB201: its ResNet blocks included); default: the "
-                              "paper's 8 (NB201 17) minus what the stem replaces")
-    channels: int | None = _opt("width of the first cells (default: 16, doubled per stage the stem replaces)")
-    reductions: tuple[int, ...] | None = _opt("comma-separated reduction positions among --layers ('' for none)")
-    train_portion: float = 0.5
-    seed: int = 0
-    device: str = field(default="auto", metadata=dict(help="auto | cpu | cuda"))
-    precision: str = field(default="fp32", metadata=dict(choices=("fp32", "bf16")))
-    kernels: str = field(default="auto", metadata=dict(choices=("auto", "triton", "torch")))
-    recompute: str = field(default="auto", metadata=dict(choices=("auto", "none", "edge", "cell"), help=(
-        "what backward recomputes instead of keeping: edge (each mixed edge keeps only its input), cell, none; "
-        "auto: edge for the KT-NAS supernet on CUDA, none on the CPU and for --stem none (classic DARTS)")))
-    capture: str = field(default="auto", metadata=dict(choices=CAPTURE, help=(
-        "how the step runs: graph (one CUDA graph per step, CUDA), compile (torch.compile, any device), none "
-        "(eager); auto: graph on one CUDA device where the algorithm allows, else none")))
-    compile_backend: str = field(default="inductor", metadata=dict(help=(
-        "with --capture compile: torch.compile's backend (inductor; aot_eager compiles fast and fuses nothing)")))
-    resume: bool = field(default=False, metadata=dict(help="continue the run in --out"))
-    limit: int | None = _opt("first N samples of the train split only")
-    pc_k: int = field(default=4, metadata=dict(help="pcdarts: 1/K of the channels enter the mixed op"))
-    warmup: int | None = _opt("pcdarts: epochs before the alphas train (default floor(0.3 E))")
-    tau_max: float = 10.0
-    tau_min: float = 0.1
-    candidates: int = field(default=100, metadata=dict(help="random: genotypes evaluated at the end"))
-    max_memory: int | str | None = _opt("the largest batch size up to --batch-size whose search step peaks within "
-                                        "SIZE (e.g. 2GiB, 1500MiB, 8GB, bytes), by the step profile (CUDA: "
-                                        "confirmed by a trial step)", metavar="SIZE", type=str)
-    progress: bool = field(default=True, metadata=dict(flag="quiet", help="no progress bars"))
+    layers: int | None = option(None, "cells the supernet is built with (NB201: its ResNet blocks included); "
+                                      "default: the paper's 8 (NB201 17) minus what the stem replaces")
+    channels: int | None = option(None, "width of the first cells (default: 16, doubled per stage the stem replaces)")
+    reductions: tuple[int, ...] | None = option(None, "comma-separated reduction positions among --layers ('' for "
+                                                      "none)")
+    train_portion: float = option(0.5, "share of the train split that trains the weights; the rest trains the "
+                                       "architecture")
+    seed: int = option(0, "seed of the initialisation, the split and the batch order")
+    device: str = option("auto", "auto | cpu | cuda")
+    precision: str = option("fp32", choices=("fp32", "bf16"))
+    kernels: str = option("auto", choices=("auto", "triton", "torch"))
+    recompute: str = option("auto", "what backward recomputes instead of keeping: edge (each mixed edge keeps only "
+                                    "its input), cell, none; auto: edge for the KT-NAS supernet on CUDA, none on the "
+                                    "CPU and for --stem none (classic DARTS)", choices=("auto", "none", "edge", "cell"))
+    capture: str = option("auto", "how the step runs: graph (one CUDA graph per step, CUDA), compile (torch.compile, "
+                                  "any device), none (eager); auto: graph on one CUDA device where the algorithm "
+                                  "allows, else none", choices=CAPTURE)
+    compile_backend: str = option("inductor", "with --capture compile: torch.compile's backend (inductor; aot_eager "
+                                              "compiles fast and fuses nothing)")
+    resume: bool = option(False, "continue the run in --out")
+    limit: int | None = option(None, "first N samples of the train split only")
+    max_memory: int | str | None = option(None, "the largest batch size up to --batch-size whose search step peaks "
+                                                "within SIZE (e.g. 2GiB, 1500MiB, 8GB, bytes), by the step profile "
+                                                "(CUDA: confirmed by a trial step)", metavar="SIZE", type=str)
+    progress: bool = option(True, "no progress bars", flag="quiet")
+    options: dict = field(default_factory=dict)
 
 
 # a resumed run may change these (how the step runs, not what it computes: recompute and capture give the same
@@ -102,9 +99,7 @@ def resolve_config(cfg: SearchConfig) -> SearchConfig:
     cfg = dataclasses.replace(cfg)
     get_space(cfg.space)
     algo = get_algorithm(cfg.algo)
-    if cfg.order not in algo.orders:
-        raise KtnasError(f"--order {cfg.order} with --algo {cfg.algo}: order 2 exists for "
-                         f"{' and '.join(n for n, a in ALGORITHMS.items() if 2 in a.orders)} only")
+    opts = algo.options(cfg.options)
     if cfg.stem not in ("features", "none"):
         raise KtnasError(f"unknown --stem {cfg.stem!r}: use 'features' (a store's cached features) or 'none'")
     if cfg.stem == "features" and not cfg.features:
@@ -116,8 +111,9 @@ def resolve_config(cfg: SearchConfig) -> SearchConfig:
     for k, v in algo.defaults.items():
         if getattr(cfg, k) is None:
             setattr(cfg, k, v)
-    algo.resolve(cfg)
-    check_positive(cfg, ("epochs", "batch_size", "candidates", "pc_k"))
+    check_positive(cfg, ("epochs", "batch_size"))
+    algo.resolve(cfg, opts)
+    cfg.options = dataclasses.asdict(opts)
     if cfg.limit is not None and cfg.limit < 2:
         raise KtnasError("--limit must be at least 2 (one search-train and one search-validation sample)")
     if not 0 < cfg.train_portion < 1:
@@ -291,9 +287,18 @@ def kernels_record(dispatched: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
+OPTION_DEST = "algo_option."  # the parsed namespace's prefix of the algorithm's own options
+
+
 def cmd_search(args) -> int:
-    """``ktnas search``: the flags as a SearchConfig, then :func:`search`."""
-    s = search(config_from_args(SearchConfig, args))
+    """``ktnas search``: the flags as a SearchConfig (the algorithm's own ones as its ``options``), then
+    :func:`search`."""
+    given = {k[len(OPTION_DEST):]: v for k, v in vars(args).items() if k.startswith(OPTION_DEST)}
+    algo = get_algorithm(args.algo)
+    stray = [k for k, v in given.items() if v is not None and k not in algo.Options.__dataclass_fields__]
+    algo.options({stray[0]: None} if stray else {})  # a flag of another algorithm: its one-line refusal
+    own = {k: v for k, v in given.items() if v is not None and k in algo.Options.__dataclass_fields__}
+    s = search(config_from_args(SearchConfig, args, options=own))
     last = s["last"] or {}
     if s["rank"] == 0:
         print(f"{s['out']}: {s['epochs']} epochs, val acc {last.get('val_acc', float('nan')):.4f}, "
@@ -301,12 +306,36 @@ def cmd_search(args) -> int:
     return 0
 
 
-def add_search_parser(subparsers) -> None:
-    """Add the ``search`` subcommand (``func=cmd_search``) to an argparse subparsers object."""
+def _option_help(f: dataclasses.Field) -> str:
+    """An algorithm option's help with its default (the flag's own default is None: "not given")."""
+    text = f.metadata.get("help", "")
+    if "default" in text or f.default is None or f.default is dataclasses.MISSING:
+        return text
+    return f"{text} (default: {f.default})"
+
+
+def add_search_parser(subparsers, argv=None) -> None:
+    """Add the ``search`` subcommand (``func=cmd_search``) to an argparse subparsers object. The algorithm named
+    by ``--algo`` in ``argv`` (default: the command line; else DARTS) shows its own options and its paper's
+    defaults in the help; the other algorithms' options are refused in one line."""
+    named = peek_flag(sys.argv[1:] if argv is None else argv, "algo", SearchConfig.algo)
+    algo = ALGORITHMS.get(named, ALGORITHMS[SearchConfig.algo])  # an unknown name: --algo's choices refuse it
     s = subparsers.add_parser("search", help="architecture search on a feature store (or raw images: --stem none)",
-                              description="Search a DARTS / NAS-Bench-201 cell on cached stem features. Unset "
-                                          "hyper-parameters take the algorithm's paper defaults.")
-    add_config_arguments(s, SearchConfig, skip=("arch_betas", "unrolled_r", "nesterov", "image_size"),
-                         overrides=dict(reductions=dict(type=comma_tuple(int)), space=dict(choices=tuple(SPACES)),
+                              description="Search a cell on cached stem features. Unset hyper-parameters take the "
+                                          f"algorithm's paper defaults; shown: --algo {algo.name}'s.")
+    paper = {f.name: dict(help=f"{f.metadata['help']} (default for {algo.name}: {algo.defaults[f.name]})")
+             for f in dataclasses.fields(SearchConfig) if f.name in algo.defaults and "help" in f.metadata}
+    add_config_arguments(s, SearchConfig, skip=("arch_betas", "nesterov", "image_size", "options"),
+                         overrides=dict(paper, reductions=dict(type=comma_tuple(int)),
+                                        space=dict(choices=tuple(SPACES)),
                                         algo=dict(choices=tuple(ALGORITHMS))))  # those registered by now
+    own = s.add_argument_group(f"options of --algo {algo.name}")
+    shown = {f.name: dict(dest=OPTION_DEST + f.name, default=None, help=_option_help(f),
+                          metavar=None if "choices" in f.metadata else f.name.upper())
+             for f in dataclasses.fields(algo.Options)}
+    add_config_arguments(own, algo.Options, overrides=shown)
+    for name in sorted({f.name for a in ALGORITHMS.values() for f in dataclasses.fields(a.Options)}
+                       - set(algo.Options.__dataclass_fields__)):
+        s.add_argument("--" + name.replace("_", "-"), dest=OPTION_DEST + name, default=None, nargs="?",
+                       const=True, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_search)

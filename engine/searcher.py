@@ -78,8 +78,9 @@ class SearchRun:
         self.criterion = nn.CrossEntropyLoss()
         self.amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
         self.foreach = None
-        self.capture = resolve_capture(getattr(cfg, "capture", "none"), algo, device, 2 if ddp else 1)
-        self.net = (compile_network(self.model, getattr(cfg, "compile_backend", "inductor"))
+        self.arch_start = algo.arch_start(cfg)  # the first epoch whose steps train the architecture
+        self.capture = resolve_capture(cfg.capture, algo, device, 2 if ddp else 1)
+        self.net = (compile_network(self.model, cfg.compile_backend)
                     if self.capture == "compile" else self.model)
         self.fixed_arch = self.capture != "none"
         self.capture_failed: str | None = None  # why the graph could not be captured (the search goes on eagerly)

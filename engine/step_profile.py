@@ -190,7 +190,7 @@ def profile_search_step(cfg, info: dict, batch: int, *, fake: bool = True, seed:
             run, saved, amp = profiled_run(cfg, info, fake, seed, darts_edges, precision)
             if frozen is not None:
                 tracker.track(*frozen.parameters(), *frozen.buffers())
-            step = step_fn(run, frozen, precision, seed, cfg.warmup)
+            step = step_fn(run, frozen, precision, seed, run.arch_start)
             with gdas_patch(cfg.algo, fake, tracker):
                 steady_state(run)  # as after earlier steps: optimiser state and gradients in place
                 batch_in = step_inputs(frozen is not None, batch, feat, raw_shape, info["num_classes"])

@@ -14,7 +14,7 @@ import contextlib
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from ktnas.cache.stream import FeatureLoader
 from . import runs
 from .data import ImageBatches
 from .evaluate import add_evaluate_parser, evaluate
-from .flags import add_config_arguments, check_positive, config_from_args
+from .flags import add_config_arguments, check_positive, config_from_args, option
 from .network import build_network, load_model, network_config, save_model
 from .runs import RunDir, atomic_write, progress, set_rng_state
 from .genotypes import parse_genotype
@@ -40,43 +40,40 @@ __all__ = ["TrainConfig", "train", "evaluate", "load_model", "stem_of_store", "s
            "make_optimizer", "train_step", "run_epoch", "add_train_parser", "add_evaluate_parser"]
 
 
-def _h(help: str, **kw):
-    return dict(metadata=dict(help=help, **kw))
-
 
 @dataclass
 class TrainConfig:
     """Everything ``ktnas train`` takes; defaults are DARTS' evaluation recipe."""
 
-    features: str = field(default=DEFAULT_OUT, **_h("feature store"))
-    genotype: str = field(default="", **_h("genotype.json, DARTS Genotype(...) text or FILE[:NAME], or an NB201 "
-                                           "architecture string", required=True))
-    out: str = field(default="runs/train", **_h("run directory (config, metrics, checkpoint, curves, model.pt)",
-                                                 required=True))
-    layers: int | None = field(default=None, **_h(
+    features: str = option(DEFAULT_OUT, "feature store")
+    genotype: str = option("", "genotype.json, DARTS Genotype(...) text or FILE[:NAME], or an NB201 "
+                                           "architecture string", required=True)
+    out: str = option("runs/train", "run directory (config, metrics, checkpoint, curves, model.pt)",
+                                                 required=True)
+    layers: int | None = option(None,
         "cells the network is built with (NB201: its ResNet blocks included); default: the paper's (DARTS 20, NB201 "
-        "17) minus the cells the stem replaces"))
-    channels: int | None = field(default=None, **_h(
-        "width of the first cells (default: DARTS 36, NB201 16, doubled per stage the stem replaces)"))
+        "17) minus the cells the stem replaces")
+    channels: int | None = option(None,
+        "width of the first cells (default: DARTS 36, NB201 16, doubled per stage the stem replaces)")
     epochs: int = 600
     batch_size: int = 96
-    lr: float = field(default=0.025, **_h("initial lr, cosine to 0"))
+    lr: float = option(0.025, "initial lr, cosine to 0")
     momentum: float = 0.9
     weight_decay: float = 3e-4
-    auxiliary: bool = field(default=False, **_h("auxiliary head after the last reduction cell (DARTS)"))
+    auxiliary: bool = option(False, "auxiliary head after the last reduction cell (DARTS)")
     auxiliary_weight: float = 0.4
-    drop_path: float = field(default=0.2, **_h("final drop path prob"))
+    drop_path: float = option(0.2, "final drop path prob")
     grad_clip: float = 5.0
     seed: int = 0
-    resume: bool = field(default=False, **_h("continue the run in --out from its checkpoint"))
-    stop_after: int | None = field(default=None, **_h("stop after this many epochs (resume later)"))
-    device: str = field(default="auto", **_h("auto | cpu | cuda"))
-    limit: int | None = field(default=None, **_h("first N samples of each split only"))
-    on_the_fly: bool = field(default=False, **_h("run the frozen stem on augmented images each step"))
-    dataset: str | None = field(default=None, **_h("images for --on-the-fly (default: the store's data set)"))
-    data_root: str | None = field(default=None, **_h("folder with the data set's files"))
-    workers: int = field(default=2, **_h("feature reader threads"))
-    progress: bool = field(default=True, **_h("no progress bars", flag="quiet"))
+    resume: bool = option(False, "continue the run in --out from its checkpoint")
+    stop_after: int | None = option(None, "stop after this many epochs (resume later)")
+    device: str = option("auto", "auto | cpu | cuda")
+    limit: int | None = option(None, "first N samples of each split only")
+    on_the_fly: bool = option(False, "run the frozen stem on augmented images each step")
+    dataset: str | None = option(None, "images for --on-the-fly (default: the store's data set)")
+    data_root: str | None = option(None, "folder with the data set's files")
+    workers: int = option(2, "feature reader threads")
+    progress: bool = option(True, "no progress bars", flag="quiet")
 
 
 NOT_COMPARED = ("stop_after", "device", "workers")  # a resumed run may change these (and out, resume, progress)

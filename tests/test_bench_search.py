@@ -57,7 +57,8 @@ def test_every_configuration_has_a_row(cpu_run, capsys):
     assert {r["config"] for r in rows} == set(CONFIGS) - {"cached-compiled"}  # compiled: on request
     for r in rows:
         assert set(REQUIRED) <= set(r), set(REQUIRED) - set(r)
-        assert (r["space"], r["algo"], r["order"], r["batch"], r["device"]) == ("darts", "darts", 1, 2, "cpu")
+        assert (r["space"], r["variant"], r["algo"], r["options"], r["batch"], r["device"]) == \
+            ("darts", "darts-1", "darts", {}, 2, "cpu")
     for r in measured(rows):
         check_step_ran(r, 2)
     assert [(r["config"], r["source"]) for r in measured(rows)] == list(MEASURED)
@@ -119,8 +120,8 @@ def test_algorithms_on_nb201_reuse_a_given_store(cpu_run, tmp_path):
     rows = bench_search(store, device="cpu", algos="darts-2,pcdarts,gdas", spaces="nb201",
                         configs="cached,cached-memory,cached-fused-graph", batch_size=2, warmup=0, steps=1,
                         work_dir=tmp_path, notes=notes)
-    assert [(r["algo"], r["order"], r["config"], r["source"]) for r in rows] == [
-        (a, o, c, s) for a, o in (("darts", 2), ("pcdarts", 1), ("gdas", 1))
+    assert [(r["algo"], r["options"], r["config"], r["source"]) for r in rows] == [
+        (a, o, c, s) for a, o in (("darts", {"order": 2}), ("pcdarts", {}), ("gdas", {}))
         for c, s in (("cached", "disk"), ("cached", "memory"), ("cached-fused-graph", "disk"))]
     for r in measured(rows):
         assert r["space"] == "nb201"

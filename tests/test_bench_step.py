@@ -98,13 +98,13 @@ def test_cuda_autocast_policy():
     assert conv.weight.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("config,algo,order", [("baseline", "darts", 1), ("cached", "darts", 2),
-                                               ("cached", "gdas", 1), ("stem-on-the-fly", "pcdarts", 1)])
-def test_fake_step_equals_real_step(config, algo, order):
+@pytest.mark.parametrize("config,algo", [("baseline", "darts-1"), ("cached", "darts-2"), ("cached", "gdas"),
+                                         ("stem-on-the-fly", "pcdarts")])
+def test_fake_step_equals_real_step(config, algo):
     """A step on fake tensors gives the figures of the same step computed on real ones."""
     kw = dict(precision="fp32", **TINY)
-    real = profile_step(config, "darts", algo, order, 4, fake=False, **kw)
-    fake = profile_step(config, "darts", algo, order, 4, fake=True, **kw)
+    real = profile_step(config, "darts", algo, 4, fake=False, **kw)
+    fake = profile_step(config, "darts", algo, 4, fake=True, **kw)
     exact = ("weights_bytes", "grads_bytes", "optimizer_bytes", "params")
     if algo == "gdas":  # fake tensors have no alpha values: the sample comes from the Gumbel noise alone, and where
         # the real alphas (~1e-3) tip a near-tie another op is sampled; the figures agree to that
@@ -121,8 +121,8 @@ def test_fake_step_equals_real_step(config, algo, order):
 
 
 def test_nb201_and_bf16_rows():
-    r32 = profile_step("cached", "nb201", "darts", 1, 4, **TINY)
-    r16 = profile_step("cached", "nb201", "darts", 1, 4, precision="bf16", **TINY)
+    r32 = profile_step("cached", "nb201", "darts-1", 4, **TINY)
+    r16 = profile_step("cached", "nb201", "darts-1", 4, precision="bf16", **TINY)
     assert r16["flops"] == r32["flops"] and r16["saved_bytes"] < r32["saved_bytes"]
     assert r16["compute_ms"] < r32["compute_ms"]  # bf16 tensor cores
 
@@ -146,7 +146,7 @@ def test_refusals():
 @pytest.fixture(scope="module")
 def batch64():
     """The default configurations at the papers' batch 64, first order, fp32 (fake tensors)."""
-    return {c: profile_step(c, "darts", "darts", 1, 64) for c in ("baseline", "cached", "cached-darts-edges")}
+    return {c: profile_step(c, "darts", "darts-1", 64) for c in ("baseline", "cached", "cached-darts-edges")}
 
 
 def test_anchors_h100_first_order(batch64):
@@ -161,11 +161,11 @@ def test_anchors_h100_first_order(batch64):
 
 
 def test_memory_target_default_step(batch64):
-    """Issue 12's memory target at batch 64, first order, fp32: the default KT-NAS step (each mixed edge
+    """The memory target at batch 64, first order, fp32: the default KT-NAS step (each mixed edge
     recomputed in backward) peaks at most 1/8 of classic DARTS' step, reference and fused ops alike; recomputing
     costs launches and FLOPs, bounded here (a step captured in one CUDA graph pays one launch)."""
     base, cached = batch64["baseline"], batch64["cached"]
-    fused = profile_step("cached-fused", "darts", "darts", 1, 64)
+    fused = profile_step("cached-fused", "darts", "darts-1", 64)
     assert cached["recompute"] == fused["recompute"] == "edge" and base["recompute"] == "none"
     for r in (cached, fused):
         assert r["peak_bytes"] <= base["peak_bytes"] / 8, (r["config"], r["peak_bytes"], base["peak_bytes"])
@@ -175,8 +175,8 @@ def test_memory_target_default_step(batch64):
 
 def test_memory_target_second_order():
     """Second order at batch 64: the default KT-NAS step within 1/8 of classic DARTS' and under 2 GiB."""
-    base = profile_step("baseline", "darts", "darts", 2, 64)
-    kt = profile_step("cached", "darts", "darts", 2, 64)
+    base = profile_step("baseline", "darts", "darts-2", 64)
+    kt = profile_step("cached", "darts", "darts-2", 64)
     assert kt["peak_bytes"] <= base["peak_bytes"] / 8 and kt["peak_bytes"] < 2 * 2**30, (kt["peak_bytes"],
                                                                                          base["peak_bytes"])
 
@@ -238,8 +238,8 @@ def test_fused_row_on_fake_tensors():
     """The fused op runs on fake tensors (its registered fake implementation): its Triton launches are counted by
     the op, its elementwise FLOPs kept apart, and it keeps less and launches fewer ATen kernels than the reference."""
     # nothing recomputed: the fused op's own saving (recomputed edges keep only their inputs in both)
-    ref = profile_step("cached", "darts", "darts", 1, 4, recompute="none", **TINY)
-    fused = profile_step("cached-fused", "darts", "darts", 1, 4, recompute="none", **TINY)
+    ref = profile_step("cached", "darts", "darts-1", 4, recompute="none", **TINY)
+    fused = profile_step("cached-fused", "darts", "darts-1", 4, recompute="none", **TINY)
     edges = 2 * 14  # two cells of 14 edges; one first-order step: two forwards and two backwards per edge
     assert fused["triton_launches"] >= 2 * edges * (3 + 3)
     assert fused["flops"] == ref["flops"] and fused["fused_op_flops"] > 0

@@ -26,7 +26,8 @@ BACKEND = "aot_eager"
 
 def _run(algo, capture, order=1, space="darts", recompute="edge"):
     # one reduction cell: its edges run at both strides, every op, at half the tracing of a normal + reduce pair
-    cfg = resolve_config(SearchConfig(features="unused", algo=algo, order=order, space=space, batch_size=4,
+    cfg = resolve_config(SearchConfig(features="unused", algo=algo, options=dict(order=order) if order != 1 else {},
+                                      space=space, batch_size=4,
                                       epochs=3, layers=1, channels=4, reductions=(0,), device="cpu", kernels="torch",
                                       recompute=recompute, capture=capture, compile_backend=BACKEND))
     torch.manual_seed(0)

@@ -8,7 +8,8 @@ import pytest
 
 from conftest import ktnas, one_line_error
 
-from ktnas.engine.genotypes import darts_text, format_genotype, parse_genotype
+from ktnas.engine.genotypes import format_genotype, parse_genotype
+from ktnas.engine.spaces.darts_text import darts_text
 from ktnas.engine.spaces import DartsGenotype, NB201Genotype
 
 # DARTS' cnn/genotypes.py, verbatim (its concat as range(2, 6))

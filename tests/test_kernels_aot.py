@@ -61,3 +61,13 @@ def test_aot_bad_archs(tmp_path, capsys):
     assert main(["bench", "kernels", "--aot", "--archs", "sm90", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ktnas: error: ") and "--archs" in err and "\n" not in err
+
+
+def test_the_kernels_edges_are_the_spaces_edges():
+    """kernels/ imports nothing from the engine, so it names the built-in spaces' edges itself (their ops in alpha
+    order and whether BN follows the pools): they must be the spaces' own."""
+    from ktnas.engine.spaces import SPACES
+
+    for name, (ops, pool_bn) in aot.SPACES.items():
+        assert (ops, pool_bn) == (SPACES[name].ops, SPACES[name].pool_bn), name
+    assert set(aot.SPACES) == {"darts", "nb201"} <= set(SPACES)

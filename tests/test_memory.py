@@ -26,7 +26,7 @@ def _cfg(**kw):
 def test_profile_picks_the_largest_batch_that_fits(algo, order, fractions):
     """For budgets between the profiled peaks of batches 1 and 64, the pick fits by the profile and the next
     batch does not (GDAS' one-op step is convex but not linear in the batch: the peak's moment moves)."""
-    cfg = _cfg(algo=algo, order=order)
+    cfg = _cfg(algo=algo, options=dict(order=order) if algo == "darts" else {})
     peaks = {b: M.profile_peak(cfg, INFO, b) for b in (1, 64)}
     assert peaks[64] > 4 * peaks[1]  # activations dominate at batch 64
     for budget in (peaks[1] + (peaks[64] - peaks[1]) * f for f in fractions):

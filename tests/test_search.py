@@ -21,10 +21,14 @@ def store(search_store):
     return search_store
 
 
-def cfg(store, out, **kw):
+def cfg(store, out, order=1, **kw):
+    """A tiny search's config; ``order`` 2 and random search's 4 candidates go to the algorithm's options."""
     base = dict(features=store, out=str(out), epochs=1, batch_size=16, layers=2, channels=4, reductions=(1,),
-                limit=48, candidates=4, progress=False)
-    return SearchConfig(**dict(base, **kw))
+                limit=48, progress=False)
+    kw = dict(base, **kw)
+    options = dict(kw.pop("options", {}), **({"order": order} if order != 1 else {}),
+                   **({"candidates": 4} if kw.get("algo") == "random" else {}))
+    return SearchConfig(**kw, options=options)
 
 
 def check_run(out, space, epochs):
@@ -65,17 +69,24 @@ def test_paper_defaults():
     d = resolve_config(SearchConfig(features="x"))
     assert (d.epochs, d.batch_size, d.lr, d.lr_min, d.weight_decay, d.arch_lr, d.grad_clip) == \
         (50, 64, 0.025, 0.001, 3e-4, 3e-4, 5.0)
+    assert d.options == dict(order=1, warmup=0, unrolled_r=1e-2)
     p = resolve_config(SearchConfig(features="x", algo="pcdarts"))
-    assert (p.lr, p.batch_size, p.arch_lr, p.warmup) == (0.1, 256, 6e-4, 15)
-    assert resolve_config(SearchConfig(features="x", algo="pcdarts", epochs=10)).warmup == 3
+    assert (p.lr, p.batch_size, p.arch_lr, p.options) == (0.1, 256, 6e-4, dict(warmup=15, pc_k=4))
+    assert resolve_config(SearchConfig(features="x", algo="pcdarts", epochs=10)).options["warmup"] == 3
     g = resolve_config(SearchConfig(features="x", algo="gdas"))
-    assert (g.epochs, g.weight_decay, g.nesterov, g.tau_max, g.tau_min) == (250, 5e-4, True, 10.0, 0.1)
-    with pytest.raises(KtnasError, match="order 2"):
-        resolve_config(SearchConfig(features="x", algo="gdas", order=2))
+    assert (g.epochs, g.weight_decay, g.nesterov, g.options) == (250, 5e-4, True, dict(tau_max=10.0, tau_min=0.1))
+    with pytest.raises(KtnasError, match="--order is an option of darts, not of --algo gdas"):
+        resolve_config(SearchConfig(features="x", algo="gdas", options=dict(order=2)))
+    with pytest.raises(KtnasError, match="--warmup must be 0 or more"):
+        resolve_config(SearchConfig(features="x", options=dict(warmup=-1)))
+    with pytest.raises(KtnasError, match="--pc-k must be a positive integer"):
+        resolve_config(SearchConfig(features="x", algo="pcdarts", options=dict(pc_k=0)))
+    with pytest.raises(KtnasError, match="--order 3 with --algo darts: use one of 1, 2"):
+        resolve_config(SearchConfig(features="x", options=dict(order=3)))
 
 
 def test_pcdarts_epochs_small_warmup_freezes_alphas(store, tmp_path):
-    search(cfg(store, tmp_path / "run", algo="pcdarts", warmup=1, epochs=1))
+    search(cfg(store, tmp_path / "run", algo="pcdarts", options=dict(warmup=1), epochs=1))
     with np.load(tmp_path / "run" / "alphas.npz") as z:
         a = z["normal_e000"]
     torch.manual_seed(0)  # the seeded initial alphas are unchanged while warming up

@@ -7,7 +7,8 @@ from __future__ import annotations
 from ktnas.cache.errors import KtnasError
 
 from . import darts, gdas, pcdarts, random_ws  # noqa: F401  (each registers itself)
-from .base import ALGORITHMS, Algorithm, derive, one_hot_arch, register_algorithm
+from .base import (ALGORITHMS, Algorithm, algorithm_variants, derive, one_hot_arch, register_algorithm,
+                   resolve_variant, variant_argv)
 from .darts import unrolled_arch_grad
 from .gdas import argmax_arch, gumbel_arch
 
@@ -19,5 +20,6 @@ def get_algorithm(name: str) -> type[Algorithm]:
         raise KtnasError(f"unknown --algo {name!r}: use one of {', '.join(ALGORITHMS)}") from None
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "register_algorithm", "get_algorithm", "derive", "one_hot_arch",
+__all__ = ["ALGORITHMS", "Algorithm", "algorithm_variants", "register_algorithm", "resolve_variant", "variant_argv",
+           "get_algorithm", "derive", "one_hot_arch",
            "unrolled_arch_grad", "gumbel_arch", "argmax_arch"]

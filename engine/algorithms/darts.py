@@ -1,6 +1,9 @@
 """DARTS (Liu et al. 2019): first order, and second order with DARTS' Architect (``architect.py``)."""
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import field
+
 import torch
 
 from .. import distributed
@@ -46,19 +49,42 @@ def unrolled_arch_grad(model, loss_fn, xt, yt, xv, yv, eta: float, w_opt=None, m
     return [da - eta * (gp - gn) / (2 * R) for da, gp, gn in zip(dalpha, grads_p, grads_n)]
 
 
+@dataclasses.dataclass
+class DartsOptions:
+    """DARTS' own options (train_search.py and architect.py)."""
+    order: int = field(default=1, metadata=dict(choices=(1, 2), help="1: first order; 2: the architecture "
+                                                                       "gradient at the unrolled weights"))
+    warmup: int | None = field(default=None, metadata=dict(min=0, help=(
+        "epochs whose steps train the weights only, before the architecture parameters train (default: 0)")))
+    unrolled_r: float = field(default=1e-2, metadata=dict(help=(
+        "order 2: the finite-difference step of the Hessian-vector product is R = r / ||dL_val/dw'||")))
+
+
 @register_algorithm
 class Darts(Algorithm):
     """Per step an Adam step of the alphas on a validation batch, then an SGD step of the weights on a training
     batch. ``order=2``: the alphas' gradient at the unrolled weights (:func:`unrolled_arch_grad`)."""
-    name, orders = "darts", (1, 2)
+    name = "darts"
+    Options = DartsOptions
+    variants = {"darts-1": {}, "darts-2": {"order": 2}}
+
+    @classmethod
+    def resolve(cls, cfg, opts):
+        if opts.warmup is None:
+            opts.warmup = 0
+        super().resolve(cfg, opts)
+
+    @classmethod
+    def arch_start(cls, cfg) -> int:
+        return cfg.options.get("warmup") or 0
 
     def arch_step(self, xt, yt, xv, yv, arch=None):
-        if self.cfg.order == 1:
+        if self.opts.order == 1:
             return super().arch_step(xt, yt, xv, yv, arch)
         self.a_opt.zero_grad(set_to_none=True)
         run, cfg = self.run, self.cfg
         grads = unrolled_arch_grad(self.model, lambda x, y: run.loss(x, y)[0], xt, yt, xv, yv, run.lr(), run.w_opt,
-                                   cfg.momentum, cfg.weight_decay, cfg.unrolled_r,
+                                   cfg.momentum, cfg.weight_decay, self.opts.unrolled_r,
                                    reduce=distributed.all_reduce_mean if run.ddp else None)
         for p, g in zip(self.model.arch_parameters(), grads):
             p.grad = g

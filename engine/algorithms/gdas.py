@@ -1,8 +1,13 @@
 """GDAS (Dong & Yang 2019): one op per edge, drawn by a hard Gumbel-softmax sample with a decaying temperature."""
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import field
+
 import torch
 import torch.nn.functional as F
+
+from ktnas.cache.errors import KtnasError
 
 from .base import Algorithm, register_algorithm
 
@@ -48,6 +53,13 @@ def argmax_arch(model) -> dict:
     return arch
 
 
+@dataclasses.dataclass
+class GdasOptions:
+    """GDAS' temperature schedule (NAS-Bench-201's GDAS settings)."""
+    tau_max: float = field(default=10.0, metadata=dict(help="Gumbel-softmax temperature at the first epoch"))
+    tau_min: float = field(default=0.1, metadata=dict(help="temperature at the last epoch (linear in between)"))
+
+
 @register_algorithm
 class Gdas(Algorithm):
     """Per step a Gumbel-softmax hard sample per edge, temperature tau linear from ``tau_max`` (10) at the first
@@ -56,12 +68,20 @@ class Gdas(Algorithm):
     The weights of the ops a sample leaves out get zero gradients (weight decay and momentum go on acting on
     them), eagerly and captured alike. Defaults: NAS-Bench-201's GDAS settings."""
     name = "gdas"
+    Options = GdasOptions
     defaults = dict(epochs=250, batch_size=64, lr=0.025, lr_min=0.001, weight_decay=5e-4, nesterov=True,
                     arch_lr=3e-4)
 
+    @classmethod
+    def resolve(cls, cfg, opts):
+        if not 0 < opts.tau_min <= opts.tau_max:
+            raise KtnasError(f"--tau-min and --tau-max must satisfy 0 < tau-min <= tau-max, got {opts.tau_min} and "
+                             f"{opts.tau_max}")
+        super().resolve(cfg, opts)
+
     def tau(self, epoch: int) -> float:
-        cfg = self.cfg
-        return cfg.tau_max - (cfg.tau_max - cfg.tau_min) * epoch / max(1, cfg.epochs - 1)
+        o = self.opts
+        return o.tau_max - (o.tau_max - o.tau_min) * epoch / max(1, self.cfg.epochs - 1)
 
     dense_grads = True  # as AutoDL's GDAS under PyTorch 1.x, whose zero_grad zeroed the gradients (not None)
 

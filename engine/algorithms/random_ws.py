@@ -2,7 +2,9 @@
 the best of ``candidates`` random genotypes on validation."""
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import field
 
 import numpy as np
 import torch
@@ -12,6 +14,11 @@ from ..spaces import genotype_from_json, genotype_str
 from .base import Algorithm, one_hot_arch, register_algorithm
 
 
+@dataclasses.dataclass
+class RandomOptions:
+    candidates: int = field(default=100, metadata=dict(help="random genotypes evaluated on validation at the end"))
+
+
 @register_algorithm
 class RandomWS(Algorithm):
     """Each step trains the weights under a uniformly drawn genotype (one op per chosen edge, the others 'none');
@@ -19,6 +26,7 @@ class RandomWS(Algorithm):
     the most accurate one is the result (its one-hot encoding is stored as the final alphas; earlier epochs keep
     the untrained, uniform alphas). Trains as DARTS."""
     name = "random"
+    Options = RandomOptions
     capturable = False
     capture_refusal = "random search draws a new genotype on the host every step, a step of another shape each time"
 
@@ -42,7 +50,7 @@ class RandomWS(Algorithm):
     def select(self, val):
         """Evaluate ``candidates`` random genotypes on validation, keep the best; set it as the final alphas."""
         model, rng, rows = self.model, np.random.default_rng([self.cfg.seed, 2 ** 20]), []
-        for _ in progress(range(self.cfg.candidates), desc="evaluate candidates", enabled=self.cfg.progress,
+        for _ in progress(range(self.opts.candidates), desc="evaluate candidates", enabled=self.cfg.progress,
                           leave=False):
             g = model.space.random_genotype(rng)
             arch = one_hot_arch(model, g)
@@ -51,8 +59,6 @@ class RandomWS(Algorithm):
         best = max(range(len(rows)), key=lambda i: (rows[i]["val_acc"], -rows[i]["val_loss"]))
         g = genotype_from_json(rows[best]["genotype"])
         with torch.no_grad():  # the chosen genotype as the final alphas (derive gives it back)
-            for t, (w, _) in one_hot_arch(model, g, scale=5.0).items():
-                if model.space.name == "darts":
-                    w[:, model.space.ops.index("none")] = 0
-                model.alphas()[t].copy_(w)
+            for t, a in model.space.alphas_of(g).items():
+                model.alphas()[t].copy_(torch.from_numpy(a))
         return g, rows

@@ -1,6 +1,8 @@
 """Search spaces: one module per space behind :class:`~ktnas.engine.spaces.base.SearchSpace`, and a registry.
 
-A new space is one file implementing the interface plus a :func:`register_space` call.
+A new space is one file: a :class:`SearchSpace` subclass and a :func:`register_space` call. The built-in ones are
+imported here; any other is loaded by ``ktnas.engine.plugins`` (an installed package's entry point, or
+``KTNAS_PLUGINS``).
 """
 from __future__ import annotations
 
@@ -11,21 +13,10 @@ import numpy as np
 
 from ktnas.cache.errors import KtnasError
 
-from .base import SearchSpace, alpha_entropy
-from .darts import DARTS_OPS, DartsGenotype, DartsSpace, derive_darts
-from .nb201 import NB201_OPS, NB201Genotype, NB201Space, derive_nb201
-
-SPACES: dict[str, SearchSpace] = {}
-
-
-def register_space(space: SearchSpace) -> SearchSpace:
-    SPACES[space.name] = space
-    return space
-
-
-register_space(DartsSpace())
-register_space(NB201Space())
-Genotype = DartsGenotype | NB201Genotype
+from . import darts, nb201  # noqa: F401  (each registers its space)
+from .base import SPACES, SearchSpace, alpha_entropy, register_space
+from .darts import DARTS_OPS, DartsGenotype, derive_darts
+from .nb201 import NB201_OPS, NB201Genotype, derive_nb201
 
 
 def get_space(name) -> SearchSpace:
@@ -39,7 +30,11 @@ def get_space(name) -> SearchSpace:
 
 
 def space_of(genotype) -> SearchSpace:
-    """The space a genotype belongs to."""
+    """The space a genotype belongs to (its class's own space first: a space's genotype class may subclass
+    another's)."""
+    for space in SPACES.values():
+        if type(genotype) is space.genotype:
+            return space
     for space in SPACES.values():
         if isinstance(genotype, space.genotype):
             return space
@@ -90,5 +85,5 @@ def random_genotype(space, rng: np.random.Generator):
 
 
 __all__ = ["SPACES", "SearchSpace", "register_space", "get_space", "space_of", "genotype_from_json", "load_genotype",
-           "count_skips", "genotype_str", "random_genotype", "alpha_entropy", "Genotype", "DARTS_OPS", "NB201_OPS",
+           "count_skips", "genotype_str", "random_genotype", "alpha_entropy", "DARTS_OPS", "NB201_OPS",
            "DartsGenotype", "NB201Genotype", "derive_darts", "derive_nb201"]

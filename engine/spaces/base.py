@@ -15,7 +15,12 @@ class SearchSpace:
     Class attributes a space sets: ``name``, ``ops`` (alpha-column order), ``steps`` (intermediate nodes),
     ``edges`` (alpha rows), ``pool_bn`` (pools followed by an affine-free BN in the mixed op), ``cell_types``
     (one alpha matrix each), ``stem_multiplier`` (the conv stem's width over C), ``reference`` (the papers'
-    (layers, channels) of the search and the evaluation network, on 32 px images), ``genotype`` (its class).
+    (layers, channels) of the search and the evaluation network, on 32 px images), ``proxy`` (the (layers,
+    channels) of the small network ``ktnas evolve`` trains per candidate), ``genotype`` (its class: ``to_json``,
+    ``from_json``, ``save``), ``text_form`` (the name of the papers' own text form of its genotypes, None when it
+    has none) and ``json_keys`` (the sets of keys, any one of which says a genotype JSON without a ``"space"`` key
+    is this space's).
+    Everything else ktnas reads of a space is a method below.
     """
     name: str
     ops: tuple[str, ...]
@@ -25,7 +30,31 @@ class SearchSpace:
     cell_types: tuple[str, ...]
     stem_multiplier: int
     reference: dict[str, tuple[int, int]]
+    proxy: tuple[int, int] = (8, 16)
     genotype: type
+    text_form: str | None = None
+    json_keys: tuple[tuple[str, ...], ...] = ()
+
+    def claims_json(self, d: dict) -> bool:
+        """Whether a genotype JSON without ``"space"`` is this space's (it has one of the ``json_keys`` sets)."""
+        return any(all(k in d for k in keys) for keys in self.json_keys)
+
+    def json_keys_text(self) -> str:
+        return " or ".join(" and ".join(map(repr, keys)) for keys in self.json_keys)
+
+    # ---------------------------------------------------------------------------------------- text forms
+    def looks_like(self, text: str) -> bool:
+        """Whether ``text`` (stripped) is in this space's ``text_form``."""
+        return False
+
+    def parse_text(self, text: str, name: str | None = None):
+        """The genotype of ``text`` in this space's ``text_form`` (``name``: which of several, when it holds
+        several named ones)."""
+        raise KtnasError(f"the {self.name} space has no text form: pass its genotype as JSON")
+
+    def format_text(self, genotype) -> str:
+        """The genotype in this space's ``text_form``."""
+        raise KtnasError(f"the {self.name} space has no text form: use --format json")
 
     # ------------------------------------------------------------------------------------------ the graph
     def edge_list(self) -> list[tuple[int, int]]:
@@ -60,6 +89,11 @@ class SearchSpace:
         """{cell type: op index per edge} of a genotype ('none' on the edges it does not use)."""
         raise NotImplementedError
 
+    def alphas_of(self, genotype, scale: float = 5.0) -> dict[str, np.ndarray]:
+        """Architecture weights {cell type: [edges, ops]} whose :meth:`derive` gives ``genotype`` back: ``scale``
+        on each edge's op (random search's result, stored as its final alphas)."""
+        return {t: np.eye(len(self.ops))[idx] * scale for t, idx in self.encode(genotype).items()}
+
     def graph(self, genotype) -> list[tuple[list[int], list[tuple[int, int]], int]]:
         """The genotype's cells as DAGs with the ops as nodes: per cell (node types, (dst, src) links, nodes),
         node types indexing :meth:`node_types`."""
@@ -93,6 +127,16 @@ class SearchSpace:
     def draw(self, genotype, out_dir) -> list[Path]:
         """Pictures of the genotype's cells written to ``out_dir``."""
         raise NotImplementedError
+
+
+SPACES: dict[str, SearchSpace] = {}
+
+
+def register_space(space: SearchSpace) -> SearchSpace:
+    """Add a space (an instance) to ``ktnas search --space``, ``ktnas evolve``, the benchmarks and the genotype
+    forms."""
+    SPACES[space.name] = space
+    return space
 
 
 # ----------------------------------------------------------------------------------------------- helpers

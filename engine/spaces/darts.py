@@ -17,7 +17,9 @@ from ktnas.cache.errors import KtnasError
 
 from ..ops import OPS, FactorizedReduce, ReLUConvBN
 from ..plots import draw_dag
-from .base import SearchSpace, as_array, check_op, expect_space, other, pairs, save_genotype, softmax, stem_label
+from .base import (SearchSpace, as_array, check_op, expect_space, other, pairs, register_space, save_genotype,
+                   softmax, stem_label)
+from .darts_text import darts_text, looks_like_darts_text, parse_darts_text
 
 DARTS_OPS = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
              "dil_conv_3x3", "dil_conv_5x5")
@@ -239,6 +241,25 @@ class DartsSpace(SearchSpace):
     name, ops, steps, edges, pool_bn = "darts", DARTS_OPS, 4, 14, True
     cell_types, stem_multiplier, genotype = CELLS, 3, DartsGenotype
     reference = {"search": (8, 16), "eval": (20, 36)}
+    proxy = (8, 16)
+    text_form, json_keys = "darts", (("normal", "reduce"),)
+
+    def looks_like(self, text):
+        return looks_like_darts_text(text)
+
+    def parse_text(self, text, name=None):
+        return DartsGenotype.from_json(dict(parse_darts_text(text, name), space=self.name))
+
+    def format_text(self, genotype):
+        return darts_text(genotype)
+
+    def alphas_of(self, genotype, scale=5.0):
+        """The chosen op of each used edge at ``scale``, every other weight 0: the unused edges stay uniform, so
+        the derivation's two strongest inputs per node are the used ones."""
+        alphas = super().alphas_of(genotype, scale)
+        for a in alphas.values():
+            a[:, self.ops.index("none")] = 0
+        return alphas
 
     def edge_list(self):
         """(node 0..steps-1, input state: 0, 1 the cell inputs, 2+i node i)."""
@@ -351,3 +372,6 @@ class DartsSpace(SearchSpace):
             paths.append(Path(out_dir) / f"{cell}.png")
             draw_dag(pos, names, edges, paths[-1], title=f"{cell} cell", io_nodes=(0, 1, steps + 2))
         return paths
+
+
+register_space(DartsSpace())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch.nn as nn
 
@@ -16,26 +17,31 @@ from ktnas.cache.errors import KtnasError
 
 from ..ops import OPS, ReLUConvBN
 from ..plots import draw_dag
-from .base import SearchSpace, as_array, check_op, expect_space, other, pairs, save_genotype, stem_label
+from .base import (SearchSpace, as_array, check_op, expect_space, other, pairs, register_space, save_genotype,
+                   stem_label)
 
 NB201_OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
 
 
 @dataclass
 class NB201Genotype:
-    """A NAS-Bench-201 cell: ``edges[j-1]`` lists the (op, source node) pairs into node j, sources 0..j-1."""
+    """A NAS-Bench-201 cell: ``edges[j-1]`` lists the (op, source node) pairs into node j, sources 0..j-1. A space
+    of the same cell with other ops subclasses it with its own ``space_name`` and ``OPS``."""
     edges: list[list[tuple[str, int]]]
+    space_name: ClassVar[str] = "nb201"
+    OPS: ClassVar[tuple[str, ...]] = NB201_OPS
 
     def __post_init__(self):
+        name = self.space_name
         if not isinstance(self.edges, (list, tuple)) or not self.edges:
-            raise KtnasError(f"nb201 genotype needs a non-empty list of nodes, got {self.edges!r:.80}")
+            raise KtnasError(f"{name} genotype needs a non-empty list of nodes, got {self.edges!r:.80}")
         nodes = []
         for j, node in enumerate(self.edges, 1):
-            node = pairs(node, f"nb201 node {j}")
+            node = pairs(node, f"{name} node {j}")
             for op, _ in node:
-                check_op(op, NB201_OPS, f"nb201 node {j}")
+                check_op(op, self.OPS, f"{name} node {j}")
             if sorted(src for _, src in node) != list(range(j)):
-                raise KtnasError(f"nb201 node {j} must take one edge from each of nodes 0..{j - 1}, "
+                raise KtnasError(f"{name} node {j} must take one edge from each of nodes 0..{j - 1}, "
                                  f"got sources {[src for _, src in node]}")
             nodes.append(node)
         self.edges = nodes
@@ -66,16 +72,17 @@ class NB201Genotype:
         return cls(nodes)
 
     def to_json(self) -> dict:
-        return {"space": "nb201", "arch_str": self.to_string(), "edges": [[list(p) for p in n] for n in self.edges]}
+        return {"space": self.space_name, "arch_str": self.to_string(),
+                "edges": [[list(p) for p in n] for n in self.edges]}
 
     @classmethod
     def from_json(cls, d: dict) -> "NB201Genotype":
-        expect_space(d, "nb201")
+        expect_space(d, cls.space_name)
         if "edges" not in d and "arch_str" not in d:
-            raise KtnasError("nb201 genotype lacks both 'edges' and 'arch_str'")
+            raise KtnasError(f"{cls.space_name} genotype lacks both 'edges' and 'arch_str'")
         g = cls(d["edges"]) if "edges" in d else cls.from_string(d["arch_str"])
         if "arch_str" in d and d["arch_str"] != g.to_string():
-            raise KtnasError(f"nb201 genotype's arch_str {d['arch_str']!r:.120} disagrees with its edges "
+            raise KtnasError(f"{cls.space_name} genotype's arch_str {d['arch_str']!r:.120} disagrees with its edges "
                              f"({g.to_string()})")
         return g
 
@@ -83,14 +90,14 @@ class NB201Genotype:
         return save_genotype(self, path)
 
 
-def derive_nb201(alpha, ops: tuple[str, ...] = NB201_OPS) -> NB201Genotype:
+def derive_nb201(alpha, ops: tuple[str, ...] = NB201_OPS, genotype: type = NB201Genotype) -> NB201Genotype:
     """The NB201 genotype of architecture weights [edges, ops]: argmax per edge, 'none' included (as AutoDL)."""
     a = as_array(alpha)
     nodes = int(round((math.sqrt(8 * a.shape[0] + 1) - 1) / 2))
     if nodes * (nodes + 1) // 2 != a.shape[0] or nodes < 1 or a.shape[1] != len(ops):
         raise KtnasError(f"alpha has shape {a.shape}, expected (6, {len(ops)}) (a triangular number of edges)")
     rows = iter(a.argmax(-1))
-    return NB201Genotype([[(ops[next(rows)], i) for i in range(j)] for j in range(1, nodes + 1)])
+    return genotype([[(ops[next(rows)], i) for i in range(j)] for j in range(1, nodes + 1)])
 
 
 # ------------------------------------------------------------------------------------------- the networks
@@ -194,6 +201,17 @@ class NB201Space(SearchSpace):
     name, ops, steps, edges, pool_bn = "nb201", NB201_OPS, 3, 6, False
     cell_types, stem_multiplier, genotype = ("cell",), 1, NB201Genotype
     reference = {"search": (17, 16), "eval": (17, 16)}  # 3 stages of 5 cells and 2 ResNet blocks, C=16
+    proxy = (8, 16)  # 2 cells per stage, 3 stages, 2 ResNet blocks: 8 positions
+    text_form, json_keys = "nb201", (("arch_str",), ("edges",))
+
+    def looks_like(self, text):
+        return text.startswith("|") and self.text_form is not None
+
+    def parse_text(self, text, name=None):
+        return self.genotype.from_string(text)
+
+    def format_text(self, genotype):
+        return genotype.to_string()
 
     def edge_list(self):
         """(node 1..steps, source node 0..node-1)."""
@@ -206,7 +224,7 @@ class NB201Space(SearchSpace):
 
     def random_genotype(self, rng):
         """Any op on every edge."""
-        return NB201Genotype([[(self.ops[rng.integers(len(self.ops))], i) for i in range(j)]
+        return self.genotype([[(self.ops[rng.integers(len(self.ops))], i) for i in range(j)]
                               for j in range(1, self.steps + 1)])
 
     def mutate(self, genotype, rng):
@@ -217,10 +235,10 @@ class NB201Space(SearchSpace):
         op, src = edges[j][p]
         new = other(self.ops, op, rng)
         edges[j][p] = (new, src)
-        return NB201Genotype(edges), f"edge {src}->{j + 1}: {op} -> {new}"
+        return self.genotype(edges), f"edge {src}->{j + 1}: {op} -> {new}"
 
     def derive(self, alphas, edge_weights=None):
-        return derive_nb201(alphas["cell"], self.ops)
+        return derive_nb201(alphas["cell"], self.ops, self.genotype)
 
     def encode(self, genotype):
         ops = {(j, src): op for j, node in enumerate(genotype.edges, 1) for op, src in node}
@@ -270,3 +288,6 @@ class NB201Space(SearchSpace):
         draw_dag({i: (2.0 * i, 0) for i in range(n)}, [str(i) for i in range(n)], edges, path,
                  title="NAS-Bench-201 cell ('none' edges not drawn)", curved=True)
         return [path]
+
+
+register_space(NB201Space())
