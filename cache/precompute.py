@@ -25,43 +25,20 @@ from . import datasets
 from .datasets import augment
 from .errors import KtnasError
 from .files import disk_full_as_error
+from .flags import option
 from .resume import open_or_create, pending_chunks, request, request_hash
 from .runtime import DEFAULT_OUT, progress, resolve_device
 from .stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM, get_stem
-from .store import open_store, resolve_compressor, store_exists
+from .store import COMPRESSORS, open_store, resolve_compressor, store_exists
 
 DTYPES = ("float16", "float32")
 CHUNK_BYTES = 8 << 20  # target uncompressed bytes per chunk when --chunk-size is not given
 
 
-@dataclass
-class PrecomputeConfig:
-    """Everything ``ktnas precompute-features`` takes; the defaults are the embedded default job."""
-
-    dataset: str = "fashion-mnist"
-    stem: str = DEFAULT_STEM
-    weights: str = "imagenet"
-    image_size: int = DEFAULT_IMAGE_SIZE
-    out: str = DEFAULT_OUT
-    dtype: str = "float16"
-    views: int = 1
-    splits: tuple[str, ...] = ("train", "test")
-    batch_size: int | None = None  # None: 64 on the CPU (cache-friendly), 256 on CUDA
-    device: str = "auto"
-    chunk_size: int | None = None
-    compressor: str | None = None  # None: the backend's default (zstd for Zarr, gzip for HDF5); a resumed store's own
-    limit: int | None = None
-    shard: tuple[int, int] = (0, 1)
-    resume: bool = False
-    overwrite: bool = False
-    seed: int = 0
-    data_root: str | None = None
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``'1/4'`` -> (1, 4)."""
+def parse_shard(text) -> tuple[int, int]:
+    """``'1/4'`` -> (1, 4) (a pair is taken as it is)."""
+    if isinstance(text, tuple):
+        text = "/".join(map(str, text))
     try:
         i, n = (int(t) for t in str(text).split("/"))
     except ValueError:
@@ -69,6 +46,47 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not (n >= 1 and 0 <= i < n):
         raise KtnasError(f"bad --shard '{text}': I must be in 0..N-1 (e.g. 0/2 and 1/2)")
     return i, n
+
+
+def torchrun_shard() -> tuple[int, int]:
+    """Under torchrun each rank takes its own shard (RANK/WORLD_SIZE); else the whole store (0/1)."""
+    import os
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return 0, 1
+
+
+@dataclass
+class PrecomputeConfig:
+    """Everything ``ktnas precompute-features`` takes (its flags are made from these fields); the defaults are the
+    embedded default job."""
+
+    dataset: str = option("fashion-mnist", f"one of {', '.join(datasets.DATASETS)}")
+    data_root: str | None = option(None, "folder with the data set's files (default: the usual places)")
+    stem: str = option(DEFAULT_STEM, "ARCH:CUT, see `ktnas stems`")
+    weights: str = option("imagenet", "imagenet | none | PATH to a state dict")
+    image_size: int = option(DEFAULT_IMAGE_SIZE, "stem input size")
+    out: str = option(DEFAULT_OUT, "store path: .zarr (Zarr v3) or .h5 (HDF5)")
+    dtype: str = option("float16", choices=DTYPES)
+    views: int = option(1, "views per image: view 0 is the plain image, views 1..V-1 random crops and flips")
+    splits: tuple[str, ...] = option(("train", "test"), "comma-separated splits")
+    batch_size: int | None = option(None, "stem batch (default: 64 on CPU, 256 on CUDA)")
+    device: str = option("auto", "auto | cpu | cuda")
+    chunk_size: int | None = option(None, "samples per chunk (default: ~8 MiB chunks)")
+    compressor: str | None = option(None, "zstd | gzip | lzf | none (default: zstd for .zarr; gzip, i.e. deflate + "
+                                          "shuffle, for .h5, which every HDF5 tool reads; zstd there needs "
+                                          "hdf5plugin; lzf: HDF5 only; a resumed store keeps its own)",
+                                    choices=COMPRESSORS)
+    limit: int | None = option(None, "first N samples of each split only")
+    shard: tuple[int, int] | str | None = option(None, "I/N: this process writes every N-th chunk from I (default "
+                                                       "under torchrun: RANK/WORLD_SIZE, else 0/1)", type=str,
+                                                 metavar="I/N")
+    resume: bool = option(False, "continue an interrupted store", exclusive="existing store")
+    overwrite: bool = option(False, "replace an existing store", exclusive="existing store")
+    seed: int = option(0, "seed of the augmented views")
+    progress: bool = option(True, "no progress bar", flag="quiet")
+    extra: dict = field(default_factory=dict)
 
 
 def auto_chunk_size(sample_bytes: int, n_max: int) -> int:
@@ -186,6 +204,8 @@ def _checked(cfg: PrecomputeConfig, overrides: dict) -> PrecomputeConfig:
     """``cfg`` with ``overrides`` applied, refused (one line) where its values cannot work together."""
     for k, v in overrides.items():
         setattr(cfg, k, v)
+    cfg.shard = torchrun_shard() if cfg.shard is None else parse_shard(cfg.shard)
+    cfg.splits = tuple(cfg.splits)
     if cfg.dtype not in DTYPES:
         raise KtnasError(f"unknown --dtype '{cfg.dtype}': use float16 or float32")
     if cfg.views < 1 or (cfg.batch_size or 1) < 1 or (cfg.limit is not None and cfg.limit < 1):

@@ -27,7 +27,7 @@ from ktnas.cache.errors import KtnasError
 from ktnas.cache.runtime import DEFAULT_OUT, resolve_device
 
 from .candidates import CandidateTrainer
-from .flags import add_config_arguments, check_positive, config_from_args, option
+from ktnas.cache.flags import add_config_arguments, check_positive, config_from_args, option
 from .predictor import (ArchPredictor, arch_graph, fit_ranker, heldout_tau, kendall_tau, predict_scores,
                         pretrain_predictor)
 from .predictor_dcl import PREDICTORS, predictor_method

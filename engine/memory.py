@@ -16,7 +16,7 @@ import torch
 from ktnas.cache.errors import KtnasError
 
 from . import distributed
-from .flags import format_bytes
+from ktnas.cache.flags import format_bytes
 from .searcher import SearchRun
 
 REFINE = 6  # at most this many profiles after the bracket's

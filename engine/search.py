@@ -23,8 +23,8 @@ from . import distributed
 from .algorithms import ALGORITHMS, get_algorithm
 from .capture import CAPTURE, check_capture, resolve_capture
 from .data import search_data
-from .flags import (add_config_arguments, check_positive, comma_tuple, config_from_args, format_bytes, option,
-                    parse_size, peek_flag)
+from ktnas.cache.flags import (add_config_arguments, check_positive, comma_tuple, config_from_args, format_bytes,
+                               option, parse_size, peek_flag)
 from .memory import choose_batch_size
 from .plots import plot_alphas
 from .runs import RunDir, peak_memory, seed_all, set_rng_state

@@ -31,7 +31,7 @@ from ktnas.cache.stream import FeatureLoader
 from . import runs
 from .data import ImageBatches
 from .evaluate import add_evaluate_parser, evaluate
-from .flags import add_config_arguments, check_positive, config_from_args, option
+from ktnas.cache.flags import add_config_arguments, check_positive, config_from_args, option
 from .network import build_network, load_model, network_config, save_model
 from .runs import RunDir, atomic_write, progress, set_rng_state
 from .genotypes import parse_genotype

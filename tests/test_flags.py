@@ -1,4 +1,4 @@
-"""ktnas.engine.flags: flags generated from config dataclasses, the positive-integer check, byte sizes."""
+"""ktnas.cache.flags: flags generated from config dataclasses, the positive-integer check, byte sizes."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ktnas.cache.errors import KtnasError
-from ktnas.engine.flags import (add_config_arguments, check_positive, comma_tuple, config_from_args, flag_name,
+from ktnas.cache.flags import (add_config_arguments, check_positive, comma_tuple, config_from_args, flag_name,
                                 format_bytes, parse_size)
 
 

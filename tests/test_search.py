@@ -175,7 +175,7 @@ def test_cli_parser_maps_flags(store, tmp_path):
 
 
 def test_parse_size():
-    from ktnas.engine.flags import parse_size
+    from ktnas.cache.flags import parse_size
 
     assert parse_size("2GiB") == 2 << 30
     assert parse_size("1500MiB") == 1500 << 20

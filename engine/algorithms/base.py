@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ktnas.cache.errors import KtnasError
 
 from .. import distributed
-from ..flags import check_positive, flag_name
+from ktnas.cache.flags import check_positive, flag_name
 
 DARTS_DEFAULTS = dict(epochs=50, batch_size=64, lr=0.025, lr_min=0.001, weight_decay=3e-4, nesterov=False,
                       arch_lr=3e-4)  # DARTS (Liu et al. 2019), train_search.py
@@ -47,7 +47,7 @@ class Algorithm:
 
     Subclasses set ``name``, ``defaults`` (the paper's values of the shared hyper-parameters the config leaves
     ``None``), ``Options`` (a dataclass of the algorithm's own options: each field's default is its paper's, its
-    ``metadata`` the flag's help and choices, as :mod:`ktnas.engine.flags` reads them) and ``variants`` (named
+    ``metadata`` the flag's help and choices, as :mod:`ktnas.cache.flags` reads them) and ``variants`` (named
     option sets the benchmarks run, e.g. DARTS' first and second order), and override what differs from DARTS'
     first order."""
     name: str = ""

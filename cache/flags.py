@@ -33,7 +33,7 @@ import re
 import types
 import typing
 
-from ktnas.cache.errors import KtnasError
+from .errors import KtnasError
 
 def option(default=None, help: str | None = None, **metadata):
     """A config field with its flag's help and other metadata keys (module docstring): ``x: int = option(3,
@@ -99,6 +99,18 @@ def _type_of(tp, what: str):
     return _scalar(tp, what), None
 
 
+def _refusing(parse):
+    """``parse`` with its KtnasError turned into argparse's one-line refusal of the flag."""
+    def flag_type(text):
+        try:
+            return parse(text)
+        except KtnasError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    flag_type.__name__ = getattr(parse, "__name__", "value")
+    return flag_type
+
+
 def _show(value) -> str:
     """A default as the user would type it (tuples comma-separated), with ``%`` escaped for argparse."""
     text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
@@ -139,6 +151,8 @@ def _argument(f: dataclasses.Field, tp, spec: dict, cls_name: str) -> tuple[str,
         implied = None
         if parse is None:
             parse, implied = _type_of(tp, what)
+        else:
+            parse = _refusing(parse)
         kw["type"] = parse
         if implied is not None:
             kw.setdefault("choices", implied)
