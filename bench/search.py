@@ -34,7 +34,7 @@ from ktnas.engine.algorithms import ALGORITHMS, algorithm_variants, resolve_vari
 from ktnas.engine.capture import GRAPH_WARMUP
 from ktnas.engine.data import ImageBatches
 from ktnas.engine.distributed import tensor_hash
-from ktnas.engine.flags import parse_size
+from ktnas.cache.flags import parse_size
 from ktnas.engine.memory import choose_batch_size
 from ktnas.engine.runs import seed_all
 from ktnas.engine.search import SearchConfig, resolve_config
