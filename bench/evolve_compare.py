@@ -15,7 +15,7 @@ import numpy as np
 
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.runtime import resolve_device
-from ktnas.engine.evolve import EvolveConfig, evolve
+from ktnas.engine.evolve.loop import EvolveConfig, evolve
 from ktnas.engine.spaces import SPACES
 
 from .ranking import feature_store

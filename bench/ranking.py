@@ -35,10 +35,10 @@ from ktnas.cache.errors import KtnasError
 from ktnas.cache.precompute import PrecomputeConfig, precompute
 from ktnas.cache.runtime import resolve_device
 from ktnas.cache.store import open_store
-from ktnas.engine.candidates import CandidateTrainer
-from ktnas.engine.evolve import EvolveConfig, resolve_config
-from ktnas.engine.predictor import heldout_tau, kendall_tau
-from ktnas.engine.predictor_dcl import predictor_method
+from ktnas.engine.evolve.candidates import CandidateTrainer
+from ktnas.engine.evolve.loop import EvolveConfig, resolve_config
+from ktnas.engine.evolve.predictor import heldout_tau, kendall_tau
+from ktnas.engine.evolve.predictor_dcl import predictor_method
 from ktnas.engine.spaces import SPACES, genotype_str, random_genotype
 
 from .loader import add_build_arguments

@@ -6,7 +6,7 @@ images), ``stem-on-the-fly`` (the frozen stem on each batch of raw images), ``ca
 ``cached-memory``: held in device memory; ``cached-compiled``: ``--capture compile``, on request only),
 ``cached-fused`` (the fused Triton mixed ops, CUDA only) and
 ``cached-fused-graph`` (the whole step captured in one CUDA graph: ``ktnas search --capture graph``'s own
-path, ``ktnas.engine.capture``). Every configuration gets a freshly seeded
+path, ``ktnas.engine.search.capture``). Every configuration gets a freshly seeded
 network; ``warmup`` untimed steps, then ``steps`` timed ones (median ``step_ms``, ``samples_per_s``); memory on
 CUDA by ``max_memory_allocated``, on the CPU by the resident set's increase over the configuration. The README
 ("ktnas bench search") gives the details and the measured tables.
@@ -31,17 +31,17 @@ from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM
 from ktnas.cache.store import store_exists
 from ktnas.cache.stream import FeatureLoader
 from ktnas.engine.algorithms import ALGORITHMS, algorithm_variants, resolve_variant
-from ktnas.engine.capture import GRAPH_WARMUP
+from ktnas.engine.search.capture import GRAPH_WARMUP
 from ktnas.engine.data import ImageBatches
 from ktnas.engine.distributed import tensor_hash
 from ktnas.cache.flags import parse_size
-from ktnas.engine.memory import choose_batch_size
+from ktnas.engine.search.memory import choose_batch_size
 from ktnas.engine.runs import seed_all
-from ktnas.engine.search import SearchConfig, resolve_config
+from ktnas.engine.search.loop import SearchConfig, resolve_config
 from ktnas.engine.spaces import SPACES
-from ktnas.engine.searcher import SearchRun
-from ktnas.engine.supernet import RECOMPUTE, count_parameters
-from ktnas.engine.train import stem_of_store
+from ktnas.engine.search.run import SearchRun
+from ktnas.engine.search.supernet import RECOMPUTE, count_parameters
+from ktnas.engine.train.loop import stem_of_store
 from ktnas.kernels.errors import KernelError
 
 from .report import names, positive

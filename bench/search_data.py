@@ -21,7 +21,7 @@ from ktnas.cache.precompute import PrecomputeConfig, precompute
 from ktnas.cache.store import open_store
 from ktnas.engine.data import split_indices, standardise_images
 from ktnas.engine.runs import peak_memory
-from ktnas.engine.search import SearchConfig
+from ktnas.engine.search.loop import SearchConfig
 
 CLASSIC_SIZE = 32  # the classic DARTS search runs on 32x32 images
 

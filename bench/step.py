@@ -7,8 +7,8 @@ supernet on cached features, reference ops; ``cached-fused``: the same with the 
 a zero tensor; DARTS' own code with its first cells replaced by the cached input, what the KT-NAS anchor measured
 on the H100), algorithm (DARTS first and second order, PC-DARTS, GDAS) and space (DARTS, NAS-Bench-201), it runs
 ``ktnas search``'s own step
-(``SearchRun.search_step``) once under the instruments of :mod:`ktnas.engine.profile`, by default on fake tensors
-(``FakeTensorMode``: shapes and dtypes without data, so the papers' batch 64 costs no memory and little time; a
+(``SearchRun.search_step``) once under the instruments of :mod:`ktnas.engine.profile.instruments`, by default on fake
+tensors (``FakeTensorMode``: shapes and dtypes without data, so the papers' batch 64 costs no memory and little time; a
 step at a small batch gives the same figures on real tensors, which the tests check). The step finds what a step
 finds after the first: the optimiser state (momentum and Adam buffers) and the previous step's gradients.
 
@@ -28,8 +28,8 @@ Per row:
   launch-bound time (launches x a per-launch cost calibrated on DARTS' own code, :data:`LAUNCH_US`); the predicted
   step time is the larger of the two.
 
-``--precision bf16`` applies CUDA's autocast cast policy (:class:`~ktnas.engine.profile.CudaAutocast`), not the
-CPU's, whatever the machine.
+``--precision bf16`` applies CUDA's autocast cast policy
+(:class:`~ktnas.engine.profile.instruments.CudaAutocast`), not the CPU's, whatever the machine.
 """
 from __future__ import annotations
 
@@ -41,9 +41,9 @@ from ktnas.cache.errors import KtnasError
 from ktnas.cache.stems import DEFAULT_IMAGE_SIZE, DEFAULT_STEM, get_stem
 from ktnas.engine.algorithms import ALGORITHMS, algorithm_variants, resolve_variant
 from ktnas.engine.spaces import SPACES
-from ktnas.engine.search import SearchConfig, default_recompute, resolve_config
-from ktnas.engine.step_profile import launches_of, profile_search_step
-from ktnas.engine.supernet import count_parameters
+from ktnas.engine.search.loop import SearchConfig, default_recompute, resolve_config
+from ktnas.engine.profile.step import launches_of, profile_search_step
+from ktnas.engine.search.supernet import count_parameters
 from ktnas.kernels.errors import KernelError
 
 from .report import Column, Report, names

@@ -2,9 +2,10 @@
 or a model carries, so that labels mean the same class whatever order the folders sort in."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from .datasets import ImageSplit
 from .errors import KtnasError
 
 
@@ -46,13 +47,11 @@ def class_mapping(have: list[str], want: list[str], what: str, target: str) -> l
     return out
 
 
-def relabel(split: ImageSplit, classes: list[str], target: str) -> ImageSplit:
-    """``split`` with its labels mapped onto ``classes`` by name (:func:`class_mapping`); the classes become
+def relabel(split, classes: list[str], target: str):
+    """``split`` (a ``ktnas.cache.datasets.ImageSplit``) with its labels mapped onto ``classes`` by name (:func:`class_mapping`); the classes become
     ``classes``. Unchanged when they are the same already."""
     mapping = class_mapping(split.classes, classes, split.dataset, target)
     if mapping == list(range(len(classes))) and len(split.classes) == len(classes):
         return split
     table = torch.tensor(mapping, dtype=torch.int64)
-    return ImageSplit(dataset=split.dataset, split=split.split, labels=table[split.labels], num_classes=len(classes),
-                      classes=list(classes), fingerprint=split.fingerprint, images=split.images,
-                      _paths=split._paths, _image_size=split._image_size)
+    return dataclasses.replace(split, labels=table[split.labels], num_classes=len(classes), classes=list(classes))

@@ -1,4 +1,5 @@
-"""The one exception type that reaches users as a one-line message (the CLI prints it, no traceback)."""
+"""The one exception type that reaches users as a one-line message (the CLI prints it, no traceback). Every ktnas
+package may import this module (the kernels too: their KernelError is one); it imports nothing."""
 
 
 class KtnasError(Exception):

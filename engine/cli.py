@@ -21,13 +21,13 @@ def register_engine_commands(sub, argv=None) -> None:
     """Add ``search``, ``train``, ``evaluate``, ``evolve``, ``genotype``, ``predict``, ``export`` and ``doctor`` to
     the ``ktnas`` subparsers ``sub``; ``argv``: the command line (default ``sys.argv[1:]``), whose ``--algo``
     decides which algorithm's options ``search`` shows."""
-    from ktnas.engine.doctor import add_doctor_parser
-    from ktnas.engine.evolve import add_evolve_parser
-    from ktnas.engine.export import add_export_parser
+    from ktnas.engine.profile.doctor import add_doctor_parser
+    from ktnas.engine.evolve.loop import add_evolve_parser
+    from ktnas.engine.train.export import add_export_parser
     from ktnas.engine.genotypes import add_genotype_parser
-    from ktnas.engine.predict import add_predict_parser
-    from ktnas.engine.search import add_search_parser
-    from ktnas.engine.train import add_evaluate_parser, add_train_parser
+    from ktnas.engine.train.predict import add_predict_parser
+    from ktnas.engine.search.loop import add_search_parser
+    from ktnas.engine.train.loop import add_evaluate_parser, add_train_parser
 
     add_search_parser(sub, argv)
     add_train_parser(sub)
@@ -69,18 +69,6 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     return p
 
 
-def one_line_errors() -> tuple[type[BaseException], ...]:
-    """The errors ``ktnas`` prints as ``ktnas: error: ...`` (exit 2): KtnasError, and ktnas.kernels' KernelError.
-    KernelError is looked up among the loaded modules: a kernel that raised it has loaded them, and the command
-    does not import the kernels (and torch) just to name it."""
-    errors = [KtnasError]
-    for name in ("ktnas.kernels.errors", "ktnas.kernels"):
-        kernel_error = getattr(sys.modules.get(name), "KernelError", None)
-        if isinstance(kernel_error, type) and kernel_error not in errors:
-            errors.append(kernel_error)
-    return tuple(errors)
-
-
 def main(argv=None) -> int:
     try:
         parser = build_parser(argv)
@@ -94,9 +82,7 @@ def main(argv=None) -> int:
         warnings.formatwarning = lambda msg, cat, *a, **k: f"ktnas: warning: {msg}\n"
         try:
             return int(args.func(args) or 0)
-        except Exception as e:
-            if not isinstance(e, one_line_errors()):
-                raise
+        except KtnasError as e:  # the kernels' KernelError is one
             print(f"ktnas: error: {e}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:

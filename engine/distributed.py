@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ktnas.cache.errors import KtnasError
 
-from .spaces import genotype_str
+from ktnas.engine.spaces import genotype_str
 
 
 def active():

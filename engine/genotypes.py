@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ktnas.cache.errors import KtnasError
 
-from .spaces import SPACES, genotype_from_json, space_of
+from ktnas.engine.spaces import SPACES, genotype_from_json, space_of
 
 HINT = ("pass a genotype.json written by ktnas search, a DARTS Genotype(...) text, an NB201 architecture string, "
         "or a file holding one")

@@ -12,7 +12,7 @@ from conftest import TINY
 from ktnas.bench.ranking import bootstrap, compare, ranks, sample_architectures, spearman, top_overlap
 from ktnas.cache.precompute import precompute
 from ktnas.engine.cli import main
-from ktnas.engine.predictor import kendall_tau
+from ktnas.engine.evolve.predictor import kendall_tau
 from ktnas.engine.spaces import genotype_str
 
 

@@ -14,7 +14,7 @@ from ktnas.cache.errors import KtnasError
 from ktnas.engine.cli import main
 from ktnas.engine.layout import resolve_layout
 from ktnas.engine.spaces import get_space
-from ktnas.engine.supernet import Supernet, count_parameters
+from ktnas.engine.search.supernet import Supernet, count_parameters
 
 # synthetic 32 px images through a small random stem: 16x16x16 features, like the default stem's 24x16x16
 TINY = ["--dataset", "synthetic", "--weights", "none", "--stem", "mobilenet_v2:features.1", "--image-size", "32",
@@ -149,7 +149,7 @@ def test_compiled_row_is_search_compiled(cpu_run, tmp_path, algo):
 def test_fused_kernels_refusing_a_variant_skip_the_row(cpu_run, tmp_path, monkeypatch):
     """A KtnasError of the fused kernels (a variant they do not cover yet) makes a skipped row with its message;
     the same error from the reference path is not swallowed."""
-    import ktnas.engine.supernet as SN
+    import ktnas.engine.search.supernet as SN
 
     real = SN.mixed_op
     msg = "the fused Triton kernels cover the full mixed op so far, not variant 'pc': use --kernels torch"

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ktnas.engine.profile import CudaAutocast, StepTracker, cpu_allocator_peak, cuda_bytes, saved_for_backward
+from ktnas.engine.profile.instruments import CudaAutocast, StepTracker, cpu_allocator_peak, cuda_bytes, saved_for_backward
 from ktnas.bench.step import ANCHORS, DARTS_OWN, LAUNCH_US, predict, profile_step
 from ktnas.cache.errors import KtnasError
 from ktnas.engine.cli import main
-from ktnas.engine.supernet import Supernet
+from ktnas.engine.search.supernet import Supernet
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(layers=2, channels=4)  # two cells (one a reduction): fast on real and fake tensors alike

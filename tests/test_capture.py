@@ -14,11 +14,11 @@ import torch
 
 from ktnas.cache.errors import KtnasError
 from ktnas.engine.algorithms.gdas import gumbel_arch
-from ktnas.engine.capture import resolve_capture, root_cause
+from ktnas.engine.search.capture import resolve_capture, root_cause
 from ktnas.engine.algorithms import get_algorithm
-from ktnas.engine.search import SearchConfig, resolve_config, search
-from ktnas.engine.searcher import SearchRun
-from ktnas.engine.supernet import Supernet
+from ktnas.engine.search.loop import SearchConfig, resolve_config, search
+from ktnas.engine.search.run import SearchRun
+from ktnas.engine.search.supernet import Supernet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BACKEND = "aot_eager"
@@ -149,7 +149,7 @@ def test_seeded_search_compiled_same_genotype(search_store, tmp_path, algo):
 
 def _killed_then_resumed(store, out, monkeypatch, **kw):
     """A search killed after its first epoch (KeyboardInterrupt), then resumed in the same folder: its summary."""
-    import ktnas.engine.searcher as S
+    import ktnas.engine.search.run as S
 
     real = S.SearchRun.train_epoch
 
@@ -178,7 +178,7 @@ def test_compiled_search_resumes(search_store, tmp_path, monkeypatch):
 def _stand_in_cuda(monkeypatch, log=None, graph_ctx=None):
     """CUDA's stream, synchronisation and graph primitives stood in for (no GPU here); ``graph_ctx(graph)``: the
     capture context (default: logs 'enter capture' / 'exit capture')."""
-    from ktnas.engine import capture as C
+    from ktnas.engine.search import capture as C
 
     log = [] if log is None else log
 
@@ -202,7 +202,7 @@ def test_graph_step_warms_up_captures_once_then_replays(monkeypatch):
     eagerly on the side stream, the next is captured on static copies of its batch and replayed, later full batches
     only replay (their data copied into the static buffers), a batch of another shape runs eagerly; close frees the
     graph. Every gradient is None when the capture begins (the warm-up's are not written by the graph)."""
-    from ktnas.engine import capture as C
+    from ktnas.engine.search import capture as C
 
     class Graph:
         def replay(self):
@@ -247,7 +247,7 @@ def test_failed_capture_runs_the_step_eagerly(monkeypatch):
     """A capture that raises does not end the epoch: one CaptureFallback warning naming the first error, the
     batch runs eagerly on its own data (gradients cleared first), later batches too, and no capture is tried
     again."""
-    from ktnas.engine import capture as C
+    from ktnas.engine.search import capture as C
 
     attempts = []
 
@@ -285,7 +285,7 @@ def test_failed_capture_runs_the_step_eagerly(monkeypatch):
 def test_set_capturable_moves_adams_step_beside_its_parameter(monkeypatch):
     """A resumed run loads Adam's state on the CPU; a captured step needs each ``step`` beside its parameter.
     Parameters on the meta device stand for the GPU's (Adam's own device check made to accept it)."""
-    from ktnas.engine.capture import set_capturable
+    from ktnas.engine.search.capture import set_capturable
 
     monkeypatch.setattr(sys.modules["torch.optim.adam"], "_get_capturable_supported_devices", lambda *a, **k: ["meta"])
     p = torch.nn.Parameter(torch.empty(3, device="meta"))
@@ -307,9 +307,9 @@ def _emulated_graphs(monkeypatch):
     """``--capture graph`` on the CPU: CUDA's primitives stood in for so that a capture runs the step once (the
     batch it records) and every later replay runs it again on the static inputs, refilling the captured outputs:
     each batch's step runs once, as on a GPU. Adam's capturable path is allowed on the CPU."""
-    from ktnas.engine import capture as C
-    from ktnas.engine import search as S
-    from ktnas.engine import searcher
+    from ktnas.engine.search import capture as C
+    from ktnas.engine.search import loop as S
+    from ktnas.engine.search import run as searcher
 
     _stand_in_cuda(monkeypatch)
     live = {}
@@ -372,7 +372,7 @@ def test_search_goes_on_eagerly_when_capture_fails(search_store, tmp_path, monke
     genotype, and metrics.jsonl says so for every epoch."""
     import json
 
-    from ktnas.engine import capture as C
+    from ktnas.engine.search import capture as C
 
     plain = _search(search_store, tmp_path / "plain", capture="none", epochs=2, batch_size=8)
     _emulated_graphs(monkeypatch)
@@ -399,8 +399,8 @@ def test_validation_costs_under_a_tenth_of_training(algo, space):
     """By the step profile's launch count (as on CUDA: fused kernels, edges recomputed), an epoch's validation
     pass (EVAL_GROUP batches per forward, no backward) launches under a tenth of the kernels its training steps do,
     first order (the cheapest training step)."""
-    from ktnas.engine.searcher import EVAL_GROUP
-    from ktnas.engine.step_profile import launches_of, profile_eval_pass, profile_search_step
+    from ktnas.engine.search.run import EVAL_GROUP
+    from ktnas.engine.profile.step import launches_of, profile_eval_pass, profile_search_step
 
     info = dict(in_channels=24, resolution=16, shape=[24, 16, 16], num_classes=10)
     cfg = resolve_config(SearchConfig(features="x", device="cpu", kernels="triton", recompute="edge", algo=algo,

@@ -28,7 +28,8 @@ def test_doctor_on_the_cpu(tmp_path):
 def test_doctor_fails_on_kernels_that_disagree(tmp_path, monkeypatch, capsys):
     """Fused kernels 1% off: the kernel check fails naming a specialisation, the JSON says so, the exit status
     is 1; the other checks still run."""
-    from ktnas.engine import cli, doctor
+    from ktnas.engine import cli
+    from ktnas.engine.profile import doctor
     from ktnas.kernels import mixed
 
     for v in mixed.VARIANTS:  # the reference stands in for the fused kernels (no interpreter): the full op 1% off
@@ -46,7 +47,7 @@ def test_doctor_fails_on_kernels_that_disagree(tmp_path, monkeypatch, capsys):
 
 def test_doctor_refuses_an_unknown_precision():
     from ktnas.cache.errors import KtnasError
-    from ktnas.engine.doctor import doctor
+    from ktnas.engine.profile.doctor import doctor
 
     with pytest.raises(KtnasError, match="unknown --precision 'fp8': use fp32 or bf16"):
         doctor("cpu", "fp8")

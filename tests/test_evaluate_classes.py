@@ -25,7 +25,7 @@ def model(tmp_path_factory):
     """A small model trained on 300 cached Fashion-MNIST images (ImageNet MobileNetV2 stem)."""
     from ktnas.cache.errors import KtnasError
     from ktnas.cache.precompute import precompute
-    from ktnas.engine.train import TrainConfig, train
+    from ktnas.engine.train.loop import TrainConfig, train
 
     d = tmp_path_factory.mktemp("classes")
     try:
@@ -114,7 +114,7 @@ def test_predict_on_png_files(model, tmp_path):
     probabilities; the top class is evaluate's prediction (the model's argmax on the same image)."""
     from PIL import Image
 
-    from ktnas.engine.network import load_model
+    from ktnas.engine.train.network import load_model
 
     split = load_split("fashion-mnist", "test")
     classes = split.classes
@@ -144,7 +144,7 @@ def test_export_runs_on_raw_images_as_the_model(model, tmp_path, fmt):
     any batch size: the PyTorch model's logits within 1e-4 and the same accuracy on real test images."""
     import torch
 
-    from ktnas.engine.network import load_model
+    from ktnas.engine.train.network import load_model
 
     out = tmp_path / f"m.{fmt}"
     r = ktnas("export", "--model", model, "--format", fmt, "--out", out)

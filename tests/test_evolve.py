@@ -15,10 +15,10 @@ import torch
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.store import open_store
 from ktnas.engine.cli import main as ktnas_main
-from ktnas.engine.evolve import (CandidateTrainer, EvolveConfig, arch_graph, evolve, fit_ranker, kendall_tau,
-                                 mutate, predict_scores, pretrain_predictor, resolve_config)
-from ktnas.engine.spaces import (DARTS_OPS, NB201_OPS, DartsGenotype, NB201Genotype, genotype_from_json,
-                                 load_genotype, random_genotype)
+from ktnas.engine.evolve.loop import (CandidateTrainer, EvolveConfig, arch_graph, evolve, fit_ranker, kendall_tau,
+                                      mutate, predict_scores, pretrain_predictor, resolve_config)
+from ktnas.engine.spaces import (DARTS_OPS, NB201_OPS, DartsGenotype, NB201Genotype, genotype_from_json, load_genotype,
+                                 random_genotype)
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 # candidates: NB201 1 cell per stage, C=8 (16x16 and 8x8 stages on 16x16x16 features), 2 epochs on 512 samples,

@@ -10,7 +10,7 @@ import pytest
 
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.flags import (add_config_arguments, check_positive, comma_tuple, config_from_args, flag_name,
-                                format_bytes, parse_size)
+                               format_bytes, parse_size)
 
 
 @dataclass

@@ -117,7 +117,7 @@ def test_search_completes_when_a_specialisation_fails(search_store, tmp_path, au
     failing specialisation, the search completes with the genotype and losses of the search on the reference ops,
     and metrics.jsonl and config.json record what ran (specialisations on each implementation, the fallbacks and
     why)."""
-    from ktnas.engine.search import SearchConfig, search
+    from ktnas.engine.search.loop import SearchConfig, search
 
     ref = mixed.DISPATCH[("torch", "full")]
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ktnas.cache.errors import KtnasError
-from ktnas.engine import memory as M
-from ktnas.engine.search import SearchConfig, add_search_parser, resolve_config, search
+from ktnas.engine.search import memory as M
+from ktnas.engine.search.loop import SearchConfig, add_search_parser, resolve_config, search
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 INFO = dict(in_channels=24, resolution=8, shape=[24, 8, 8], num_classes=10)

@@ -4,7 +4,7 @@ on a store must be trainable (NB201's reduction block pooled without ceil_mode a
 import pytest
 import torch
 
-from ktnas.engine.network import build_network
+from ktnas.engine.train.network import build_network
 from ktnas.engine.spaces import get_space
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,7 @@ from conftest import one_line_error
 
 from ktnas.engine.algorithms import ALGORITHMS, Algorithm, register_algorithm
 from ktnas.engine.cli import main
-from ktnas.engine.search import search
+from ktnas.engine.search.loop import search
 
 
 class FrozenArchitecture(Algorithm):

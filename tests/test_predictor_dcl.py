@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from ktnas.engine.evolve import EvolveConfig, evolve
-from ktnas.engine.predictor import batch_graphs, heldout_tau, init_predictor, kendall_tau, predict_scores
-from ktnas.engine.predictor_dcl import (augment, fit_dcl, nt_xent, predictor_method, pretrain_dcl,
-                                        ranking_infonce)
+from ktnas.engine.evolve.loop import EvolveConfig, evolve
+from ktnas.engine.evolve.predictor import batch_graphs, heldout_tau, init_predictor, kendall_tau, predict_scores
+from ktnas.engine.evolve.predictor_dcl import augment, fit_dcl, nt_xent, predictor_method, pretrain_dcl, ranking_infonce
 from ktnas.engine.spaces import get_space, random_genotype
 
 

@@ -7,8 +7,8 @@ import torch
 
 from ktnas.cache.errors import KtnasError
 from ktnas.engine.algorithms.gdas import gumbel_arch
-from ktnas.engine.search import SearchConfig, resolve_config, search
-from ktnas.engine.supernet import Supernet
+from ktnas.engine.search.loop import SearchConfig, resolve_config, search
+from ktnas.engine.search.supernet import Supernet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,7 +40,7 @@ def test_same_loss_and_gradients(space, k, edge_norm, gdas, recompute):
 
 def test_recompute_keeps_less_for_backward():
     """Bytes autograd keeps after the forward (parameters excluded): an edge keeps its input only."""
-    from ktnas.engine.profile import saved_for_backward
+    from ktnas.engine.profile.instruments import saved_for_backward
 
     kept = {}
     for rec in ("none", "cell", "edge"):
@@ -76,7 +76,7 @@ def test_seeded_search_same_genotype(search_store, tmp_path):
 def test_profile_tracker_sees_what_the_allocator_sees_under_recompute():
     """The step profile's tracker against the CPU allocator's own record, on a real step that recomputes edges
     (FLOPs are counted by the tracker itself: FlopCounterMode's module hooks would keep the recomputed tensors)."""
-    from ktnas.engine.profile import StepTracker, cpu_allocator_peak
+    from ktnas.engine.profile.instruments import StepTracker, cpu_allocator_peak
 
     torch.manual_seed(0)
     m = Supernet("darts", 10, 6, layers=3, channels=8, reductions=(1,), kernels="torch", recompute="edge")

@@ -11,9 +11,9 @@ from torch.func import functional_call
 
 from ktnas.cache.errors import KtnasError
 from ktnas.engine.algorithms import unrolled_arch_grad
-from ktnas.engine.search import SearchConfig, add_search_parser, resolve_config, search
+from ktnas.engine.search.loop import SearchConfig, add_search_parser, resolve_config, search
 from ktnas.engine.spaces import load_genotype
-from ktnas.engine.supernet import Supernet
+from ktnas.engine.search.supernet import Supernet
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_classic_stem_on_images(tmp_path):
 
 @pytest.mark.parametrize("algo", ["darts", "pcdarts", "gdas", "random"])
 def test_resume_equals_uninterrupted(store, tmp_path, monkeypatch, algo):
-    from ktnas.engine import search as S
+    from ktnas.engine.search import loop as S
 
     c = dict(algo=algo, epochs=2)
     search(cfg(store, tmp_path / "full", **c))

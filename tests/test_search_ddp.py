@@ -33,7 +33,7 @@ def _free_port() -> int:
 
 def _grad_worker(rank: int, world: int, port: int, out: str, store: str) -> None:
     from ktnas.cache.errors import KtnasError
-    from ktnas.engine import search as S
+    from ktnas.engine.search import loop as S
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

@@ -9,8 +9,8 @@ import torch.nn as nn
 
 from ktnas.cache.errors import KtnasError
 from ktnas.engine.ops import OPS, conv_body, has_params
-from ktnas.engine.spaces import (DARTS_OPS, NB201_OPS, SPACES, DartsGenotype, NB201Genotype, alpha_entropy,
-                                 count_skips, derive_darts, derive_nb201, get_space, load_genotype, random_genotype)
+from ktnas.engine.spaces import (DARTS_OPS, NB201_OPS, SPACES, DartsGenotype, NB201Genotype, alpha_entropy, count_skips,
+                                 derive_darts, derive_nb201, get_space, load_genotype, random_genotype)
 from ktnas.kernels import edge_relu
 
 NB201_STR = "|nor_conv_3x3~0|+|skip_connect~0|none~1|+|avg_pool_3x3~0|nor_conv_1x1~1|skip_connect~2|"

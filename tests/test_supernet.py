@@ -8,7 +8,7 @@ from ktnas.cache.errors import KtnasError
 from ktnas.engine.ops import OPS
 from ktnas.engine.spaces import get_space
 from ktnas.engine.layout import resolve_layout
-from ktnas.engine.supernet import MixedEdge, Supernet, count_parameters
+from ktnas.engine.search.supernet import MixedEdge, Supernet, count_parameters
 from ktnas.kernels import KernelError, mixed_op, resolve_impl
 
 

@@ -17,9 +17,9 @@ from ktnas.cache.datasets import load_split
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.precompute import precompute
 from ktnas.cache.store import open_store
-from ktnas.engine.network import build_network, load_model
+from ktnas.engine.train.network import build_network, load_model
 from ktnas.engine.spaces import DartsGenotype, NB201Genotype
-from ktnas.engine.train import TrainConfig, add_evaluate_parser, add_train_parser, train
+from ktnas.engine.train.loop import TrainConfig, add_evaluate_parser, add_train_parser, train
 
 DARTS_V2 = DartsGenotype(
     normal=[("sep_conv_3x3", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("sep_conv_3x3", 1),

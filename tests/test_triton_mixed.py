@@ -17,8 +17,7 @@ if _LATE and not torch.cuda.is_available():
 
 from ktnas.kernels import launches
 from ktnas.kernels import triton_mixed as tm
-from ktnas.kernels.reference import (is_conv_branch, mixed_op_reference, mixed_op_reference_gdas,
-                                     mixed_op_reference_pc)
+from ktnas.kernels.reference import is_conv_branch, mixed_op_reference, mixed_op_reference_gdas, mixed_op_reference_pc
 
 if not tm.available():
     pytest.skip("Triton kernels unavailable (no CUDA and TRITON_INTERPRET not set before triton was imported)",

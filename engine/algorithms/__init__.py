@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from ktnas.cache.errors import KtnasError
 
-from . import darts, gdas, pcdarts, random_ws  # noqa: F401  (each registers itself)
-from .base import (ALGORITHMS, Algorithm, algorithm_variants, derive, one_hot_arch, register_algorithm,
-                   resolve_variant, variant_argv)
-from .darts import unrolled_arch_grad
-from .gdas import argmax_arch, gumbel_arch
+from ktnas.engine.algorithms import darts, gdas, pcdarts, random_ws  # noqa: F401  (each registers itself)
+from ktnas.engine.algorithms.base import (ALGORITHMS, Algorithm, algorithm_variants, derive, one_hot_arch,
+                                          register_algorithm, resolve_variant, variant_argv)
+from ktnas.engine.algorithms.darts import unrolled_arch_grad
+from ktnas.engine.algorithms.gdas import argmax_arch, gumbel_arch
 
 
 def get_algorithm(name: str) -> type[Algorithm]:

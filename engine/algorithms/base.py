@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ktnas.cache.errors import KtnasError
 
-from .. import distributed
+from ktnas.engine import distributed
 from ktnas.cache.flags import check_positive, flag_name
 
 DARTS_DEFAULTS = dict(epochs=50, batch_size=64, lr=0.025, lr_min=0.001, weight_decay=3e-4, nesterov=False,

@@ -6,8 +6,8 @@ from dataclasses import field
 
 import torch
 
-from .. import distributed
-from .base import Algorithm, register_algorithm
+from ktnas.engine import distributed
+from ktnas.engine.algorithms.base import Algorithm, register_algorithm
 
 
 def _grads(loss, params):

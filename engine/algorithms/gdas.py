@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ktnas.cache.errors import KtnasError
 
-from .base import Algorithm, register_algorithm
+from ktnas.engine.algorithms.base import Algorithm, register_algorithm
 
 
 def gumbel_noise(shape, gen: torch.Generator | None, device=None) -> torch.Tensor:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import field
 
-from .base import DARTS_DEFAULTS, Algorithm, register_algorithm
-from .darts import Darts
+from ktnas.engine.algorithms.base import DARTS_DEFAULTS, Algorithm, register_algorithm
+from ktnas.engine.algorithms.darts import Darts
 
 WARMUP, EPOCHS = 15, 50  # PC-DARTS freezes the alphas for the first 15 of its 50 epochs
 

@@ -9,9 +9,9 @@ from dataclasses import field
 import numpy as np
 import torch
 
-from ..runs import progress
-from ..spaces import genotype_from_json, genotype_str
-from .base import Algorithm, one_hot_arch, register_algorithm
+from ktnas.engine.runs import progress
+from ktnas.engine.spaces import genotype_from_json, genotype_str
+from ktnas.engine.algorithms.base import Algorithm, one_hot_arch, register_algorithm
 
 
 @dataclasses.dataclass

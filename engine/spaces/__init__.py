@@ -13,10 +13,10 @@ import numpy as np
 
 from ktnas.cache.errors import KtnasError
 
-from . import darts, nb201  # noqa: F401  (each registers its space)
-from .base import SPACES, SearchSpace, alpha_entropy, register_space
-from .darts import DARTS_OPS, DartsGenotype, derive_darts
-from .nb201 import NB201_OPS, NB201Genotype, derive_nb201
+from ktnas.engine.spaces import darts, nb201  # noqa: F401  (each registers its space)
+from ktnas.engine.spaces.base import SPACES, SearchSpace, alpha_entropy, register_space
+from ktnas.engine.spaces.darts import DARTS_OPS, DartsGenotype, derive_darts
+from ktnas.engine.spaces.nb201 import NB201_OPS, NB201Genotype, derive_nb201
 
 
 def get_space(name) -> SearchSpace:

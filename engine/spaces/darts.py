@@ -15,11 +15,11 @@ import torch.nn as nn
 
 from ktnas.cache.errors import KtnasError
 
-from ..ops import OPS, FactorizedReduce, ReLUConvBN
-from ..plots import draw_dag
-from .base import (SearchSpace, as_array, check_op, expect_space, other, pairs, register_space, save_genotype,
-                   softmax, stem_label)
-from .darts_text import darts_text, looks_like_darts_text, parse_darts_text
+from ktnas.engine.ops import OPS, FactorizedReduce, ReLUConvBN
+from ktnas.engine.plots import draw_dag
+from ktnas.engine.spaces.base import (SearchSpace, as_array, check_op, expect_space, other, pairs, register_space,
+                                      save_genotype, softmax, stem_label)
+from ktnas.engine.spaces.darts_text import darts_text, looks_like_darts_text, parse_darts_text
 
 DARTS_OPS = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5",
              "dil_conv_3x3", "dil_conv_5x5")

@@ -15,10 +15,10 @@ import torch.nn as nn
 
 from ktnas.cache.errors import KtnasError
 
-from ..ops import OPS, ReLUConvBN
-from ..plots import draw_dag
-from .base import (SearchSpace, as_array, check_op, expect_space, other, pairs, register_space, save_genotype,
-                   stem_label)
+from ktnas.engine.ops import OPS, ReLUConvBN
+from ktnas.engine.plots import draw_dag
+from ktnas.engine.spaces.base import (SearchSpace, as_array, check_op, expect_space, other, pairs, register_space,
+                                      save_genotype, stem_label)
 
 NB201_OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
 

@@ -9,13 +9,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import distributed
-from .algorithms import get_algorithm
-from .capture import GraphStep, compile_network, resolve_capture, set_capturable
-from .data import cycle
-from .layout import resolve_layout
-from .runs import progress
-from .supernet import Supernet
+from ktnas.engine import distributed
+from ktnas.engine.algorithms import get_algorithm
+from ktnas.engine.search.capture import GraphStep, compile_network, resolve_capture, set_capturable
+from ktnas.engine.data import cycle
+from ktnas.engine.layout import resolve_layout
+from ktnas.engine.runs import progress
+from ktnas.engine.search.supernet import Supernet
 
 EVAL_GROUP = 2  # validation batches per forward of the validation pass
 POSTFIX_EVERY = 25  # steps between the progress bar's loss/accuracy updates (each one a device sync)
@@ -50,7 +50,7 @@ def grouped(batches, n: int):
 def search_layout(cfg, info: dict):
     """The supernet's built layout: the classic network on images (``stem='none'``), or what the frozen stem of
     ``info['resolution']`` px leaves of it; ``cfg.layers``/``channels``/``reductions`` override."""
-    from .spaces import get_space
+    from ktnas.engine.spaces import get_space
 
     resolution = None if cfg.stem == "none" else info["resolution"]
     return resolve_layout(get_space(cfg.space), resolution, "search", layers=cfg.layers, channels=cfg.channels,
@@ -61,7 +61,7 @@ class SearchRun:
     """Model, optimisers and algorithm of one search (``cfg`` resolved). ``ddp``: average the gradients and the
     metrics over the ranks of the process group. ``amp`` (autocast's arguments) and ``foreach`` (gradient
     clipping's multi-tensor kernels; None: torch's default) may be changed before the first step. ``capture``: how
-    the step runs (``ktnas.engine.capture``); ``fixed_arch``: the algorithm samples as tensors of fixed shape."""
+    the step runs (``ktnas.engine.search.capture``); ``fixed_arch``: the algorithm samples as tensors of fixed shape."""
 
     def __init__(self, cfg, device, info: dict, ddp: bool = False):
         self.cfg, self.device, self.info, self.ddp = cfg, device, info, ddp

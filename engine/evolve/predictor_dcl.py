@@ -1,5 +1,5 @@
 """The seed method's predictor (DCL-ENAS: evolutionary NAS with dual contrastive learning): the same graph
-encoder as :mod:`ktnas.engine.predictor`'s (:class:`ArchPredictor`, so the two compare like for like), trained by
+encoder as :mod:`ktnas.engine.evolve.predictor`'s (:class:`ArchPredictor`, so the two compare like for like), trained by
 two contrastive stages instead of a masked autoencoder and a margin loss:
 
 1. **Self-supervised pre-training** on unlabelled, uniformly sampled architectures: each is seen through two
@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import runs
-from .predictor import TAG_PRETRAIN, ArchPredictor, batch_graphs, derive_seed, init_predictor
-from .spaces import get_space
+from ktnas.engine import runs
+from ktnas.engine.evolve.predictor import TAG_PRETRAIN, ArchPredictor, batch_graphs, derive_seed, init_predictor
+from ktnas.engine.spaces import get_space
 
 TAG_DCL = 4  # seed-sequence tag of the contrastive pre-training's augmentations
 
@@ -113,7 +113,7 @@ def fit_dcl(pretrained: dict, space: str, genotypes, accuracies, *, steps: int =
 
 
 def _methods():
-    from .predictor import fit_ranker, pretrain_predictor
+    from ktnas.engine.evolve.predictor import fit_ranker, pretrain_predictor
 
     return {"gae": (pretrain_predictor, fit_ranker), "dcl": (pretrain_dcl, fit_dcl)}
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from ktnas.cache.errors import KtnasError
 
-from . import runs
-from .spaces import genotype_from_json, get_space, space_of
+from ktnas.engine import runs
+from ktnas.engine.spaces import genotype_from_json, get_space, space_of
 
 TAG_INIT, TAG_PRETRAIN, TAG_CV = 1, 2, 3  # seed-sequence tags: candidate weights, pre-training, CV folds
 

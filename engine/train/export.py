@@ -9,7 +9,7 @@ import torch
 
 from ktnas.cache.errors import KtnasError
 
-from .network import load_model
+from ktnas.engine.train.network import load_model
 
 FORMATS = ("onnx", "torchscript")
 OPSET = 18  # ONNX Resize with antialias (the stem's antialiased bilinear resize) needs opset 18

@@ -33,9 +33,9 @@ from ktnas.cache.errors import KtnasError
 from ktnas.kernels import edge_relu, mixed_op, resolve_impl
 from ktnas.kernels.errors import KernelError
 
-from .layout import Layout
-from .ops import conv_body, has_params
-from .spaces import SearchSpace, get_space
+from ktnas.engine.layout import Layout
+from ktnas.engine.ops import conv_body, has_params
+from ktnas.engine.spaces import SearchSpace, get_space
 
 RECOMPUTE = ("none", "edge", "cell")
 

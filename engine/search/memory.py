@@ -1,6 +1,6 @@
 """``--max-memory``: the largest batch size whose search step fits a memory budget, on any device.
 
-The step profile (``ktnas.engine.step_profile``: the step run once on fake tensors, every tensor's bytes booked as
+The step profile (``ktnas.engine.profile.step``: the step run once on fake tensors, every tensor's bytes booked as
 CUDA's allocator books them, seconds per profile whatever the batch) gives the step's peak at a few batch sizes,
 and :func:`profile_batch_size` finds the largest batch within the budget from them (the peak is piecewise linear
 in the batch: fixed bytes plus bytes per sample). On CUDA a trial step (a real one,
@@ -15,9 +15,9 @@ import torch
 
 from ktnas.cache.errors import KtnasError
 
-from . import distributed
+from ktnas.engine import distributed
 from ktnas.cache.flags import format_bytes
-from .searcher import SearchRun
+from ktnas.engine.search.run import SearchRun
 
 REFINE = 6  # at most this many profiles after the bracket's
 
@@ -38,7 +38,7 @@ class ProfileChoice:
 def profile_peak(cfg, info: dict, batch: int) -> int:
     """The peak bytes of one search step of ``cfg`` at ``batch``, by the step profile on fake tensors (steady
     state: optimiser state and the previous step's gradients in place)."""
-    from .step_profile import profile_search_step
+    from ktnas.engine.profile.step import profile_search_step
 
     return profile_search_step(cfg, info, batch)["peak_bytes"]
 

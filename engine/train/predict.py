@@ -9,7 +9,7 @@ import torch
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.runtime import resolve_device
 
-from .network import load_model
+from ktnas.engine.train.network import load_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 

@@ -3,9 +3,9 @@
 Once the frozen stem's features are cached, a stand-alone candidate network costs only its own cells, so the
 second family of NAS algorithms, where each candidate is trained and measured, becomes cheap as well. One Python
 call, :func:`evolve` (``EvolveConfig`` -> summary dict); the CLI's flags are generated from the config. The
-proposers (``ktnas.engine.proposers``: random, regularized evolution, predictor-guided) say what to train next,
-``ktnas.engine.candidates`` trains it, ``ktnas.engine.predictor`` is the learned ranker; this module is the loop
-(budget ``population + cycles``, groups of ``parallel`` candidates, run directory, resume). Every draw of the
+proposers (``ktnas.engine.evolve.proposers``: random, regularized evolution, predictor-guided) say what to train next,
+``ktnas.engine.evolve.candidates`` trains it, ``ktnas.engine.evolve.predictor`` is the learned ranker; this module is
+the loop (budget ``population + cycles``, groups of ``parallel`` candidates, run directory, resume). Every draw of the
 group starting at candidate i comes from a generator seeded by (seed, i), so a resumed run ends with exactly the
 history of an uninterrupted one. The README ("ktnas evolve") documents the algorithms and the run directory.
 """
@@ -26,14 +26,14 @@ import torch
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.runtime import DEFAULT_OUT, resolve_device
 
-from .candidates import CandidateTrainer
+from ktnas.engine.evolve.candidates import CandidateTrainer
 from ktnas.cache.flags import add_config_arguments, check_positive, config_from_args, option
-from .predictor import (ArchPredictor, arch_graph, fit_ranker, heldout_tau, kendall_tau, predict_scores,
-                        pretrain_predictor)
-from .predictor_dcl import PREDICTORS, predictor_method
-from .proposers import PROPOSERS, PredictorProposer, best_of
-from .runs import RunDir, atomic_write, progress, set_rng_state
-from .spaces import SPACES, get_space, space_of
+from ktnas.engine.evolve.predictor import (ArchPredictor, arch_graph, fit_ranker, heldout_tau, kendall_tau,
+                                           predict_scores, pretrain_predictor)
+from ktnas.engine.evolve.predictor_dcl import PREDICTORS, predictor_method
+from ktnas.engine.evolve.proposers import PROPOSERS, PredictorProposer, best_of
+from ktnas.engine.runs import RunDir, atomic_write, progress, set_rng_state
+from ktnas.engine.spaces import SPACES, get_space, space_of
 
 __all__ = ["EvolveConfig", "evolve", "mutate", "arch_graph", "ArchPredictor", "pretrain_predictor", "fit_ranker",
            "predict_scores", "heldout_tau", "kendall_tau", "CandidateTrainer", "plot_accuracy", "add_evolve_parser"]

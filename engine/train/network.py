@@ -20,9 +20,9 @@ import torch.nn as nn
 from ktnas.cache.errors import KtnasError, first_line
 from ktnas.cache.stems import FrozenStem, Preprocessing, get_stem
 
-from .layout import resolve_layout
-from .runs import atomic_save
-from .spaces import genotype_from_json, space_of
+from ktnas.engine.layout import resolve_layout
+from ktnas.engine.runs import atomic_save
+from ktnas.engine.spaces import genotype_from_json, space_of
 
 FORMAT = "ktnas-model"
 FORMAT_VERSION = 2  # 2: network_config's layers/channels/reductions are the built layout (1: the paper network's)

@@ -19,18 +19,18 @@ from ktnas.cache.runtime import resolve_device
 from ktnas.kernels import first_use_failures, observe_dispatch, resolve_impl
 from ktnas.kernels.mixed import describe
 
-from . import distributed
-from .algorithms import ALGORITHMS, get_algorithm
-from .capture import CAPTURE, check_capture, resolve_capture
-from .data import search_data
+from ktnas.engine import distributed
+from ktnas.engine.algorithms import ALGORITHMS, get_algorithm
+from ktnas.engine.search.capture import CAPTURE, check_capture, resolve_capture
+from ktnas.engine.data import search_data
 from ktnas.cache.flags import (add_config_arguments, check_positive, comma_tuple, config_from_args, format_bytes,
                                option, parse_size, peek_flag)
-from .memory import choose_batch_size
-from .plots import plot_alphas
-from .runs import RunDir, peak_memory, seed_all, set_rng_state
-from .searcher import SearchRun
-from .spaces import SPACES, alpha_entropy, count_skips, genotype_str, get_space, load_genotype
-from .supernet import RECOMPUTE, count_parameters
+from ktnas.engine.search.memory import choose_batch_size
+from ktnas.engine.plots import plot_alphas
+from ktnas.engine.runs import RunDir, peak_memory, seed_all, set_rng_state
+from ktnas.engine.search.run import SearchRun
+from ktnas.engine.spaces import SPACES, alpha_entropy, count_skips, genotype_str, get_space, load_genotype
+from ktnas.engine.search.supernet import RECOMPUTE, count_parameters
 
 
 @dataclass

@@ -15,12 +15,12 @@ import torch.nn as nn
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.stream import FeatureLoader
 
-from .data import ImageBatches, classic_images, split_indices
-from .layout import resolve_layout
-from .network import build_network
-from .predictor import TAG_INIT, derive_seed
-from .spaces import genotype_str, get_space
-from .train import TrainConfig, make_optimizer, run_epoch, stem_batches, stem_images, stem_of_store
+from ktnas.engine.data import ImageBatches, classic_images, split_indices
+from ktnas.engine.layout import resolve_layout
+from ktnas.engine.train.network import build_network
+from ktnas.engine.evolve.predictor import TAG_INIT, derive_seed
+from ktnas.engine.spaces import genotype_str, get_space
+from ktnas.engine.train.loop import TrainConfig, make_optimizer, run_epoch, stem_batches, stem_images, stem_of_store
 
 
 

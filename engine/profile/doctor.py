@@ -72,9 +72,9 @@ def edge_shapes(space: str, batch: int = 64) -> list[tuple]:
 
     from ktnas.kernels import observe_dispatch
 
-    from .layout import resolve_layout
-    from .spaces import get_space
-    from .supernet import Supernet
+    from ktnas.engine.layout import resolve_layout
+    from ktnas.engine.spaces import get_space
+    from ktnas.engine.search.supernet import Supernet
 
     layout = resolve_layout(get_space(space), DEFAULT_FEATURES["resolution"], "search").as_dict()
     with FakeTensorMode(allow_non_fake_inputs=True), observe_dispatch() as seen:
@@ -88,7 +88,7 @@ def kernel_cases(full: bool) -> list[dict]:
     op (``full``), or at small shapes (batch 2, 8 channels, at most 6x6) the full op, PC-DARTS and GDAS for one
     pool and one conv op (the interpreter's budget)."""
     cases = []
-    from .spaces import SPACES
+    from ktnas.engine.spaces import SPACES
 
     for space in SPACES:
         for shape, stride, ops, pool_bn in edge_shapes(space):
@@ -149,8 +149,8 @@ def kernels(device: torch.device, precision: str) -> tuple:
         rows = run_kernel_cases("cpu", precision, full=False)
     else:  # triton was imported without the interpreter: check in a child process that has it
         env = dict(os.environ, TRITON_INTERPRET="1")
-        r = subprocess.run([sys.executable, "-m", "ktnas.engine.doctor", precision], capture_output=True, text=True,
-                           env=env)
+        r = subprocess.run([sys.executable, "-m", "ktnas.engine.profile.doctor", precision], capture_output=True,
+                           text=True, env=env)
         if r.returncode != 0:
             raise RuntimeError(f"the interpreted kernel check failed: {(r.stderr.strip().splitlines() or [''])[-1]}")
         rows = json.loads(r.stdout)
@@ -168,8 +168,8 @@ def kernels(device: torch.device, precision: str) -> tuple:
 
 # ------------------------------------------------------------------------------------------------- capture
 def _small_run(device: torch.device, capture: str, precision: str, seed: int = 0):
-    from .search import SearchConfig, resolve_config
-    from .searcher import SearchRun
+    from ktnas.engine.search.loop import SearchConfig, resolve_config
+    from ktnas.engine.search.run import SearchRun
 
     cfg = resolve_config(SearchConfig(features="unused", batch_size=8, epochs=2, layers=1, channels=8,
                                       reductions=(), device=str(device), recompute="none", capture=capture,
@@ -181,7 +181,7 @@ def _small_run(device: torch.device, capture: str, precision: str, seed: int = 0
 def capture(device: torch.device, precision: str) -> tuple:
     """The captured (CUDA graph; compiled on other devices) step against the eager one from the same state:
     GRAPH_WARMUP + 2 steps on the same batches; every parameter compared."""
-    from .capture import CaptureFallback, GRAPH_WARMUP
+    from ktnas.engine.search.capture import CaptureFallback, GRAPH_WARMUP
 
     mode = "graph" if device.type == "cuda" else "compile"
     eager, captured = _small_run(device, "none", precision), _small_run(device, mode, precision)
@@ -217,9 +217,9 @@ def memory(device: torch.device, precision: str) -> tuple:
     one real step's ``max_memory_allocated`` (the second step: optimiser state and gradients in place)."""
     if device.type != "cuda":
         return "skipped", "the measured peak is CUDA's allocator's: run on a CUDA device", {}
-    from .search import SearchConfig, resolve_config
-    from .searcher import SearchRun
-    from .step_profile import profile_search_step
+    from ktnas.engine.search.loop import SearchConfig, resolve_config
+    from ktnas.engine.search.run import SearchRun
+    from ktnas.engine.profile.step import profile_search_step
 
     from ktnas.kernels import resolve_impl
 

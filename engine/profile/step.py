@@ -1,8 +1,8 @@
-"""The step profile: one search step run under the instruments of :mod:`ktnas.engine.profile`, set up as on CUDA,
-by default on fake tensors (shapes without data: the papers' batch 64 costs no memory and little time). The run's
-hooks (saved tensors per forward, CUDA's autocast policy and foreach defaults), steady-state optimiser state, the
-GDAS sample on fake tensors and the fused op's launch counter; :func:`profile_search_step` puts them together.
-``--max-memory`` (``ktnas.engine.memory``) and ``ktnas bench step`` both read it."""
+"""The step profile: one search step run under the instruments of :mod:`ktnas.engine.profile.instruments`, set up as on
+CUDA, by default on fake tensors (shapes without data: the papers' batch 64 costs no memory and little time). The
+run's hooks (saved tensors per forward, CUDA's autocast policy and foreach defaults), steady-state optimiser state,
+the GDAS sample on fake tensors and the fused op's launch counter; :func:`profile_search_step` puts them together.
+``--max-memory`` (``ktnas.engine.search.memory``) and ``ktnas bench step`` both read it."""
 from __future__ import annotations
 
 import contextlib
@@ -11,10 +11,10 @@ import dataclasses
 import numpy as np
 import torch
 
-from .algorithms.gdas import Gdas, gumbel_arch, gumbel_noise, hard_sample
-from .profile import CudaAutocast, StepTracker, allocated_bytes, saved_for_backward
-from .searcher import SearchRun
-from .supernet import MixedEdge
+from ktnas.engine.algorithms.gdas import Gdas, gumbel_arch, gumbel_noise, hard_sample
+from ktnas.engine.profile.instruments import CudaAutocast, StepTracker, allocated_bytes, saved_for_backward
+from ktnas.engine.search.run import SearchRun
+from ktnas.engine.search.supernet import MixedEdge
 
 
 def gumbel_fake_safe(model, tau, gen, tracker):
@@ -215,7 +215,7 @@ def profile_eval_pass(cfg, info: dict, batch: int) -> int:
     one op per edge (GDAS' argmax) the space's first parametric op on every edge, the dearest a pass can be."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .ops import has_params
+    from ktnas.engine.ops import has_params
 
     with FakeTensorMode(allow_non_fake_inputs=True), fused_counter(cfg.kernels == "triton") as triton_counts:
         tracker = StepTracker()

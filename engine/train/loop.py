@@ -28,13 +28,13 @@ from ktnas.cache.stems import get_stem
 from ktnas.cache.store import open_store
 from ktnas.cache.stream import FeatureLoader
 
-from . import runs
-from .data import ImageBatches
-from .evaluate import add_evaluate_parser, evaluate
+from ktnas.engine import runs
+from ktnas.engine.data import ImageBatches
+from ktnas.engine.train.evaluate import add_evaluate_parser, evaluate
 from ktnas.cache.flags import add_config_arguments, check_positive, config_from_args, option
-from .network import build_network, load_model, network_config, save_model
-from .runs import RunDir, atomic_write, progress, set_rng_state
-from .genotypes import parse_genotype
+from ktnas.engine.train.network import build_network, load_model, network_config, save_model
+from ktnas.engine.runs import RunDir, atomic_write, progress, set_rng_state
+from ktnas.engine.genotypes import parse_genotype
 
 __all__ = ["TrainConfig", "train", "evaluate", "load_model", "stem_of_store", "stem_images", "stem_batches",
            "make_optimizer", "train_step", "run_epoch", "add_train_parser", "add_evaluate_parser"]

@@ -12,8 +12,8 @@ from ktnas.cache.datasets import load_split
 from ktnas.cache.errors import KtnasError
 from ktnas.cache.runtime import resolve_device
 
-from . import runs
-from .network import load_model
+from ktnas.engine import runs
+from ktnas.engine.train.network import load_model
 
 
 @torch.no_grad()

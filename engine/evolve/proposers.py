@@ -8,9 +8,9 @@ import math
 
 import numpy as np
 
-from .predictor import derive_seed, predict_scores
-from .predictor_dcl import predictor_method
-from .spaces import genotype_from_json, get_space
+from ktnas.engine.evolve.predictor import derive_seed, predict_scores
+from ktnas.engine.evolve.predictor_dcl import predictor_method
+from ktnas.engine.spaces import genotype_from_json, get_space
 
 
 def rank_key(r: dict):
