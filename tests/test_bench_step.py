@@ -155,7 +155,7 @@ def test_anchors_h100_first_order(batch64):
     3,270 MiB; ktnas's own KT-NAS edges (one ReLU per edge, 'none' free) keep less still."""
     for config in ("baseline", "cached-darts-edges"):
         mib = batch64[config]["peak_bytes"] / 2**20
-        anchor = ANCHORS[(config, "darts", "darts", 1, "fp32")]
+        anchor = ANCHORS[(config, "darts", "darts-1", "fp32")]
         assert abs(mib / anchor - 1) <= 0.10, (config, mib, anchor)
     assert batch64["cached"]["peak_bytes"] < batch64["cached-darts-edges"]["peak_bytes"]
 
