@@ -217,3 +217,22 @@ def test_bf16_autocast_search(store, tmp_path, algo, order):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == "bf16"
     with np.load(tmp_path / "run" / "alphas.npz") as z:
         assert all(z[k].dtype == np.float32 for k in z.files)
+
+
+@pytest.mark.parametrize("algo,shown,hidden", [
+    ("gdas", ["default for gdas: 250", "default for gdas: 0.0005", "--tau-max TAU_MAX", "(default: 10.0)",
+              "--tau-min TAU_MIN", "(default: 0.1)"], ["--pc-k", "--order"]),
+    ("pcdarts", ["default for pcdarts: 256", "default for pcdarts: 0.1", "--pc-k PC_K", "(default: 4)",
+                 "PC-DARTS' 15 of 50"], ["--tau-max", "--order"]),
+    ("darts", ["default for darts: 50", "--order {1,2}", "(default: 1)"], ["--pc-k", "--tau-max", "--candidates"]),
+])
+def test_search_help_shows_the_algorithms_own_defaults(capsys, algo, shown, hidden):
+    """`ktnas search --algo NAME --help`: that algorithm's paper values of the shared hyper-parameters and its own
+    options with their defaults; no other algorithm's options."""
+    from ktnas.engine.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["search", "--algo", algo, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert all(s in text for s in shown), [s for s in shown if s not in text]
+    assert not any(h in text for h in hidden), [h for h in hidden if h in text]
