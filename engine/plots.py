@@ -13,11 +13,14 @@ def _pyplot():
     return plt
 
 
-def plot_alphas(alpha_hist: dict, ops, path) -> None:
-    """softmax(alpha) per op, averaged over edges, against the epoch; one panel per cell type."""
+def plot_alphas(alpha_hist: dict, ops, path) -> dict:
+    """softmax(alpha) per op, averaged over edges, against the epoch; one panel per cell type, with the uniform
+    weight 1/K drawn and a y axis from 0 to at least 3/K, so weights that stayed near uniform look flat (an axis
+    fitted to the data would magnify noise of 1e-4 into trends). Returns ``{cell type: (ymin, ymax)}``."""
     plt = _pyplot()
-    types = sorted({k.rsplit("_e", 1)[0] for k in alpha_hist}, key=["normal", "reduce", "cell"].index)
+    types = list(dict.fromkeys(k.rsplit("_e", 1)[0] for k in alpha_hist))
     fig, axes = plt.subplots(1, len(types), figsize=(5.5 * len(types), 4), squeeze=False)
+    limits, uniform = {}, 1 / len(ops)
     for ax, t in zip(axes[0], types):
         keys = sorted(k for k in alpha_hist if k.rsplit("_e", 1)[0] == t)
         epochs = [int(k.rsplit("_e", 1)[1]) + 1 for k in keys]
@@ -25,12 +28,16 @@ def plot_alphas(alpha_hist: dict, ops, path) -> None:
                       keepdims=True) for a in (alpha_hist[k] for k in keys)]).mean(1)
         for j, op in enumerate(ops):
             ax.plot(epochs, w[:, j], marker="o", ms=3, label=op)
+        ax.axhline(uniform, color="0.3", ls="--", lw=1, label=f"uniform 1/{len(ops)}")
+        ax.set_ylim(0, max(3 * uniform, 1.1 * float(w.max())))
         ax.set(title=f"{t} cell", xlabel="epoch", ylabel="mean softmax(alpha)")
         ax.grid(alpha=0.3)
+        limits[t] = ax.get_ylim()
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return limits
 
 
 def _arrow(ax, p0, p2, rad: float, op, radius: float) -> float:

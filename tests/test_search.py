@@ -236,3 +236,70 @@ def test_search_help_shows_the_algorithms_own_defaults(capsys, algo, shown, hidd
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert all(s in text for s in shown), [s for s in shown if s not in text]
     assert not any(h in text for h in hidden), [h for h in hidden if h in text]
+
+
+def test_movement_of_the_architecture_weights_float64():
+    """Entropy against ln K and, per edge, the margin between the op picked and the next pickable one (DARTS never
+    picks 'none'), computed by hand."""
+    from ktnas.engine.search.choice import MIN_MARGIN, movement, supported
+    from ktnas.engine.spaces import get_space
+
+    darts = get_space("darts")
+    a = np.zeros((2, 8))
+    a[0, darts.ops.index("none")] = 5.0  # 'none' dominates edge 0: not pickable, so its margin is 0
+    a[1, darts.ops.index("sep_conv_3x3")] = math.log(3.0)  # edge 1: e^x = 3 against 1 for the seven others
+    m = movement(darts, {"normal": torch.tensor(a)})
+    p1 = np.array([1.0] * 8)
+    p1[darts.ops.index("sep_conv_3x3")] = 3.0
+    p1 /= p1.sum()
+    assert m["margins"]["normal"] == pytest.approx([0.0, p1.max() - 1 / 10], abs=1e-12)
+    p0 = np.exp(a[0]) / np.exp(a[0]).sum()
+    h = (-(p0 * np.log(p0)).sum() - (p1 * np.log(p1)).sum()) / 2
+    assert m["entropy_ratio"]["normal"] == pytest.approx(h / math.log(8), abs=1e-12)
+    assert m["margin_median"]["normal"] == pytest.approx((p1.max() - 0.1) / 2, abs=1e-12)
+    assert supported(darts, m) == (m["margin_median"]["normal"] >= MIN_MARGIN / 8)
+    uniform = movement(darts, {"normal": torch.zeros(14, 8), "reduce": torch.full((14, 8), 1e-4)})
+    assert uniform["entropy_ratio"] == {"normal": pytest.approx(1.0), "reduce": pytest.approx(1.0)}
+    assert not supported(darts, uniform)
+    nb201 = get_space("nb201")  # NB201 picks 'none' too
+    b = np.zeros((6, 5))
+    b[:, 0] = 1.0
+    assert movement(nb201, {"cell": b})["margins"]["cell"] == pytest.approx([math.e / (math.e + 4) - 1 / (math.e + 4)]
+                                                                            * 6)
+
+
+def test_a_search_whose_weights_did_not_move_says_so(store, tmp_path, capsys):
+    """One short epoch leaves the weights near uniform: metrics.jsonl records entropy and margins, the search warns
+    in one line that the genotype is not supported, and alphas.png draws them flat against the uniform level."""
+    from ktnas.engine.cli import main
+    from ktnas.engine.plots import plot_alphas
+    from ktnas.engine.search.choice import UnsupportedChoice
+    from ktnas.engine.spaces import get_space
+
+    with pytest.warns(UnsupportedChoice, match=r"barely moved in 3 architecture steps \(normal: entropy 100\.0% of "
+                                               r"its maximum, median margin 0\.0\d+"):
+        search(cfg(store, tmp_path / "run", batch_size=8))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    r = rows[-1]
+    assert set(r["margins"]) == {"normal", "reduce"} and len(r["margins"]["normal"]) == 14
+    assert r["choice_supported"] is False and r["entropy_ratio"]["normal"] > 0.999
+    assert main(["search", *map(str, ["--features", store, "--out", tmp_path / "cli", "--epochs", 1, "--batch-size", 8,
+                                      "--layers", 2, "--channels", 4, "--reductions", 1, "--limit", 48, "--device",
+                                      "cpu", "--quiet"])]) == 0
+    assert "the choice is NOT supported by them" in capsys.readouterr().out
+    with np.load(tmp_path / "run" / "alphas.npz") as z:
+        limits = plot_alphas(dict(z), get_space("darts").ops, tmp_path / "a.png")
+    assert limits == {"normal": (0.0, 3 / 8), "reduce": (0.0, 3 / 8)}  # flat lines at 1/8 look flat
+
+
+def test_a_search_whose_weights_moved_is_supported(store, tmp_path):
+    """The same search with an architecture learning rate 1000 times the paper's moves the weights: no warning."""
+    import warnings
+
+    from ktnas.engine.search.choice import UnsupportedChoice
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnsupportedChoice)
+        search(cfg(store, tmp_path / "run", batch_size=8, epochs=2, arch_lr=0.3))
+    r = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert r["choice_supported"] is True and r["entropy_ratio"]["normal"] < 0.99

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -29,7 +30,8 @@ from ktnas.engine.search.memory import choose_batch_size
 from ktnas.engine.plots import plot_alphas
 from ktnas.engine.runs import RunDir, peak_memory, seed_all, set_rng_state
 from ktnas.engine.search.run import SearchRun
-from ktnas.engine.spaces import SPACES, alpha_entropy, count_skips, genotype_str, get_space, load_genotype
+from ktnas.engine.search import choice
+from ktnas.engine.spaces import SPACES, count_skips, genotype_str, get_space, load_genotype
 from ktnas.engine.search.supernet import RECOMPUTE, count_parameters
 
 
@@ -212,6 +214,10 @@ def _search(cfg: SearchConfig, device, rank: int, world_size: int) -> dict:
         for epoch in range(start, cfg.epochs):
             genotype = _epoch(run, files, epoch, train, val, history, alpha_hist, world_size)
             files.write_json("config.json", dict(resolved, ran={k: history[-1][k] for k in RAN}))
+        if files.main and history and not history[-1]["choice_supported"]:
+            arch_steps = sum(r["steps"].get("called", 0) for r in history if r["epoch"] > run.arch_start)
+            warnings.warn(choice.unsupported_warning(run.model.space, history[-1], arch_steps),
+                          choice.UnsupportedChoice)
         if genotype is None:  # resumed after the last epoch: the files are there already
             genotype = distributed.from_rank0(lambda: load_genotype(files.file("genotype.json")))
         if files.main:
@@ -219,6 +225,7 @@ def _search(cfg: SearchConfig, device, rank: int, world_size: int) -> dict:
             run.model.space.draw(genotype, files.path)
         return dict(out=str(files.path), genotype=genotype.to_json(), genotype_str=genotype_str(genotype),
                     rank=rank, world_size=world_size, epochs=cfg.epochs, last=history[-1] if history else None,
+                    space=cfg.space,
                     layout=run.layout, params=resolved["params"], arch_params=resolved["arch_params"])
     finally:
         train.close()
@@ -249,7 +256,8 @@ def _epoch(run: SearchRun, files: RunDir, epoch: int, train, val, history: list,
     rec.update(extra)
     rec["seconds"] = time.perf_counter() - t0
     rec["peak_memory_bytes"] = -distributed.min_over_ranks(-peak_memory(device), device)  # the largest rank's
-    rec["entropy"] = {t: alpha_entropy(a) for t, a in model.alphas().items()}
+    rec.update(choice.movement(model.space, model.alphas()))  # entropy, entropy_ratio, margins, margin_median
+    rec["choice_supported"] = choice.supported(model.space, rec)
     rec["skips"] = None if genotype is None else count_skips(genotype)
     rec["genotype"] = None if genotype is None else genotype_str(genotype)
     rec["world_size"] = world_size
@@ -269,7 +277,9 @@ def _epoch(run: SearchRun, files: RunDir, epoch: int, train, val, history: list,
 
         tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: train {rec['train_loss']:.3f}/{rec['train_acc']:.3f} "
                    f"val {rec['val_loss']:.3f}/{rec['val_acc']:.3f} skips {rec['skips']} "
-                   f"entropy {' '.join(f'{v:.3f}' for v in rec['entropy'].values())}\n  {rec['genotype']}",
+                   f"entropy {' '.join(f'{v:.3f}' for v in rec['entropy'].values())} (of max "
+                   f"{' '.join(f'{v:.1%}' for v in rec['entropy_ratio'].values())}), median margin "
+                   f"{' '.join(f'{v:.4f}' for v in rec['margin_median'].values())}\n  {rec['genotype']}",
                    file=sys.stderr)
     return genotype
 
@@ -303,6 +313,9 @@ def cmd_search(args) -> int:
     if s["rank"] == 0:
         print(f"{s['out']}: {s['epochs']} epochs, val acc {last.get('val_acc', float('nan')):.4f}, "
               f"{s['params'] / 1e6:.3f} M params; genotype {s['genotype_str']}")
+        if "margin_median" in last:
+            print(f"architecture weights: {choice.describe(get_space(s['space']), last)}; the choice is "
+                  f"{'supported' if last['choice_supported'] else 'NOT supported'} by them")
     return 0
 
 

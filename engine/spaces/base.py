@@ -19,7 +19,7 @@ class SearchSpace:
     channels) of the small network ``ktnas evolve`` trains per candidate), ``genotype`` (its class: ``to_json``,
     ``from_json``, ``save``), ``text_form`` (the name of the papers' own text form of its genotypes, None when it
     has none) and ``json_keys`` (the sets of keys, any one of which says a genotype JSON without a ``"space"`` key
-    is this space's).
+    is this space's), ``never_picked`` (ops its derivation never picks for an edge: DARTS' 'none').
     Everything else ktnas reads of a space is a method below.
     """
     name: str
@@ -33,6 +33,7 @@ class SearchSpace:
     proxy: tuple[int, int] = (8, 16)
     genotype: type
     text_form: str | None = None
+    never_picked: tuple[str, ...] = ()  # ops the derivation never chooses for an edge (DARTS: 'none')
     json_keys: tuple[tuple[str, ...], ...] = ()
 
     def claims_json(self, d: dict) -> bool:
