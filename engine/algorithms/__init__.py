@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ktnas.cache.errors import KtnasError
 
-from ktnas.engine.algorithms import darts, gdas, pcdarts, random_ws  # noqa: F401  (each registers itself)
+from ktnas.engine.algorithms import darts, darts_pt, gdas, pcdarts, random_ws  # noqa: F401  (each registers itself)
 from ktnas.engine.algorithms.base import (ALGORITHMS, Algorithm, algorithm_variants, derive, one_hot_arch,
                                           register_algorithm, resolve_variant, variant_argv)
 from ktnas.engine.algorithms.darts import unrolled_arch_grad

@@ -19,7 +19,8 @@ class SearchSpace:
     channels) of the small network ``ktnas evolve`` trains per candidate), ``genotype`` (its class: ``to_json``,
     ``from_json``, ``save``), ``text_form`` (the name of the papers' own text form of its genotypes, None when it
     has none) and ``json_keys`` (the sets of keys, any one of which says a genotype JSON without a ``"space"`` key
-    is this space's), ``never_picked`` (ops its derivation never picks for an edge: DARTS' 'none').
+    is this space's), ``never_picked`` (ops its derivation never picks for an edge: DARTS' 'none'),
+    ``chooses_inputs`` (its derivation keeps some of a node's input edges only: DARTS' 2).
     Everything else ktnas reads of a space is a method below.
     """
     name: str
@@ -34,6 +35,7 @@ class SearchSpace:
     genotype: type
     text_form: str | None = None
     never_picked: tuple[str, ...] = ()  # ops the derivation never chooses for an edge (DARTS: 'none')
+    chooses_inputs: bool = False  # the derivation keeps some of a node's input edges only (DARTS: 2 of them)
     json_keys: tuple[tuple[str, ...], ...] = ()
 
     def claims_json(self, d: dict) -> bool:

@@ -243,7 +243,7 @@ class DartsSpace(SearchSpace):
     reference = {"search": (8, 16), "eval": (20, 36)}
     proxy = (8, 16)
     text_form, json_keys = "darts", (("normal", "reduce"),)
-    never_picked = ("none",)
+    never_picked, chooses_inputs = ("none",), True
 
     def looks_like(self, text):
         return looks_like_darts_text(text)
