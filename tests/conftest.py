@@ -110,3 +110,33 @@ def search_store(tmp_path_factory):
         precompute(dataset="synthetic:200/80", stem="mobilenet_v2:features.1", weights="none", image_size=32,
                    out=str(out), limit=64, splits=("train",), progress=False)
     return str(out)
+
+
+# The files that take longest (half a minute to a few minutes of one worker each), longest first: they run before
+# the others, so that under pytest-xdist (make test: --dist loadfile) the short files fill in at the end instead of
+# a long file running alone after the other worker is done. The other files follow in pytest-xdist's own order
+# (most tests first).
+LONGEST = ("test_bench_step.py", "test_bench_accuracy.py", "test_precompute.py", "test_search_ddp.py",
+           "test_capture.py", "test_memory.py", "test_supernet.py", "test_triton_mixed.py", "test_bench_search.py",
+           "test_evolve.py", "test_evaluate_classes.py", "test_progress.py", "test_cli.py", "test_doctor.py",
+           "test_bench_kernels.py", "test_bench_evolve.py", "test_genotypes.py", "test_search.py", "test_stems.py",
+           "test_triton_op.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False  # pytest-xdist keeps the order pytest_collection_modifyitems makes
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # one process: the files in their usual order
+    files = [item.nodeid.split("::")[0] for item in items]
+    count = {f: files.count(f) for f in set(files)}
+
+    def rank(f):
+        name = os.path.basename(f)
+        return (LONGEST.index(name) if name in LONGEST else len(LONGEST), -count[f], f)
+
+    order = {f: i for i, f in enumerate(sorted(count, key=rank))}
+    items[:] = [item for _, item in sorted(zip(files, items), key=lambda p: order[p[0]])]  # stable within a file

@@ -12,10 +12,11 @@ from ktnas.engine.cli import main
 
 
 def test_bench_accuracy_end_to_end(tmp_path, capsys):
+    # the supernets at their default widths (the classic one is DARTS' full network): one search step of 8 images
     out = tmp_path / "ba"
     argv = ["bench", "accuracy", "--dataset", "synthetic:160/64", "--stem", "mobilenet_v2:features.1", "--weights",
-            "none", "--image-size", "32", "--search-epochs", "1", "--search-limit", "64", "--batch-size", "16",
-            "--train-epochs", "1", "--train-limit", "96", "--train-layers", "3", "--train-channels", "4",
+            "none", "--image-size", "32", "--search-epochs", "1", "--search-limit", "16", "--batch-size", "8",
+            "--train-epochs", "1", "--train-limit", "32", "--train-layers", "3", "--train-channels", "4",
             "--train-batch-size", "32", "--device", "cpu", "--out", str(out)]
     assert main(argv) == 0
     data = json.loads((out / "results.json").read_text())
@@ -27,7 +28,7 @@ def test_bench_accuracy_end_to_end(tmp_path, capsys):
         assert r["search_s"] > 0 and r["search_wall_s"] >= r["search_s"] and r["cost_s"] >= r["search_s"]
         assert r["peak_mem_bytes"] > 0 and 0 <= r["test_acc"] <= 100 and 0 <= r["search_val_acc"] <= 1
         assert r["genotype"].startswith("normal=") or "|" in r["genotype"], r["genotype"]
-        assert (r["device"], r["batch"], r["search_samples"], r["search_epochs"]) == ("cpu", 16, 64, 1)
+        assert (r["device"], r["batch"], r["search_samples"], r["search_epochs"]) == ("cpu", 8, 16, 1)
     assert classic["cost_vs_classic"] == 1 and classic["acc_minus_classic"] == 0
     assert kt["acc_minus_classic"] == pytest.approx(kt["test_acc"] - classic["test_acc"])
     assert 0 <= kt["raw_test_acc"] <= 100
@@ -53,8 +54,8 @@ def test_bench_accuracy_seeds_algorithms_random_baseline_and_resume(tmp_path, ca
     finished by a rerun, which redoes only those, to the same architectures and accuracies."""
     out = tmp_path / "bs"
     argv = ["bench", "accuracy", "--dataset", "synthetic:160/64", "--stem", "mobilenet_v2:features.1", "--weights",
-            "none", "--image-size", "32", "--search-epochs", "1", "--search-limit", "64", "--batch-size", "16",
-            "--train-epochs", "1", "--train-limit", "96", "--train-layers", "3", "--train-channels", "4",
+            "none", "--image-size", "32", "--search-epochs", "1", "--search-limit", "16", "--batch-size", "8",
+            "--train-epochs", "1", "--train-limit", "32", "--train-layers", "3", "--train-channels", "4",
             "--train-batch-size", "32", "--device", "cpu", "--algos", "darts,gdas", "--seeds", "0,1",
             "--random-baseline", "--search-channels", "2", "--out", str(out)]
     assert main(argv) == 0
@@ -90,8 +91,9 @@ def test_bench_accuracy_seeds_algorithms_random_baseline_and_resume(tmp_path, ca
 
 def test_bench_accuracy_quick(tmp_path, capsys):
     """--quick (the CI-sized run): its budget is what the README says, at half width, both ways."""
+    # a data set smaller than the budget (the report records the budget asked for): the phases run on 32 images
     out = tmp_path / "q"
-    assert main(["bench", "accuracy", "--quick", "--dataset", "synthetic:160/64", "--stem", "mobilenet_v2:features.1",
+    assert main(["bench", "accuracy", "--quick", "--dataset", "synthetic:32/16", "--stem", "mobilenet_v2:features.1",
                  "--weights", "none", "--image-size", "32", "--batch-size", "32", "--device", "cpu",
                  "--out", str(out)]) == 0
     rows = {r["config"]: r for r in json.loads((out / "results.json").read_text())["rows"]}

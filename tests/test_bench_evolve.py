@@ -14,8 +14,8 @@ from ktnas.engine.cli import main
 def test_quick_evolve_comparison(tmp_path, capsys):
     store = tmp_path / "s.zarr"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        precompute(**dict(TINY, out=str(store), splits=("train",)))
+        warnings.simplefilter("ignore")  # 64 images: every candidate trains one batch, validates one
+        precompute(**dict(TINY, out=str(store), splits=("train",), limit=64))
     argv = ["bench", "evolve", "--quick", "--features", str(store), "--device", "cpu", "--out", str(tmp_path / "b")]
     assert main(argv) == 0
     rows = json.loads((tmp_path / "b" / "results.json").read_text())["rows"]

@@ -60,8 +60,8 @@ def test_sampled_architectures_are_distinct_and_seeded():
 def ranking_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("ranking") / "s.zarr"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        precompute(**dict(TINY, out=str(path), splits=("train",)))
+        warnings.simplefilter("ignore")  # 64 images: every candidate trains one batch, validates one
+        precompute(**dict(TINY, out=str(path), splits=("train",), limit=64))
     return path
 
 

@@ -2,6 +2,7 @@
 rows, ratios, the network each configuration trains, refusals. No timing is asserted (it depends on the machine)."""
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -31,6 +32,20 @@ def cpu_run(tmp_path_factory):
     assert main(["bench", "search", *TINY, "--algos", "darts-1", "--spaces", "darts", "--batch-size", "2",
                  "--warmup", "0", "--steps", "2", "--out", str(out)]) == 0
     return out, json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    """A store of 8x8 features (16 px synthetic images through the random stem): a two-cell supernet, cheap to
+    compile."""
+    from ktnas.cache.precompute import precompute
+
+    out = tmp_path_factory.mktemp("small-store") / "s.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random stem weights
+        precompute(dataset="synthetic", stem="mobilenet_v2:features.1", weights="none", image_size=16, out=str(out),
+                   limit=64, progress=False)
+    return out
 
 
 def measured(rows):
@@ -132,10 +147,10 @@ def test_algorithms_on_nb201_reuse_a_given_store(cpu_run, tmp_path):
 
 
 @pytest.mark.parametrize("algo", ["darts-1", "gdas"])
-def test_compiled_row_is_search_compiled(cpu_run, tmp_path, algo):
+def test_compiled_row_is_search_compiled(small_store, tmp_path, algo):
     """cached-compiled runs ktnas search's --capture compile step (aot_eager here): the same freshly seeded
     network on the same batches as the cached row, so the same last loss; the rows record recompute and capture."""
-    rows = bench_search(cpu_run[0] / "features.zarr", device="cpu", algos=algo, spaces="darts",
+    rows = bench_search(small_store, device="cpu", algos=algo, spaces="darts",
                         configs="cached,cached-compiled", batch_size=2, warmup=1, steps=2, work_dir=tmp_path,
                         recompute="none", compile_backend="aot_eager")
     plain, comp = rows

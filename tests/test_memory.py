@@ -42,8 +42,8 @@ def test_profile_picks_the_largest_batch_that_fits(algo, order, fractions):
 def test_max_memory_on_the_cpu_picks_from_the_profile(search_store, tmp_path, capsys):
     """A search on the CPU with --max-memory runs at the largest batch whose profiled peak fits: the next batch
     would not; config.json records the choice."""
-    base = dict(features=str(search_store), epochs=1, batch_size=32, limit=64, layers=2, channels=4,
-                reductions=(1,), device="cpu", progress=False)
+    base = dict(features=str(search_store), epochs=1, batch_size=32, limit=64, layers=1, channels=4,
+                reductions=(0,), device="cpu", progress=False)  # one reduction cell: a profile in half the time
     cfg = resolve_config(SearchConfig(**base))
     info = dict(in_channels=16, resolution=16, shape=[16, 16, 16], num_classes=10)  # the store's features
     cap = (M.profile_peak(cfg, info, 11) + M.profile_peak(cfg, info, 12)) // 2
@@ -58,7 +58,7 @@ def test_max_memory_refuses_when_not_even_one_sample_fits(search_store, tmp_path
     p = argparse.ArgumentParser()
     add_search_parser(p.add_subparsers(dest="command"))
     args = p.parse_args(["search", "--features", str(search_store), "--out", str(tmp_path / "run"), "--device",
-                         "cpu", "--max-memory", "64KiB", "--layers", "2", "--channels", "4", "--reductions", "1",
+                         "cpu", "--max-memory", "64KiB", "--layers", "1", "--channels", "4", "--reductions", "0",
                          "--quiet"])
     with pytest.raises(KtnasError, match=r"--max-memory 64\.0 KiB: even batch size 1 needs .* by the step profile") \
             as e:

@@ -197,9 +197,11 @@ def test_search_step_with_triton_kernels_equals_torch(space, variant):
         pytest.skip("triton interpreter not active in this process")
     torch.manual_seed(0)
     k = 2 if variant == "pc" else 1
-    nets = {kn: Supernet(space, 3, 5, stem="cached", layers=1, channels=4, reductions=(0,) if space == "darts" else (),
-                         k=k, edge_norm=variant == "pc", kernels=kn)
-            for kn in ("torch", "triton")}  # DARTS: one reduction cell (strides 1 and 2)
+    # edges of 4 channels in both spaces (the interpreter runs one program per channel and tile): DARTS one
+    # reduction cell (strides 1 and 2), which doubles its 2 channels
+    nets = {kn: Supernet(space, 3, 5, stem="cached", layers=1, channels=2 if space == "darts" else 4,
+                         reductions=(0,) if space == "darts" else (), k=k, edge_norm=variant == "pc", kernels=kn)
+            for kn in ("torch", "triton")}
     with torch.no_grad():  # GDAS: rarely sample 'none', so the loss depends on the alphas
         for a in nets["torch"].alphas().values():
             a[:, nets["torch"].space.ops.index("none")] -= 5
@@ -229,7 +231,8 @@ def test_triton_kernels_under_bf16_autocast(variant):
         pytest.skip("triton interpreter not active in this process")
     torch.manual_seed(0)
     k = 2 if variant == "pc" else 1
-    nets = {kn: Supernet("darts", 3, 5, stem="cached", layers=1, channels=4, reductions=(0,), k=k,
+    # one reduction cell of 4 channels (2 doubled): the interpreter runs one program per channel and tile
+    nets = {kn: Supernet("darts", 3, 5, stem="cached", layers=1, channels=2, reductions=(0,), k=k,
                          edge_norm=variant == "pc", kernels=kn) for kn in ("torch", "triton")}
     nets["triton"].load_state_dict(nets["torch"].state_dict())
     x, y = torch.randn(2, 5, 7, 7), torch.tensor([0, 2])

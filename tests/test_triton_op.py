@@ -140,10 +140,10 @@ def test_opcheck():
     """torch.library.opcheck: schema, fake implementation, autograd registration, AOT dispatch (dynamic shapes),
     for the forward and the backward operator."""
     gen = torch.Generator().manual_seed(2)
-    for stride, k in ((1, 1), (2, 2)):
-        x = torch.randn(2, 4, 5, 5, generator=gen, requires_grad=True)
+    for stride, k in ((1, 1), (2, 2)):  # 2 channels: each opcheck runs the interpreted kernels many times
+        x = torch.randn(2, 2, 5, 5, generator=gen, requires_grad=True)
         Ho = -(-5 // stride)
-        convs = [torch.randn(2, 4 // k, Ho, Ho, generator=gen, requires_grad=True) for _ in range(2)]
+        convs = [torch.randn(2, 2 // k, Ho, Ho, generator=gen, requires_grad=True) for _ in range(2)]
         wvec = torch.rand(6, generator=gen, requires_grad=True)
         flags = (stride, True, k, stride == 1, True, True)
         torch.library.opcheck(torch.ops.ktnas.mixed_op.default, (x, wvec, convs, 1e-5, *flags))
