@@ -136,7 +136,9 @@ def test_search_completes_when_a_specialisation_fails(search_store, tmp_path, au
     assert got["last"]["val_loss"] == pytest.approx(plain["last"]["val_loss"], rel=1e-6)
     rec = json.loads((tmp_path / "auto" / "metrics.jsonl").read_text().splitlines()[-1])
     fell = rec["kernels"]["fell_back"]
-    assert len(w) == len(fell) > 0 and rec["kernels"]["triton"] > 0 and rec["kernels"]["torch"] == len(fell)
+    fallbacks = [x for x in w if issubclass(x.category, mixed.KernelFallback)]  # (a tiny search also warns that
+    # its weights barely moved)
+    assert len(fallbacks) == len(fell) > 0 and rec["kernels"]["triton"] > 0 and rec["kernels"]["torch"] == len(fell)
     why = "OutOfResources" if fault == "launch" else "out differs from the reference"
     assert all("stride 2" in k and why in v for k, v in fell.items())
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["ran"]["kernels"] == rec["kernels"]

@@ -75,7 +75,8 @@ def test_paper_defaults():
     assert resolve_config(SearchConfig(features="x", algo="pcdarts", epochs=10)).options["warmup"] == 3
     g = resolve_config(SearchConfig(features="x", algo="gdas"))
     assert (g.epochs, g.weight_decay, g.nesterov, g.options) == (250, 5e-4, True, dict(tau_max=10.0, tau_min=0.1))
-    with pytest.raises(KtnasError, match="--order is an option of darts, not of --algo gdas"):
+    with pytest.raises(KtnasError, match="--order is an option of darts, darts-pt, not of --algo gdas: use --algo "
+                                         "darts"):
         resolve_config(SearchConfig(features="x", algo="gdas", options=dict(order=2)))
     with pytest.raises(KtnasError, match="--warmup must be 0 or more"):
         resolve_config(SearchConfig(features="x", options=dict(warmup=-1)))
