@@ -48,8 +48,8 @@ def class_mapping(have: list[str], want: list[str], what: str, target: str) -> l
 
 
 def relabel(split, classes: list[str], target: str):
-    """``split`` (a ``ktnas.cache.datasets.ImageSplit``) with its labels mapped onto ``classes`` by name (:func:`class_mapping`); the classes become
-    ``classes``. Unchanged when they are the same already."""
+    """``split`` (a ``ktnas.cache.datasets.ImageSplit``) with its labels mapped onto ``classes`` by name
+    (:func:`class_mapping`); the classes become ``classes``. Unchanged when they are the same already."""
     mapping = class_mapping(split.classes, classes, split.dataset, target)
     if mapping == list(range(len(classes))) and len(split.classes) == len(classes):
         return split
