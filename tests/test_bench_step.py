@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ktnas.engine.profile.instruments import CudaAutocast, StepTracker, cpu_allocator_peak, cuda_bytes, saved_for_backward
+from ktnas.engine.profile.instruments import (CudaAutocast, StepTracker, cpu_allocator_peak, cuda_bytes,
+                                              saved_for_backward)
 from ktnas.bench.step import ANCHORS, DARTS_OWN, LAUNCH_US, predict, profile_step
 from ktnas.cache.errors import KtnasError
 from ktnas.engine.cli import main
