@@ -1,4 +1,4 @@
-"""Classes travel with the model (issue 13): ``ktnas evaluate`` maps an image folder's class folders onto the
+"""Classes travel with the model: ``ktnas evaluate`` maps an image folder's class folders onto the
 model's classes by name (exact, then loosely), or by index for folders 0..N-1; a folder naming no class of the
 model, or another data set, is refused in one line listing both; per-class accuracy and a confusion matrix.
 Real data: Fashion-MNIST test images written as PNG files."""

@@ -1,4 +1,4 @@
-"""Genotypes in the forms people have (issue 13): ktnas JSON with or without "space", DARTS' Genotype(...) text
+"""Genotypes in the forms people have: ktnas JSON with or without "space", DARTS' Genotype(...) text
 (a published architecture, DARTS V2, as in DARTS' genotypes.py), NB201 architecture strings; round trips between
 the forms; one-line refusals; ktnas genotype show; and a paper's genotype trained as it is."""
 

@@ -1,5 +1,5 @@
 """Progress written to a log (standard error not a terminal): a line every KTNAS_PROGRESS_INTERVAL seconds and
-when a bar ends, never a redraw per step (issue 13: ``make demo > log`` wrote 184 KB of bars)."""
+when a bar ends, never a redraw per step (a redrawn bar in a log is a line per step)."""
 
 import io
 import re
