@@ -343,8 +343,10 @@ def add_search_parser(subparsers, argv=None) -> None:
                                         space=dict(choices=tuple(SPACES)),
                                         algo=dict(choices=tuple(ALGORITHMS))))  # those registered by now
     own = s.add_argument_group(f"options of --algo {algo.name}")
-    shown = {f.name: dict(dest=OPTION_DEST + f.name, default=None, help=_option_help(f),
-                          metavar=None if "choices" in f.metadata else f.name.upper())
+    flag = {f.name: f.type not in (bool, "bool") for f in dataclasses.fields(algo.Options)}  # bools: on/off flags
+    shown = {f.name: dict(dest=OPTION_DEST + f.name, help=_option_help(f),
+                          **({"default": None} if flag[f.name] else {}),
+                          **({"metavar": f.name.upper()} if flag[f.name] and "choices" not in f.metadata else {}))
              for f in dataclasses.fields(algo.Options)}
     add_config_arguments(own, algo.Options, overrides=shown)
     for name in sorted({f.name for a in ALGORITHMS.values() for f in dataclasses.fields(a.Options)}
