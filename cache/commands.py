@@ -67,8 +67,6 @@ def cmd_inspect(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ parser
-
-
 def register_store_commands(sub) -> None:
     """Add ``stems``, ``precompute-features`` and ``inspect`` to the ``ktnas`` subparsers ``sub``."""
     from .precompute import PrecomputeConfig

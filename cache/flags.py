@@ -3,8 +3,9 @@
 A config field documents itself through ``dataclasses.field(default=..., metadata={...})``; every key is optional:
 
 ``help``
-    the help text. A field whose default is None means "the paper default": say in the help what it is
-    (``"default: 50 (gdas: 250)"``); other defaults are appended as ``(default: X)`` unless the text shows one.
+    the help text. A field whose default is None means "decided later" (a paper default, the device's): say in
+    the help what it is, or let the parser's overrides add it (``ktnas search`` shows the algorithm's); other
+    defaults are appended as ``(default: X)`` unless the text shows one.
 ``choices``, ``metavar``, ``required``
     as in :meth:`argparse.ArgumentParser.add_argument`.
 ``flag``
@@ -34,6 +35,7 @@ import types
 import typing
 
 from .errors import KtnasError
+
 
 def option(default=None, help: str | None = None, **metadata):
     """A config field with its flag's help and other metadata keys (module docstring): ``x: int = option(3,
@@ -99,18 +101,6 @@ def _type_of(tp, what: str):
     return _scalar(tp, what), None
 
 
-def _refusing(parse):
-    """``parse`` with its KtnasError turned into argparse's one-line refusal of the flag."""
-    def flag_type(text):
-        try:
-            return parse(text)
-        except KtnasError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    flag_type.__name__ = getattr(parse, "__name__", "value")
-    return flag_type
-
-
 def _show(value) -> str:
     """A default as the user would type it (tuples comma-separated), with ``%`` escaped for argparse."""
     text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
@@ -151,8 +141,6 @@ def _argument(f: dataclasses.Field, tp, spec: dict, cls_name: str) -> tuple[str,
         implied = None
         if parse is None:
             parse, implied = _type_of(tp, what)
-        else:
-            parse = _refusing(parse)
         kw["type"] = parse
         if implied is not None:
             kw.setdefault("choices", implied)

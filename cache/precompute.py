@@ -10,6 +10,7 @@ ranks) write disjoint chunks of one store; whichever finishes last marks it comp
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import signal
 import sys
@@ -50,8 +51,6 @@ def parse_shard(text) -> tuple[int, int]:
 
 def torchrun_shard() -> tuple[int, int]:
     """Under torchrun each rank takes its own shard (RANK/WORLD_SIZE); else the whole store (0/1)."""
-    import os
-
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     return 0, 1

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ktnas.cache.errors import KtnasError
-
-from ktnas.engine import distributed
 from ktnas.cache.flags import check_positive, flag_name
+from ktnas.engine import distributed
 
 DARTS_DEFAULTS = dict(epochs=50, batch_size=64, lr=0.025, lr_min=0.001, weight_decay=3e-4, nesterov=False,
                       arch_lr=3e-4)  # DARTS (Liu et al. 2019), train_search.py

@@ -30,6 +30,15 @@ class DartsPTOptions(DartsOptions):
         "validation batches each perturbation is measured on (0: the whole search-validation split)")))
 
 
+def _removed(weights: dict, t: str, where) -> dict:
+    """``weights`` with ``weights[t][where]`` set to 0 (an op of an edge, or a whole edge): a copy of that cell
+    type's matrix, the others shared."""
+    w = dict(weights)
+    w[t] = weights[t].clone()
+    w[t][where] = 0
+    return w
+
+
 @register_algorithm
 class DartsPT(Darts):
     name = "darts-pt"
@@ -56,16 +65,12 @@ class DartsPT(Darts):
         edge at 5 plus a small bonus that ranks the edges of a node by how much removing them hurts."""
         space = self.model.space
         weights = {t: F.softmax(a.detach(), dim=-1).clone() for t, a in self.model.alphas().items()}
-        pickable = [j for j, op in enumerate(space.ops) if op not in space.never_picked]
+        pickable = space.pickable()
         chosen = {t: np.zeros(len(w), dtype=int) for t, w in weights.items()}
         order = [(t, e) for t in weights for e in range(len(weights[t]))]
         for i in rng.permutation(len(order)):
             t, e = order[i]
-            drops = {}
-            for j in pickable:
-                w = {k: v.clone() for k, v in weights.items()}
-                w[t][e, j] = 0
-                drops[j] = -self._accuracy(batches, w)
+            drops = {j: -self._accuracy(batches, _removed(weights, t, (e, j))) for j in pickable}
             chosen[t][e] = max(drops, key=lambda j: (drops[j], -j))
             weights[t][e] = F.one_hot(torch.tensor(chosen[t][e]), len(space.ops)).to(weights[t].dtype)
         edge_drop = {t: np.zeros(len(w)) for t, w in weights.items()}
@@ -73,9 +78,7 @@ class DartsPT(Darts):
             base = self._accuracy(batches, weights)
             for t in weights:
                 for e in range(len(weights[t])):
-                    w = {k: v.clone() for k, v in weights.items()}
-                    w[t][e] = 0
-                    edge_drop[t][e] = base - self._accuracy(batches, w)
+                    edge_drop[t][e] = base - self._accuracy(batches, _removed(weights, t, e))
         out = {}
         for t, w in weights.items():
             a = np.zeros(tuple(w.shape))

@@ -48,7 +48,6 @@ def mutate(genotype, rng: np.random.Generator):
     return space_of(genotype).mutate(genotype, rng)
 
 
-
 @dataclass
 class EvolveConfig:
     """Everything ``ktnas evolve`` takes. ``layers``/``channels`` None: the space's proxy network (its ``proxy``:
@@ -69,29 +68,29 @@ class EvolveConfig:
     weight_decay: float = 5e-4
     grad_clip: float = 5.0
     layers: int | None = option(None, "candidate size: cells built (NB201: ResNet blocks included); "
-                                                  "default: the proxy network minus what the stem replaces")
+                                      "default: the proxy network minus what the stem replaces")
     channels: int | None = option(None, "candidate size: width of the first cells")
     train_portion: float = option(0.5, "of the train split for candidate training, the rest validates")
     limit: int | None = option(None, "first N samples of the train split only")
     parallel: int | None = option(None, "candidates trained at once in lock-step (default: 1 on CPU, "
-                                                    "8 on CUDA); the predictor trains this many per cycle")
+                                        "8 on CUDA); the predictor trains this many per cycle")
     pool: int = option(100, "predictor: children ranked per cycle")
     pretrain_archs: int = option(4096, "predictor: sampled architectures of the unsupervised "
-                                                   "pre-training")
+                                       "pre-training")
     pretrain_steps: int = 500
     fit_steps: int = option(200, "predictor: ranking-loss steps per fit")
     hidden: int = option(32, "predictor: graph network width")
     predictor: str = option("gae", "predictor: gae (masked graph autoencoder pre-training, margin "
-                                               "ranking loss) | dcl (DCL-ENAS: contrastive pre-training, "
-                                               "contrastive ranking fine-tuning)", choices=PREDICTORS)
+                                   "ranking loss) | dcl (DCL-ENAS: contrastive pre-training, "
+                                   "contrastive ranking fine-tuning)", choices=PREDICTORS)
     cv_folds: int = option(5, "predictor: folds of the held-out Kendall tau at the end (0: none)")
     seed: int = 0
     device: str = option("auto", "auto | cpu | cuda")
     resume: bool = option(False, "continue the run in --out (a larger --cycles extends it)")
     stop_after: int | None = option(None, "stop once this many candidates are trained (continue: "
-                                                      "--resume)")
+                                          "--resume)")
     on_the_fly: bool = option(False, "train candidates on augmented images through the frozen stem "
-                                                 "instead of cached features")
+                                     "instead of cached features")
     dataset: str | None = option(None, "images for --on-the-fly (default: the store's data set)")
     data_root: str | None = option(None, "folder with the data set's files")
     workers: int = option(2, "feature reader threads")

@@ -22,7 +22,7 @@ def movement(space, alphas: dict) -> dict:
     """``{entropy, entropy_ratio, margins, margin_median}`` (each ``{cell type: ...}``) of architecture weights
     ``{cell type: [edges, ops]}``; margins per edge over the ops the space's derivation may pick."""
     k = len(space.ops)
-    pickable = [j for j, op in enumerate(space.ops) if op not in space.never_picked]
+    pickable = space.pickable()
     out = dict(entropy={}, entropy_ratio={}, margins={}, margin_median={})
     for t, a in alphas.items():
         a = as_array(a)

@@ -303,12 +303,8 @@ OPTION_DEST = "algo_option."  # the parsed namespace's prefix of the algorithm's
 def cmd_search(args) -> int:
     """``ktnas search``: the flags as a SearchConfig (the algorithm's own ones as its ``options``), then
     :func:`search`."""
-    given = {k[len(OPTION_DEST):]: v for k, v in vars(args).items() if k.startswith(OPTION_DEST)}
-    algo = get_algorithm(args.algo)
-    stray = [k for k, v in given.items() if v is not None and k not in algo.Options.__dataclass_fields__]
-    algo.options({stray[0]: None} if stray else {})  # a flag of another algorithm: its one-line refusal
-    own = {k: v for k, v in given.items() if v is not None and k in algo.Options.__dataclass_fields__}
-    s = search(config_from_args(SearchConfig, args, options=own))
+    given = {k[len(OPTION_DEST):]: v for k, v in vars(args).items() if k.startswith(OPTION_DEST) and v is not None}
+    s = search(config_from_args(SearchConfig, args, options=given))  # another algorithm's option: refused there
     last = s["last"] or {}
     if s["rank"] == 0:
         print(f"{s['out']}: {s['epochs']} epochs, val acc {last.get('val_acc', float('nan')):.4f}, "

@@ -45,6 +45,10 @@ class SearchSpace:
     def json_keys_text(self) -> str:
         return " or ".join(" and ".join(map(repr, keys)) for keys in self.json_keys)
 
+    def pickable(self) -> list[int]:
+        """Indices of the ops the derivation may pick for an edge (all but ``never_picked``)."""
+        return [j for j, op in enumerate(self.ops) if op not in self.never_picked]
+
     # ---------------------------------------------------------------------------------------- text forms
     def looks_like(self, text: str) -> bool:
         """Whether ``text`` (stripped) is in this space's ``text_form``."""

@@ -40,21 +40,18 @@ __all__ = ["TrainConfig", "train", "evaluate", "load_model", "stem_of_store", "s
            "make_optimizer", "train_step", "run_epoch", "add_train_parser", "add_evaluate_parser"]
 
 
-
 @dataclass
 class TrainConfig:
     """Everything ``ktnas train`` takes; defaults are DARTS' evaluation recipe."""
 
     features: str = option(DEFAULT_OUT, "feature store")
     genotype: str = option("", "genotype.json, DARTS Genotype(...) text or FILE[:NAME], or an NB201 "
-                                           "architecture string", required=True)
-    out: str = option("runs/train", "run directory (config, metrics, checkpoint, curves, model.pt)",
-                                                 required=True)
-    layers: int | None = option(None,
-        "cells the network is built with (NB201: its ResNet blocks included); default: the paper's (DARTS 20, NB201 "
-        "17) minus the cells the stem replaces")
-    channels: int | None = option(None,
-        "width of the first cells (default: DARTS 36, NB201 16, doubled per stage the stem replaces)")
+                               "architecture string", required=True)
+    out: str = option("runs/train", "run directory (config, metrics, checkpoint, curves, model.pt)", required=True)
+    layers: int | None = option(None, "cells the network is built with (NB201: its ResNet blocks included); "
+                                      "default: the paper's (DARTS 20, NB201 17) minus the cells the stem replaces")
+    channels: int | None = option(None, "width of the first cells (default: DARTS 36, NB201 16, doubled per stage "
+                                        "the stem replaces)")
     epochs: int = 600
     batch_size: int = 96
     lr: float = option(0.025, "initial lr, cosine to 0")
