@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from .errors import KtnasError
@@ -127,6 +126,8 @@ class Preprocessing:
 
 # ------------------------------------------------------------------------------------------------ weights
 def _weights_enum(arch: Arch):
+    import torchvision  # imported on use: it costs about a second at start-up (it loads torch._dynamo)
+
     enum_name, entry = arch.weights.split(".")
     return getattr(getattr(torchvision.models, enum_name), entry)
 
@@ -324,6 +325,8 @@ def get_stem(spec: str = DEFAULT_STEM, weights: str = "imagenet", image_size: in
         state, source = None, "none"
     else:
         state, source = _file_state_dict(weights), f"file:{Path(weights).resolve()}"
+    import torchvision
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # 'none' gives the same random stem (and fingerprint) every time
         model = getattr(torchvision.models, arch.name)(weights=None)
