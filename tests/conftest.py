@@ -26,6 +26,22 @@ TINY = dict(dataset="synthetic:400/160", stem="mobilenet_v2:features.1", weights
             chunk_size=40, batch_size=16, progress=False)
 
 
+def interrupt_search_at(monkeypatch, epoch: int):
+    """Make every search raise KeyboardInterrupt when its epoch ``epoch`` (0-based) starts, as if killed there;
+    returns a function that undoes it."""
+    from ktnas.engine.search.run import SearchRun
+
+    real = SearchRun.train_epoch
+
+    def killed(self, e, *a):
+        if e == epoch:
+            raise KeyboardInterrupt
+        return real(self, e, *a)
+
+    monkeypatch.setattr(SearchRun, "train_epoch", killed)
+    return lambda: monkeypatch.setattr(SearchRun, "train_epoch", real)
+
+
 def tiny_args(out, **kw):
     """CLI arguments equal to TINY (plus overrides given as flag=value)."""
     d = dict(TINY, out=str(out), **kw)

@@ -53,7 +53,8 @@ class Algorithm:
     defaults: dict = DARTS_DEFAULTS
     Options: type = NoOptions
     variants: dict | None = None  # {label: options}; None: one variant, the algorithm's name with its defaults
-    uses_arch_optimizer = True
+    uses_arch_optimizer = True  # False: no architecture parameters learn by gradient (random search)
+    paper_warmup = 0        # the epochs of the paper's search before the architecture parameters train
     capturable = True       # its step has a fixed shape when run.fixed_arch (``--capture graph|compile``)
     capture_refusal = ""    # why not, when it is not
     dense_grads = False     # every weight gets a gradient each step (zeros for the ops a sample leaves out)
@@ -99,8 +100,9 @@ class Algorithm:
 
     @classmethod
     def arch_start(cls, cfg) -> int:
-        """The first epoch whose steps train the architecture parameters (0: from the start)."""
-        return 0
+        """The first epoch whose steps train the architecture parameters: the ``warmup`` option of the algorithms
+        that have one (0: from the start)."""
+        return cfg.options.get("warmup") or 0
 
     @classmethod
     def all_variants(cls) -> dict[str, dict]:

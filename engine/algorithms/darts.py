@@ -74,10 +74,6 @@ class Darts(Algorithm):
             opts.warmup = 0
         super().resolve(cfg, opts)
 
-    @classmethod
-    def arch_start(cls, cfg) -> int:
-        return cfg.options.get("warmup") or 0
-
     def arch_step(self, xt, yt, xv, yv, arch=None):
         if self.opts.order == 1:
             return super().arch_step(xt, yt, xv, yv, arch)

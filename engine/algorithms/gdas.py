@@ -58,6 +58,8 @@ class GdasOptions:
     """GDAS' temperature schedule (NAS-Bench-201's GDAS settings)."""
     tau_max: float = field(default=10.0, metadata=dict(help="Gumbel-softmax temperature at the first epoch"))
     tau_min: float = field(default=0.1, metadata=dict(help="temperature at the last epoch (linear in between)"))
+    warmup: int = field(default=0, metadata=dict(min=0, help=(
+        "epochs whose steps train the weights only, before the architecture parameters train (GDAS: 0)")))
 
 
 @register_algorithm
@@ -94,7 +96,8 @@ class Gdas(Algorithm):
 
     def step(self, epoch, xt, yt, xv, yv, gen, rng):
         loss, logits = self.run.weight_step(xt, yt, self.sample(epoch, gen))
-        self.arch_step(xt, yt, xv, yv, self.sample(epoch, gen))
+        if epoch >= self.arch_start(self.cfg):
+            self.arch_step(xt, yt, xv, yv, self.sample(epoch, gen))
         return loss, logits
 
     def epoch_info(self, epoch):

@@ -29,6 +29,7 @@ class PCDarts(Darts):
     defaults = dict(DARTS_DEFAULTS, batch_size=256, lr=0.1, lr_min=0.0, arch_lr=6e-4)  # PC-DARTS train_search.py
     Options = PCDartsOptions
     variants = None
+    paper_warmup = WARMUP
     arch_step = Algorithm.arch_step  # first order
 
     @classmethod

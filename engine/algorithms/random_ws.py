@@ -28,6 +28,7 @@ class RandomWS(Algorithm):
     name = "random"
     Options = RandomOptions
     capturable = False
+    uses_arch_optimizer = False
     capture_refusal = "random search draws a new genotype on the host every step, a step of another shape each time"
 
     def random_arch(self, rng):

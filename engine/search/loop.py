@@ -30,7 +30,8 @@ from ktnas.engine.search.memory import choose_batch_size
 from ktnas.engine.plots import plot_alphas
 from ktnas.engine.runs import RunDir, peak_memory, seed_all, set_rng_state
 from ktnas.engine.search.run import SearchRun
-from ktnas.engine.search import choice
+from ktnas.engine.search import choice, schedule
+from ktnas.engine.search.schedule import SCHEDULES
 from ktnas.engine.spaces import SPACES, count_skips, genotype_str, get_space, load_genotype
 from ktnas.engine.search.supernet import RECOMPUTE, count_parameters
 
@@ -59,7 +60,8 @@ class SearchConfig:
     weight_decay: float | None = option(None, "weight decay of the weights")
     nesterov: bool | None = None
     grad_clip: float = option(5.0, "gradient norm clip of the weights")
-    arch_lr: float | None = option(None, "Adam learning rate of the architecture parameters")
+    arch_lr: float | None = option(None, "Adam learning rate of the architecture parameters (at the paper's "
+                                         "budget: a short-budget schedule scales it, see --schedule)")
     arch_weight_decay: float = option(1e-3, "Adam weight decay of the architecture parameters")
     arch_betas: tuple[float, float] = (0.5, 0.999)
     layers: int | None = option(None, "cells the supernet is built with (NB201: its ResNet blocks included); "
@@ -87,6 +89,10 @@ class SearchConfig:
                                                 "within SIZE (e.g. 2GiB, 1500MiB, 8GB, bytes), by the step profile "
                                                 "(CUDA: confirmed by a trial step)", metavar="SIZE", type=str)
     progress: bool = option(True, "no progress bars", flag="quiet")
+    schedule: str = option("auto", "how the architecture parameters learn at this budget: paper (the paper's "
+                                   "rates as given), short (the weights alone for the first quarter of the epochs, "
+                                   "then --arch-lr x paper's architecture steps / this run's), auto (short when the "
+                                   "run has under a tenth of the paper's architecture steps)", choices=SCHEDULES)
     options: dict = field(default_factory=dict)
 
 
@@ -129,6 +135,8 @@ def resolve_config(cfg: SearchConfig) -> SearchConfig:
     if cfg.recompute == "auto":
         cfg.recompute = default_recompute(cfg.stem, cfg.device)
     check_capture(cfg.capture)
+    if cfg.schedule not in SCHEDULES:
+        raise KtnasError(f"unknown --schedule {cfg.schedule!r}: use one of {', '.join(SCHEDULES)}")
     cfg.arch_betas = tuple(cfg.arch_betas)
     return cfg
 
@@ -193,6 +201,9 @@ def _search(cfg: SearchConfig, device, rank: int, world_size: int) -> dict:
     if chosen is not None:
         cfg = dataclasses.replace(cfg, batch_size=chosen)
     train, val = make_loaders(cfg.batch_size)
+    cfg, plan = schedule.plan(cfg, get_algorithm(cfg.algo), len(train))
+    if rank == 0:
+        print(f"ktnas search: {schedule.describe(plan)}", file=sys.stderr)
     try:
         run = SearchRun(cfg, device, info, ddp=world_size > 1)
         start, history, alpha_hist = 0, [], {}
@@ -206,7 +217,8 @@ def _search(cfg: SearchConfig, device, rank: int, world_size: int) -> dict:
         resolved = dict(config_json(cfg), layout=run.layout, data=info, world_size=world_size,
                         effective_batch_size=cfg.batch_size * world_size, params=count_parameters(run.model),
                         arch_params=sum(p.numel() for p in run.model.arch_parameters()),
-                        kernels_used=resolve_impl(cfg.kernels, device), capture_used=run.capture)
+                        kernels_used=resolve_impl(cfg.kernels, device), capture_used=run.capture,
+                        schedule_used=plan)
         if chosen is not None:
             resolved["batch_size_chosen"] = chosen
         files.write_json("config.json", resolved)
