@@ -108,3 +108,24 @@ def test_short_schedule_search_is_reproducible_and_resumes_bit_exactly(search_st
     with np.load(tmp_path / "full" / "alphas.npz") as a:  # the warm-up epoch left them; the next ones moved them
         np.testing.assert_array_equal(a["normal_e000"], init)
         assert np.abs(a["normal_e003"] - init).max() > 0.5
+
+
+def test_a_run_from_before_the_schedule_resumes_with_the_papers_rates(search_store, tmp_path, monkeypatch):
+    """A checkpoint whose configuration has no schedule (written before --schedule existed, at the papers' rates)
+    resumes under the default as it was run, and ends as the uninterrupted paper-schedule search."""
+    def run(out, **kw):
+        return search(SearchConfig(features=search_store, out=str(tmp_path / out), epochs=2, batch_size=16, layers=2,
+                                   channels=4, reductions=(1,), limit=48, progress=False, **kw))
+
+    run("full", schedule="paper")
+    undo = interrupt_search_at(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        run("old", schedule="paper")
+    undo()
+    ckpt = tmp_path / "old" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    del state["config"]["schedule"]
+    torch.save(state, ckpt)
+    run("old", resume=True)  # the default, auto, would have taken the short schedule here
+    assert (tmp_path / "full" / "genotype.json").read_text() == (tmp_path / "old" / "genotype.json").read_text()
+    assert json.loads((tmp_path / "old" / "config.json").read_text())["schedule_used"]["used"] == "paper"

@@ -91,8 +91,9 @@ class SearchConfig:
     progress: bool = option(True, "no progress bars", flag="quiet")
     schedule: str = option("auto", "how the architecture parameters learn at this budget: paper (the paper's "
                                    "rates as given), short (the weights alone for the first quarter of the epochs, "
-                                   "then --arch-lr x paper's architecture steps / this run's), auto (short when the "
-                                   "run has under a tenth of the paper's architecture steps)", choices=SCHEDULES)
+                                   "then the alphas at the paper's rate x its architecture steps / this run's, at "
+                                   "most 0.1), auto (short when the run has under a tenth of the paper's "
+                                   "architecture steps)", choices=SCHEDULES)
     options: dict = field(default_factory=dict)
 
 
@@ -201,6 +202,8 @@ def _search(cfg: SearchConfig, device, rank: int, world_size: int) -> dict:
     if chosen is not None:
         cfg = dataclasses.replace(cfg, batch_size=chosen)
     train, val = make_loaders(cfg.batch_size)
+    if state is not None and "schedule" not in state["config"]:
+        cfg = dataclasses.replace(cfg, schedule="paper")  # a run from before --schedule ran the papers' rates
     cfg, plan = schedule.plan(cfg, get_algorithm(cfg.algo), len(train))
     if rank == 0:
         print(f"ktnas search: {schedule.describe(plan)}", file=sys.stderr)
