@@ -34,7 +34,7 @@ from ktnas.engine.layout import dropped_stages
 from ktnas.engine.spaces import SPACES
 from ktnas.engine.runs import read_jsonl
 
-from .report import Column, Report, mean_and_sd, mean_sd
+from .report import Column, Report, budget_id, mean_and_sd, mean_sd
 
 HELP = "real data: KT-NAS from cached features vs classic DARTS from images, same search and training budget"
 
@@ -257,13 +257,10 @@ def bench_accuracy(args, work_dir: Path) -> tuple[list[dict], list[str]]:
 
 def _budget_id(args, device: str) -> str:
     """What every phase's result depends on but the algorithm and the seed: one folder of runs per budget."""
-    import hashlib
-
     keys = ("dataset", "stem", "weights", "image_size", "space", "search_epochs", "search_limit",
             "search_channels", "batch_size", "train_epochs", "train_limit", "train_layers", "train_channels",
             "train_batch_size", "precision")
-    d = {k: getattr(args, k) for k in keys} | dict(device=device)
-    return "budget-" + hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return budget_id({k: getattr(args, k) for k in keys} | dict(device=device))
 
 
 def _last_json(path: Path) -> dict:

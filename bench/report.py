@@ -138,6 +138,14 @@ def write_report(out, report: Report, command: str) -> str:
     return text
 
 
+def budget_id(values: dict) -> str:
+    """The folder name of a benchmark's runs at one budget (``values``: what every run's result depends on), so
+    that another budget never reuses them: ``budget-`` and the first 10 hex digits of their JSON's sha256."""
+    import hashlib
+
+    return "budget-" + hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
 def names(value, allowed, flag: str) -> tuple[str, ...]:
     """A comma-separated string (or a sequence) of names checked against ``allowed``, duplicates dropped, in
     order; a one-line KtnasError naming ``flag`` otherwise."""

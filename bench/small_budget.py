@@ -29,7 +29,7 @@ from ktnas.engine.runs import read_jsonl
 from ktnas.engine.search.schedule import SCHEDULES
 from ktnas.engine.spaces import SPACES, genotype_str, get_space, load_genotype, random_genotype
 
-from .report import Column, Report, mean_and_sd, mean_sd, positive
+from .report import Column, Report, budget_id, mean_and_sd, mean_sd, positive
 
 HELP = "search methods at a small budget against random architectures trained alike, over seeds"
 DEMO_STORE = "runs/fashion-mnist_mobilenet_v2-features.3_64.zarr"
@@ -115,9 +115,9 @@ def _search(args, m: dict, seed: int, work: Path, commands: list) -> dict:
     metrics = read_jsonl(sdir / "metrics.jsonl")
     config = json.loads((sdir / "config.json").read_text())
     trained = _train(args, sdir / "genotype.json", work / f"{_slug(m['label'])}-s{seed}-train", commands)
+    ratio = metrics[-1]["entropy_ratio"]  # the normal cell's (NB201: its one cell's)
     return dict(seed=seed, search_min=sum(r["seconds"] for r in metrics) / 60,
-                entropy_ratio=metrics[-1]["entropy_ratio"]["normal" if "normal" in metrics[-1]["entropy_ratio"]
-                                                           else next(iter(metrics[-1]["entropy_ratio"]))],
+                entropy_ratio=ratio.get("normal", next(iter(ratio.values()))),
                 margin_median=metrics[-1].get("margin_median"), supported=metrics[-1].get("choice_supported"),
                 schedule=config.get("schedule_used"), genotype_file=str(sdir / "genotype.json"),
                 genotype=metrics[-1]["genotype"], test_acc=trained["test_acc"])
@@ -125,12 +125,9 @@ def _search(args, m: dict, seed: int, work: Path, commands: list) -> dict:
 
 def _budget_id(args) -> str:
     """What every run depends on but the method and the seed: one folder of runs per budget."""
-    import hashlib
-
     keys = ("features", "space", "search_epochs", *(f"search_{k}" for k in DEMO_SEARCH),
             *(f"train_{k}" for k in DEMO_TRAIN), "train_seed", "device")
-    d = {k: getattr(args, k) for k in keys}
-    return "budget-" + hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return budget_id({k: getattr(args, k) for k in keys})
 
 
 def agreement(space, genotypes: list) -> float | None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ktnas.engine.algorithms.base import register_algorithm
+from ktnas.engine.algorithms.base import derive, register_algorithm
 from ktnas.engine.algorithms.darts import Darts, DartsOptions
 
 
@@ -50,12 +50,10 @@ class DartsPT(Darts):
             return super().genotype(epoch, val, files)
         batches = list(itertools.islice(val, self.opts.pt_batches or None))
         scores = self.select(batches, np.random.default_rng([self.cfg.seed, 3]))
-        space = self.model.space
         with torch.no_grad():  # the selection as the final alphas: derive gives it back
             for t, a in scores.items():
                 self.model.alphas()[t].copy_(torch.from_numpy(a))
-        g = space.derive({t: p.detach() for t, p in self.model.alphas().items()})
-        return g, {"selection": "perturbation", "pt_batches": len(batches)}
+        return derive(self.model), {"selection": "perturbation", "pt_batches": len(batches)}
 
     def _accuracy(self, batches, weights: dict) -> float:
         return self.run.evaluate(batches, lambda: {t: (w, None) for t, w in weights.items()})["val_acc"]

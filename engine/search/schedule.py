@@ -39,9 +39,12 @@ def paper_arch_steps(algo) -> int:
 def plan(cfg, algo, steps_per_epoch: int) -> tuple[object, dict]:
     """(cfg with the short-budget schedule applied where chosen, the record of the choice). ``cfg`` is resolved;
     ``steps_per_epoch``: this run's steps per epoch (per rank)."""
+    def arch_steps(cfg) -> tuple[int, int]:  # (warm-up epochs, architecture steps after them)
+        warmup = algo.arch_start(cfg)
+        return warmup, max(1, (cfg.epochs - warmup) * steps_per_epoch)
+
     paper = paper_arch_steps(algo)
-    warmup = algo.arch_start(cfg)
-    steps = max(1, (cfg.epochs - warmup) * steps_per_epoch)
+    warmup, steps = arch_steps(cfg)
     record = dict(requested=cfg.schedule, used="paper", arch_steps=steps, paper_arch_steps=paper,
                   arch_lr=cfg.arch_lr, warmup_epochs=warmup)
     if not algo.uses_arch_optimizer:
@@ -55,8 +58,7 @@ def plan(cfg, algo, steps_per_epoch: int) -> tuple[object, dict]:
     if "warmup" in cfg.options:  # a longer warm-up asked for (or PC-DARTS' own) is kept
         options = dict(cfg.options, warmup=max(cfg.options["warmup"] or 0, int(cfg.epochs * WARMUP_SHARE)))
         cfg = dataclasses.replace(cfg, options=options)
-    warmup = algo.arch_start(cfg)
-    steps = max(1, (cfg.epochs - warmup) * steps_per_epoch)
+    warmup, steps = arch_steps(cfg)
     own = cfg.arch_lr != algo.defaults.get("arch_lr")
     arch_lr = cfg.arch_lr if own else min(MAX_ARCH_LR, cfg.arch_lr * paper / steps)
     record.update(used="short", arch_steps=steps, warmup_epochs=warmup, arch_lr=arch_lr, arch_lr_given=own,
