@@ -8,8 +8,8 @@ images), ``stem-on-the-fly`` (the frozen stem on each batch of raw images), ``ca
 ``cached-fused-graph`` (the whole step captured in one CUDA graph: ``ktnas search --capture graph``'s own
 path, ``ktnas.engine.search.capture``). Every configuration gets a freshly seeded
 network; ``warmup`` untimed steps, then ``steps`` timed ones (median ``step_ms``, ``samples_per_s``); memory on
-CUDA by ``max_memory_allocated``, on the CPU by the resident set's increase over the configuration. The README
-("ktnas bench search") gives the details and the measured tables.
+CUDA by ``max_memory_allocated``, on the CPU by the resident set's increase over the configuration.
+docs/benchmarks/search.md gives the details and the measured tables.
 """
 from __future__ import annotations
 

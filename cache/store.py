@@ -33,7 +33,7 @@ __all__ = ["BACKENDS", "COMPRESSORS", "DEFAULT_COMPRESSOR", "FORMAT_VERSION", "F
 
 FORMAT_VERSION = 1
 COMPRESSORS = ("zstd", "gzip", "lzf", "none")
-# by measurement (README, `ktnas bench store`): zstd for Zarr; for HDF5 deflate + shuffle, as small as zstd on
+# by measurement (docs/guides/stores.md, "Compressors"): zstd for Zarr; for HDF5 deflate + shuffle, as small as zstd on
 # stem features and readable by every HDF5 build, where zstd needs the hdf5plugin filter
 DEFAULT_COMPRESSOR = {"zarr": "zstd", "hdf5": "gzip"}
 PLUGIN_NOTE = ("zstd filter 32015 from hdf5plugin: in Python `import hdf5plugin` before h5py.File; h5dump, HDFView "

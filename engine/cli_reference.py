@@ -23,7 +23,8 @@ def _subcommands(parser) -> dict:
 
 
 def _cell(text: str) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text.replace("[", "\\[").replace("]", "\\]")  # `A[B][C]` in a help would read as a link
 
 
 def _table(parser, keep=lambda action: True) -> list[str]:

@@ -1,5 +1,5 @@
 """ktnas bench accuracy: the whole comparison (precompute, both searches, both trainings, evaluate) really runs,
-at a tiny budget, and its report holds what the README's table needs. No timing or accuracy is asserted beyond
+at a tiny budget, and its report holds what the docs' table needs. No timing or accuracy is asserted beyond
 what is true by construction."""
 import json
 import shutil
@@ -90,7 +90,7 @@ def test_bench_accuracy_seeds_algorithms_random_baseline_and_resume(tmp_path, ca
 
 
 def test_bench_accuracy_quick(tmp_path, capsys):
-    """--quick (the CI-sized run): its budget is what the README says, at half width, both ways."""
+    """--quick (the test-sized run): its budget is what docs/benchmarks/accuracy.md says, at half width, both ways."""
     # a data set smaller than the budget (the report records the budget asked for): the phases run on 32 images
     out = tmp_path / "q"
     assert main(["bench", "accuracy", "--quick", "--dataset", "synthetic:32/16", "--stem", "mobilenet_v2:features.1",

@@ -155,7 +155,7 @@ def test_export_runs_on_raw_images_as_the_model(model, tmp_path, fmt):
         import onnxruntime as ort
 
         sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        run = lambda x: sess.run(None, {"images": x.numpy()})[0]  # the README's three lines
+        run = lambda x: sess.run(None, {"images": x.numpy()})[0]  # the three lines of docs/guides/train.md
     else:
         ts = torch.jit.load(str(out))
         run = lambda x: ts(x).numpy()

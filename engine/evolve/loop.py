@@ -7,7 +7,7 @@ proposers (``ktnas.engine.evolve.proposers``: random, regularized evolution, pre
 ``ktnas.engine.evolve.candidates`` trains it, ``ktnas.engine.evolve.predictor`` is the learned ranker; this module is
 the loop (budget ``population + cycles``, groups of ``parallel`` candidates, run directory, resume). Every draw of the
 group starting at candidate i comes from a generator seeded by (seed, i), so a resumed run ends with exactly the
-history of an uninterrupted one. The README ("ktnas evolve") documents the algorithms and the run directory.
+history of an uninterrupted one. docs/guides/evolve.md documents the algorithms and the run directory.
 """
 from __future__ import annotations
 

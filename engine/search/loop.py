@@ -2,7 +2,7 @@
 
 One Python call, :func:`search` (``SearchConfig`` -> summary dict); the CLI's flags are generated from the config.
 The algorithms are ``ktnas.engine.algorithms``' modules, the spaces ``ktnas.engine.spaces``'; this module is the
-loop: data, process group, resume, files. The README ("Search") documents the run directory and the flags.
+loop: data, process group, resume, files. docs/guides/search.md documents the run directory and the flags.
 """
 from __future__ import annotations
 
@@ -143,9 +143,10 @@ def resolve_config(cfg: SearchConfig) -> SearchConfig:
 
 
 def default_recompute(stem: str, device: str) -> str:
-    """``--recompute auto``, chosen by the measurements (README, "What each lever does"): ``edge`` for the KT-NAS
-    supernet on CUDA (a step of 1/42 of the classic one's memory), ``none`` on the CPU (recomputing costs 38% step
-    time there, where memory is plentiful) and for ``--stem none`` (classic DARTS as its authors run it)."""
+    """``--recompute auto``, chosen by the measurements (docs/guides/small-gpus.md, "What each lever does"):
+    ``edge`` for the KT-NAS supernet on CUDA (a step of 1/42 of the classic one's memory), ``none`` on the CPU
+    (recomputing costs 38% step time there, where memory is plentiful) and for ``--stem none`` (classic DARTS as
+    its authors run it)."""
     on_cuda = str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     return "edge" if stem != "none" and on_cuda else "none"
 
@@ -160,7 +161,7 @@ def config_json(cfg: SearchConfig) -> dict:
 # ---------------------------------------------------------------------------------------------------- search
 def search(cfg: SearchConfig | None = None, **overrides) -> dict:
     """Run the configured search; returns a summary: out, genotype (JSON form), genotype_str, epochs, the last
-    epoch's metrics, layout and parameter counts. Under torchrun every rank calls it (the README's "Data
+    epoch's metrics, layout and parameter counts. Under torchrun every rank calls it (docs/guides/search.md, "Data
     parallel") and gets the same summary; only rank 0 writes."""
     cfg = resolve_config(dataclasses.replace(cfg or SearchConfig(), **overrides))
     device, rank, world_size, created = distributed.init_distributed(resolve_device(cfg.device))
