@@ -122,6 +122,8 @@ class _H5Backend:
         kw = {"zstd": lambda: dict(self._hdf5plugin.Zstd(clevel=1)),
               "gzip": lambda: dict(compression="gzip", compression_opts=1, shuffle=True),
               "lzf": lambda: dict(compression="lzf")}.get(compressor, dict)()
+        # HDF5 refuses a chunk larger than its array (a split smaller than one chunk): one chunk holds it all
+        chunks = tuple(max(1, min(c, n)) for c, n in zip(chunks, shape))
         with self._open(write=True) as f:
             f.create_dataset(name, shape=shape, chunks=chunks, dtype=dtype, fillvalue=fill_value, **kw)
 
