@@ -39,6 +39,53 @@ def test_a_genotypes_py_file_by_name(tmp_path):
     one_line_error(lambda: parse_genotype(f"{f}:PDARTS"), "no genotype named 'PDARTS'")
 
 
+# AutoDL-Projects' genotypes (GDAS, CVPR 2019), in its own form: pairs grouped per node, connectN and connects
+AUTODL_PY = """from collections import namedtuple
+Genotype = namedtuple('Genotype', 'normal normal_concat reduce reduce_concat connectN connects')
+GDAS_V1 = Genotype(
+  normal=[
+    (('skip_connect', 0), ('skip_connect', 1)),
+    (('skip_connect', 0), ('sep_conv_5x5', 2)),
+    (('sep_conv_3x3', 3), ('skip_connect', 0)),
+    (('sep_conv_5x5', 4), ('sep_conv_3x3', 3))],
+  normal_concat=[2, 3, 4, 5],
+  reduce=[
+    (('sep_conv_5x5', 0), ('sep_conv_3x3', 1)),
+    (('sep_conv_5x5', 2), ('sep_conv_5x5', 1)),
+    (('dil_conv_5x5', 2), ('sep_conv_3x3', 1)),
+    (('sep_conv_5x5', 0), ('sep_conv_5x5', 1))],
+  reduce_concat=[2, 3, 4, 5],
+  connectN=None, connects=None
+)
+SETN = Genotype(
+  normal=[(('skip_connect', 0), ('sep_conv_5x5', 1)), (('sep_conv_5x5', 0), ('sep_conv_3x3', 1)),
+          (('sep_conv_5x5', 1), ('sep_conv_5x5', 3)), (('max_pool_3x3', 1), ('conv_3x1_1x3', 4))],
+  normal_concat=[2, 3, 4, 5],
+  reduce=[(('sep_conv_3x3', 0), ('sep_conv_5x5', 1)), (('avg_pool_3x3', 0), ('sep_conv_5x5', 1)),
+          (('avg_pool_3x3', 0), ('sep_conv_5x5', 1)), (('avg_pool_3x3', 0), ('skip_connect', 1))],
+  reduce_concat=[2, 3, 4, 5],
+  connectN=None, connects=None
+)
+"""
+
+
+def test_autodl_genotype_form_parses_like_darts(tmp_path):
+    """AutoDL's 6-field Genotype (pairs per node, connectN=None) is DARTS' genotype flattened; an op outside the
+    DARTS space (SETN's conv_3x1_1x3) and a connectN that is not None are refused in one line."""
+    f = tmp_path / "autodl_genotypes.py"
+    f.write_text(AUTODL_PY)
+    g = parse_genotype(f"{f}:GDAS_V1")
+    flat = ("Genotype(normal=[('skip_connect', 0), ('skip_connect', 1), ('skip_connect', 0), ('sep_conv_5x5', 2), "
+            "('sep_conv_3x3', 3), ('skip_connect', 0), ('sep_conv_5x5', 4), ('sep_conv_3x3', 3)], "
+            "normal_concat=[2, 3, 4, 5], reduce=[('sep_conv_5x5', 0), ('sep_conv_3x3', 1), ('sep_conv_5x5', 2), "
+            "('sep_conv_5x5', 1), ('dil_conv_5x5', 2), ('sep_conv_3x3', 1), ('sep_conv_5x5', 0), "
+            "('sep_conv_5x5', 1)], reduce_concat=[2, 3, 4, 5])")
+    assert g == parse_genotype(flat) and darts_text(g) == flat
+    one_line_error(lambda: parse_genotype(f"{f}:SETN"), "conv_3x1_1x3")
+    one_line_error(lambda: parse_genotype(AUTODL_PY.split("GDAS_V1 = ")[1].split("\nSETN")[0]
+                                          .replace("connectN=None", "connectN=[2, 2, 2, 2]")), "connectN is not None")
+
+
 def test_round_trips_between_the_forms(tmp_path):
     g = parse_genotype(V2)
     assert parse_genotype(darts_text(g)) == g

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ktnas.cache.errors import KtnasError
 
@@ -184,13 +185,25 @@ class Cell(nn.Module):
         return torch.cat([states[i] for i in self.concat], dim=1)
 
 
+class AuxPool(nn.Module):
+    """The auxiliary head's pooling to 2x2: DARTS' own (``AvgPool2d(5, stride=3, padding=0,
+    count_include_pad=False)``) where it gives 2x2, on the 8x8 (to 10x10) maps of DARTS' networks and of ktnas's
+    on 16x16 features; an adaptive 2x2 average elsewhere, so any feature size trains."""
+
+    def forward(self, x):
+        if all(8 <= n <= 10 for n in x.shape[-2:]):
+            return F.avg_pool2d(x, 5, stride=3, padding=0, count_include_pad=False)
+        return F.adaptive_avg_pool2d(x, 2)
+
+
 class AuxiliaryHead(nn.Module):
-    """DARTS' auxiliary head, with an adaptive 2x2 pooling (DARTS: 5x5 stride 3, on 8x8 only) so any size works."""
+    """DARTS' auxiliary head (AuxiliaryHeadCIFAR): ReLU, pool to 2x2, 1x1 conv to 128, BN, ReLU, 2x2 conv to 768,
+    BN, ReLU, linear."""
 
     def __init__(self, C, num_classes):
         super().__init__()
         self.features = nn.Sequential(
-            nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Conv2d(C, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(),
+            nn.ReLU(), AuxPool(), nn.Conv2d(C, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(),
             nn.Conv2d(128, 768, 2, bias=False), nn.BatchNorm2d(768), nn.ReLU())
         self.classifier = nn.Linear(768, num_classes)
 

@@ -1,5 +1,7 @@
 """DARTS' own text form of a genotype: the ``Genotype(normal=..., normal_concat=..., reduce=..., reduce_concat=...)``
-of DARTS' and PC-DARTS' ``genotypes.py``, parsed with ``ast`` (never evaluated) and printed back."""
+of DARTS' and PC-DARTS' ``genotypes.py``, parsed with ``ast`` (never evaluated) and printed back. AutoDL's form
+(GDAS, SETN: ``normal`` grouped per node as ``(('op', i), ('op', j))``, and ``connectN=None, connects=None``)
+reads alike."""
 from __future__ import annotations
 
 import ast
@@ -7,6 +9,7 @@ import ast
 from ktnas.cache.errors import KtnasError
 
 FIELDS = ("normal", "normal_concat", "reduce", "reduce_concat")  # DARTS' namedtuple, in its order
+AUTODL_FIELDS = ("connectN", "connects")  # AutoDL's two more; None for the DARTS cells its papers found
 
 
 def looks_like_darts_text(text: str) -> bool:
@@ -37,17 +40,32 @@ def parse_darts_text(text: str, name: str | None = None) -> dict:
         raise KtnasError("no Genotype(...) call found")
     else:
         raise KtnasError(f"{len(bare)} genotypes in it: pick one as FILE:NAME ({', '.join(calls)})")
-    if len(call.args) > len(FIELDS):
-        raise KtnasError(f"Genotype(...) takes {len(FIELDS)} fields ({', '.join(FIELDS)}), got {len(call.args)}")
-    values = dict(zip(FIELDS, call.args))
+    every = FIELDS + AUTODL_FIELDS
+    if len(call.args) > len(every):
+        raise KtnasError(f"Genotype(...) takes {len(FIELDS)} fields ({', '.join(FIELDS)}; AutoDL's "
+                         f"{', '.join(AUTODL_FIELDS)} too), got {len(call.args)}")
+    values = dict(zip(every, call.args))
     for kw in call.keywords:
-        if kw.arg not in FIELDS:
-            raise KtnasError(f"Genotype(...) has no field {kw.arg!r}: its fields are {', '.join(FIELDS)}")
+        if kw.arg not in every:
+            raise KtnasError(f"Genotype(...) has no field {kw.arg!r}: its fields are {', '.join(FIELDS)} (AutoDL's "
+                             f"{', '.join(AUTODL_FIELDS)} too)")
         values[kw.arg] = kw.value
     missing = [f for f in FIELDS if f not in values]
     if missing:
         raise KtnasError(f"Genotype(...) lacks {', '.join(missing)}")
-    return {k: _literal(v, k) for k, v in values.items()}
+    for f in AUTODL_FIELDS:
+        if f in values and _literal(values.pop(f), f) is not None:
+            raise KtnasError(f"AutoDL's {f} is not None: its nodes take another number of inputs than a DARTS "
+                             "cell's two, which ktnas's DARTS space cannot build")
+    return {k: _per_node(_literal(v, k), k) for k, v in values.items()}
+
+
+def _per_node(v, field: str):
+    """AutoDL groups a cell's pairs per node, ``[(('op', 0), ('op', 1)), ...]``: flattened to DARTS' list."""
+    if field in ("normal", "reduce") and isinstance(v, list) and v and all(
+            isinstance(node, (list, tuple)) and node and all(isinstance(p, (list, tuple)) for p in node) for node in v):
+        return [list(p) for node in v for p in node]
+    return v
 
 
 def _is_genotype(call: ast.Call) -> bool:
