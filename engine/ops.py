@@ -123,3 +123,29 @@ def conv_body(name: str, C: int, stride: int) -> nn.Module:
         raise KtnasError(f"op {name!r} at stride {stride} is parameter-free and has no conv body; the mixed op "
                          f"computes it from x")
     return OPS[name](C, stride, False).body
+
+
+class AuxPool(nn.Module):
+    """The auxiliary head's pooling to 2x2: DARTS' own (``AvgPool2d(5, stride=3, padding=0,
+    count_include_pad=False)``) where it gives 2x2, on the 8x8 (to 10x10) maps of DARTS' networks and of ktnas's
+    on 16x16 features; an adaptive 2x2 average elsewhere, so any feature size trains."""
+
+    def forward(self, x):
+        if all(8 <= n <= 10 for n in x.shape[-2:]):
+            return F.avg_pool2d(x, 5, stride=3, padding=0, count_include_pad=False)
+        return F.adaptive_avg_pool2d(x, 2)
+
+
+class AuxiliaryHead(nn.Module):
+    """DARTS' auxiliary head (AuxiliaryHeadCIFAR): ReLU, pool to 2x2, 1x1 conv to 128, BN, ReLU, 2x2 conv to 768,
+    BN, ReLU, linear."""
+
+    def __init__(self, C, num_classes):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.ReLU(), AuxPool(), nn.Conv2d(C, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(),
+            nn.Conv2d(128, 768, 2, bias=False), nn.BatchNorm2d(768), nn.ReLU())
+        self.classifier = nn.Linear(768, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))

@@ -149,6 +149,9 @@ def test_export_runs_on_raw_images_as_the_model(model, tmp_path, fmt):
     out = tmp_path / f"m.{fmt}"
     r = ktnas("export", "--model", model, "--format", fmt, "--out", out)
     assert "uint8 images [N, 1, 28, 28] -> logits [N, 10]" in r.stdout and out.stat().st_size > 10_000
+    runtime = {"onnx": "onnxruntime", "torchscript": "torchscript"}[fmt]
+    assert "M multiply-adds per image (frozen stem" in r.stdout  # the cost, then the latency on its runtime
+    assert f"latency on {runtime} (cpu): batch 1: " in r.stdout and "batch 32: " in r.stdout
     split = load_split("fashion-mnist", "test")
     net = load_model(model).eval()
     if fmt == "onnx":
@@ -169,3 +172,22 @@ def test_export_runs_on_raw_images_as_the_model(model, tmp_path, fmt):
         correct["export"] += int((got.argmax(1) == y).sum())
         correct["torch"] += int((ref.argmax(1) == y).sum())
     assert correct["export"] == correct["torch"] > 57 * 0.4
+
+
+def test_evaluate_reports_the_models_cost_and_latency(model):
+    """evaluate --json: the exported model's weights (stem + network, every parameter of the loaded model) and
+    multiply-adds (the stem's share apart, counted on one image), and its PyTorch latency at batch 1 and 32."""
+    import torch
+
+    from ktnas.engine.profile.cost import count
+    from ktnas.engine.train.network import load_model
+
+    r = _evaluate(model, "fashion-mnist")
+    net = load_model(model)
+    assert r["cost"]["params"] == sum(p.numel() for p in net.parameters())
+    assert r["cost"]["stem_params"] == sum(p.numel() for p in net.stem.parameters()) > 0
+    image = torch.zeros(1, 3, 64, 64)
+    stem_macs = count(net.stem, image)[1]
+    assert r["cost"]["stem_macs"] == stem_macs > 0
+    assert r["cost"]["macs"] == stem_macs + count(net.net, net.stem(image))[1]
+    assert sorted(r["latency_ms"]) == ["1", "32"] and r["latency_device"] == "cpu"

@@ -51,7 +51,7 @@ def _darts_auxiliary_head(C, num_classes):
 def test_auxiliary_head_equals_darts_on_8x8(train):
     """ktnas's auxiliary head is DARTS' on the 8x8 maps it sees in DARTS' networks (float64, same weights); other
     sizes pool adaptively to 2x2 (DARTS' head cannot take them)."""
-    from ktnas.engine.spaces.darts import AuxiliaryHead
+    from ktnas.engine.ops import AuxiliaryHead
 
     torch.manual_seed(0)
     ours, theirs = AuxiliaryHead(24, 10).double(), _darts_auxiliary_head(24, 10).double()

@@ -92,6 +92,15 @@ class SearchSpace:
         ``edge_weights`` {cell type: [edges]} (PC-DARTS) scale softmax(alpha) before the choice."""
         raise NotImplementedError
 
+    def cell_edges(self, genotype, cell_type: str) -> list[tuple[int, str]]:
+        """(edge index in :meth:`edge_list`, op) of every op module of a cell of ``cell_type``, in the order the
+        evaluation cell holds them (the cost model reads each module's cost through it)."""
+        raise KtnasError(f"the {self.name} space has no cost model (cell_edges)")
+
+    def cost_probes(self) -> list:
+        """Genotypes that together put every op (but :attr:`never_picked`) on every edge of every cell type."""
+        raise KtnasError(f"the {self.name} space has no cost model (cost_probes)")
+
     def encode(self, genotype) -> dict[str, list[int]]:
         """{cell type: op index per edge} of a genotype ('none' on the edges it does not use)."""
         raise NotImplementedError

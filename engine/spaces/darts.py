@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ktnas.cache.errors import KtnasError
 
-from ktnas.engine.ops import OPS, FactorizedReduce, ReLUConvBN
+from ktnas.engine.ops import OPS, AuxiliaryHead, FactorizedReduce, ReLUConvBN
 from ktnas.engine.plots import draw_dag
 from ktnas.engine.spaces.base import (SearchSpace, as_array, check_op, expect_space, other, pairs, register_space,
                                       save_genotype, softmax, stem_label)
@@ -185,32 +184,6 @@ class Cell(nn.Module):
         return torch.cat([states[i] for i in self.concat], dim=1)
 
 
-class AuxPool(nn.Module):
-    """The auxiliary head's pooling to 2x2: DARTS' own (``AvgPool2d(5, stride=3, padding=0,
-    count_include_pad=False)``) where it gives 2x2, on the 8x8 (to 10x10) maps of DARTS' networks and of ktnas's
-    on 16x16 features; an adaptive 2x2 average elsewhere, so any feature size trains."""
-
-    def forward(self, x):
-        if all(8 <= n <= 10 for n in x.shape[-2:]):
-            return F.avg_pool2d(x, 5, stride=3, padding=0, count_include_pad=False)
-        return F.adaptive_avg_pool2d(x, 2)
-
-
-class AuxiliaryHead(nn.Module):
-    """DARTS' auxiliary head (AuxiliaryHeadCIFAR): ReLU, pool to 2x2, 1x1 conv to 128, BN, ReLU, 2x2 conv to 768,
-    BN, ReLU, linear."""
-
-    def __init__(self, C, num_classes):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.ReLU(), AuxPool(), nn.Conv2d(C, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU(),
-            nn.Conv2d(128, 768, 2, bias=False), nn.BatchNorm2d(768), nn.ReLU())
-        self.classifier = nn.Linear(768, num_classes)
-
-    def forward(self, x):
-        return self.classifier(self.features(x).flatten(1))
-
-
 class NetworkDARTS(nn.Module):
     """DARTS' NetworkCIFAR on a built layout; the auxiliary head follows the last reduction cell (DARTS': cell
     2*layers//3). ``stem``: the conv stem or the adapter; ``forward`` -> (logits, aux logits or None)."""
@@ -325,6 +298,20 @@ class DartsSpace(SearchSpace):
                               self.ops) for t in CELLS}
         concat = list(range(2, self.steps + 2))
         return DartsGenotype(gene["normal"], concat, gene["reduce"], concat)
+
+    def cell_edges(self, genotype, cell_type):
+        return [(k // 2 * (k // 2 + 3) // 2 + j, op) for k, (op, j) in enumerate(getattr(genotype, cell_type))]
+
+    def cost_probes(self):
+        """Per op, 3 genotypes: node i takes inputs (2r, 2r+1) mod (i+2), r = 0, 1, 2: every edge of both cells."""
+        concat = list(range(2, 2 + self.steps))
+        out = []
+        for op in self.ops:
+            if op not in self.never_picked:
+                for r in range(3):
+                    cell = [(op, (2 * r + d) % (i + 2)) for i in range(self.steps) for d in (0, 1)]
+                    out.append(DartsGenotype(cell, concat, cell, concat))
+        return out
 
     def encode(self, genotype):
         out = {}

@@ -240,6 +240,14 @@ class NB201Space(SearchSpace):
     def derive(self, alphas, edge_weights=None):
         return derive_nb201(alphas["cell"], self.ops, self.genotype)
 
+    def cell_edges(self, genotype, cell_type):
+        edges = self.edge_list()
+        return [(edges.index((j, src)), op) for j, node in enumerate(genotype.edges, 1) for op, src in node]
+
+    def cost_probes(self):
+        """Per op, the cell with that op on all its edges."""
+        return [self.genotype([[(op, src) for src in range(j)] for j in range(1, self.steps + 1)]) for op in self.ops]
+
     def encode(self, genotype):
         ops = {(j, src): op for j, node in enumerate(genotype.edges, 1) for op, src in node}
         return {"cell": [self.ops.index(ops[e]) for e in self.edge_list()]}

@@ -36,10 +36,11 @@ def evaluate(model: str, dataset: str | None = None, split: str = "test", *, lim
         raise KtnasError(f"nothing to evaluate ({n} images, batch size {batch_size}): pass positive --limit and "
                          "--batch-size")
     loss_sum, correct = 0.0, 0
-    confusion = None
+    confusion, shape = None, None
     for a in runs.progress(range(0, n, batch_size), desc="evaluate", enabled=progress):
         b = min(n, a + batch_size)
         images, labels = data.get_batch(slice(a, b)).to(dev), data.labels[a:b]
+        shape = shape or list(images.shape[1:])
         logits = net(images).cpu()
         if int(labels.max()) >= logits.shape[1]:
             raise KtnasError(f"{dataset} has labels up to {int(labels.max())}, the model predicts "
@@ -54,7 +55,22 @@ def evaluate(model: str, dataset: str | None = None, split: str = "test", *, lim
     per_class = {names[k]: 100.0 * int(confusion[k, k]) / int(confusion[k].sum())
                  for k in range(confusion.shape[0]) if int(confusion[k].sum())}
     return dict(model=str(model), dataset=dataset, split=split, n=n, correct=correct, accuracy=100.0 * correct / n,
-                loss=loss_sum / n, classes=names, per_class_accuracy=per_class, confusion=confusion.tolist())
+                loss=loss_sum / n, classes=names, per_class_accuracy=per_class, confusion=confusion.tolist(),
+                image_shape=shape)
+
+
+def model_figures(model: str, shape, device: str = "auto", measure: bool = True) -> dict:
+    """The exported model's cost (weights, multiply-adds, the stem's share) and its measured latency in PyTorch
+    on ``device`` for images of ``shape`` (C, H, W), batch 1 and 32."""
+    from ktnas.engine.profile.cost import model_cost
+    from ktnas.engine.profile.latency import latency
+
+    net, dev = load_model(model), resolve_device(device)
+    out = dict(cost=model_cost(net).to_json())
+    if measure:
+        out["latency_ms"] = {str(b): t for b, t in latency(net, "torch", shape, device=dev).items()}
+        out["latency_device"] = str(dev)
+    return out
 
 
 def plot_confusion(r: dict, path) -> None:
@@ -86,8 +102,12 @@ def plot_confusion(r: dict, path) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    from ktnas.engine.profile.cost import Cost
+    from ktnas.engine.profile.latency import latency_line
+
     r = evaluate(args.model, args.dataset, args.split, limit=args.limit, batch_size=args.batch_size,
                  data_root=args.data_root, device=args.device, progress=not args.quiet)
+    r.update(model_figures(args.model, r["image_shape"], args.device, measure=args.latency))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -100,10 +120,13 @@ def cmd_evaluate(args) -> int:
               f"({r['correct']}/{r['n']}), loss {r['loss']:.4f}")
         for name, acc in r["per_class_accuracy"].items():
             print(f"  {name:>20}: {acc:6.2f}%")
+        print(f"cost: {Cost(**r['cost']).line()}")
+        if args.latency:
+            ms = {int(b): t for b, t in r["latency_ms"].items()}
+            print(latency_line(ms, "torch", r["latency_device"]))
         if args.out:
             print(f"wrote {Path(args.out) / 'evaluation.json'}, {Path(args.out) / 'confusion.png'}")
     return 0
-
 
 
 def add_evaluate_parser(subparsers):
@@ -118,6 +141,8 @@ def add_evaluate_parser(subparsers):
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.add_argument("--json", action="store_true")
     s.add_argument("--out", default=None, metavar="DIR", help="write evaluation.json and confusion.png there")
+    s.add_argument("--no-latency", dest="latency", action="store_false",
+                   help="do not measure the model's latency (batch 1 and 32, PyTorch on --device)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_evaluate)
     return s

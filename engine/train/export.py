@@ -64,10 +64,20 @@ def export_model(model, fmt: str, out, *, shape=None) -> dict:
     return dict(out=str(out), format=fmt, input_shape=[c, h, w], classes=net.meta.get("classes"))
 
 
+RUNTIME = {"onnx": "onnxruntime", "torchscript": "torchscript"}
+
+
 def cmd_export(args) -> int:
+    from ktnas.engine.profile.cost import model_cost
+    from ktnas.engine.profile.latency import latency, latency_line
+
     r = export_model(args.model, args.format, args.out, shape=args.input_shape)
     print(f"wrote {r['out']} ({r['format']}): uint8 images [N, {', '.join(map(str, r['input_shape']))}] -> "
           f"logits [N, {len(r['classes']) if r['classes'] else '?'}]")
+    print(f"cost: {model_cost(load_model(args.model)).line()}")
+    if args.latency:
+        runtime = RUNTIME[args.format]
+        print(latency_line(latency(r["out"], runtime, r["input_shape"]), runtime))
     return 0
 
 
@@ -78,4 +88,6 @@ def add_export_parser(subparsers) -> None:
     s.add_argument("--out", required=True, help="the file to write (e.g. model.onnx, model.ts)")
     s.add_argument("--input-shape", default=None, metavar="C,H,W",
                    help="raw image shape (default: the model's data set's, e.g. 1,28,28 for Fashion-MNIST)")
+    s.add_argument("--no-latency", dest="latency", action="store_false",
+                   help="do not measure the written model's latency (batch 1 and 32) on its runtime")
     s.set_defaults(func=cmd_export)
