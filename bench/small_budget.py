@@ -115,7 +115,11 @@ def _search(args, m: dict, seed: int, work: Path, commands: list) -> dict:
     metrics = read_jsonl(sdir / "metrics.jsonl")
     config = json.loads((sdir / "config.json").read_text())
     trained = _train(args, sdir / "genotype.json", work / f"{_slug(m['label'])}-s{seed}-train", commands)
-    ratio = metrics[-1]["entropy_ratio"]  # the normal cell's (NB201: its one cell's)
+    # the normal cell's (NB201: its one cell's); for a selection by perturbation, the supernet's weights before
+    # it (recorded since; earlier runs: the epoch before the last)
+    last = metrics[-1]
+    ratio = last.get("trained_entropy_ratio") or (metrics[-2] if "selection" in last and len(metrics) > 1
+                                                   else last)["entropy_ratio"]
     return dict(seed=seed, search_min=sum(r["seconds"] for r in metrics) / 60,
                 entropy_ratio=ratio.get("normal", next(iter(ratio.values()))),
                 margin_median=metrics[-1].get("margin_median"), supported=metrics[-1].get("choice_supported"),

@@ -303,6 +303,7 @@ def test_darts_pt_keeps_the_op_whose_removal_hurts_most(monkeypatch):
     """DARTS-PT's selection against a supernet whose validation accuracy is a known function of the edge weights:
     each edge keeps its target op, each node the inputs whose removal costs most, whatever the alphas say."""
     from ktnas.engine.algorithms.darts_pt import DartsPT
+    from ktnas.engine.search.choice import movement
     from ktnas.engine.search.loop import resolve_config
     from ktnas.engine.search.run import SearchRun
 
@@ -321,8 +322,10 @@ def test_darts_pt_keeps_the_op_whose_removal_hurts_most(monkeypatch):
     with torch.no_grad():  # alphas that point elsewhere: the selection must not follow them
         for t, a in run.model.alphas().items():
             a.copy_(torch.from_numpy(rng.normal(0, 1, (14, 8))))
+    before = movement(space, {t: a.detach().numpy().copy() for t, a in run.model.alphas().items()})
     g, extra = run.algorithm.genotype(0, [], None)
     assert extra["selection"] == "perturbation"
+    assert extra["trained_entropy_ratio"] == before["entropy_ratio"]  # how far the supernet's weights moved
     edges = space.edge_list()
     for t in target:
         expect = []

@@ -48,12 +48,17 @@ class DartsPT(Darts):
     def genotype(self, epoch, val, files):
         if epoch < self.cfg.epochs - 1:
             return super().genotype(epoch, val, files)
+        from ktnas.engine.search.choice import movement  # at run time: ktnas.engine.search imports the algorithms
+
         batches = list(itertools.islice(val, self.opts.pt_batches or None))
+        trained = movement(self.model.space, {t: a.detach().cpu().numpy() for t, a in self.model.alphas().items()})
         scores = self.select(batches, np.random.default_rng([self.cfg.seed, 3]))
         with torch.no_grad():  # the selection as the final alphas: derive gives it back
             for t, a in scores.items():
                 self.model.alphas()[t].copy_(torch.from_numpy(a))
-        return derive(self.model), {"selection": "perturbation", "pt_batches": len(batches)}
+        # how far the supernet's own weights moved, before the selection replaced them
+        return derive(self.model), {"selection": "perturbation", "pt_batches": len(batches),
+                                    "trained_entropy_ratio": trained["entropy_ratio"]}
 
     def _accuracy(self, batches, weights: dict) -> float:
         return self.run.evaluate(batches, lambda: {t: (w, None) for t, w in weights.items()})["val_acc"]
