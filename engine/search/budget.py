@@ -1,0 +1,139 @@
+"""A budget on the found model's cost: ``--budget params=1.5M,flops=300M`` (any subset; FLOPs as the NAS papers
+count them, multiply-adds of one image), for the exported model at its training layout (frozen stem included).
+
+:func:`parse_budget` reads the flag. :func:`derive_within` is the derivation under a budget: the genotype the
+space's own derivation would pick when it fits, else the one with the largest sum of architecture weights over its
+chosen (edge, op) pairs among those that fit, found exactly: per node the space's choices (DARTS: 2 of its input
+edges and an op on each; NAS-Bench-201: an op on every edge), merged node by node keeping only the choices no
+other beats in both cost and weight (a Pareto front), then the cell types combined. Maximising that sum without a
+budget is the space's own derivation (per node the strongest edges, per edge the strongest op)."""
+from __future__ import annotations
+
+import itertools
+import re
+
+import numpy as np
+
+from ktnas.cache.errors import KtnasError
+
+KEYS = {"params": 0, "flops": 1}  # index into the cost model's (weights, multiply-adds)
+SCALE = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
+
+
+def parse_budget(text: str | None) -> dict[str, float]:
+    """``"params=1.5M,flops=300M"`` -> {"params": 1.5e6, "flops": 3e8}; None or "" -> {}."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        m = re.fullmatch(r"(\w+)\s*=\s*([0-9.]+(?:e-?\d+)?)\s*([kKmMgG]?)", part)
+        if not m or m.group(1) not in KEYS:
+            raise KtnasError(f"--budget {text!r}: give KEY=VALUE pairs, KEY one of {', '.join(KEYS)} (e.g. "
+                             "params=1.5M,flops=300M)")
+        value = float(m.group(2)) * SCALE[m.group(3).lower()]
+        if value <= 0:
+            raise KtnasError(f"--budget {part!r}: the limit must be positive")
+        out[m.group(1)] = value
+    return out
+
+
+def _pareto(cost: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Indices of the entries no other entry beats: cost <= in every column and score >= (one strictly)."""
+    order = np.lexsort((*cost.T[::-1], -score))  # best score first; equal scores: cheapest first
+    if cost.shape[1] == 1:  # one budget: keep what is cheaper than everything scoring higher
+        c = cost[order, 0]
+        best_before = np.minimum.accumulate(np.concatenate([[np.inf], c[:-1]]))
+        return order[c < best_before]
+    keep, kept = [], np.empty((len(order), cost.shape[1]))
+    for i in order:
+        if not keep or not np.any(np.all(kept[:len(keep)] <= cost[i], axis=1)):
+            kept[len(keep)] = cost[i]
+            keep.append(i)
+    return np.asarray(keep, dtype=int)
+
+
+def node_options(w: np.ndarray, table: np.ndarray, edges: list[int], picks: int, pickable: list[int]):
+    """(cost [n, d], score [n], choices: tuple of (edge, op)) of every way a node may take its inputs."""
+    costs, scores, choices = [], [], []
+    for chosen in itertools.combinations(edges, picks):
+        for ops in itertools.product(pickable, repeat=picks):
+            pairs = tuple(zip(chosen, ops))
+            costs.append(sum(table[e, k] for e, k in pairs))
+            scores.append(sum(w[e, k] for e, k in pairs))
+            choices.append(pairs)
+    return np.asarray(costs, dtype=np.float64), np.asarray(scores), choices
+
+
+def cell_front(w: np.ndarray, table: np.ndarray, nodes: list[list[int]], picks, pickable: list[int]):
+    """The Pareto front (cost, score, choices) of one cell: ``w`` [edges, ops] weights, ``table`` [edges, ops, d]
+    costs, ``nodes`` each node's edges, ``picks`` per node (None: all its edges)."""
+    cost, score, choices = np.zeros((1, table.shape[-1])), np.zeros(1), [()]
+    for edges in nodes:
+        oc, os_, och = node_options(w, table, edges, picks or len(edges), pickable)
+        keep = _pareto(oc, os_)
+        oc, os_, och = oc[keep], os_[keep], [och[i] for i in keep]
+        cost = (cost[:, None, :] + oc[None, :, :]).reshape(-1, cost.shape[1])
+        score = (score[:, None] + os_[None, :]).reshape(-1)
+        choices = [a + b for a in choices for b in och]
+        keep = _pareto(cost, score)
+        cost, score, choices = cost[keep], score[keep], [choices[i] for i in keep]
+    return cost, score, choices
+
+
+def best_within(fronts: list, limit: np.ndarray):
+    """The best total score of one entry per front whose summed cost is within ``limit``: (score, choices per
+    front) or None when nothing fits."""
+    cost, score, picks = np.zeros((1, len(limit))), np.zeros(1), [()]
+    for c, s, ch in fronts:
+        tc = (cost[:, None, :] + c[None, :, :]).reshape(-1, len(limit))
+        ts = (score[:, None] + s[None, :]).reshape(-1)
+        fits = np.all(tc <= limit, axis=1)
+        if not fits.any():
+            return None
+        idx = np.flatnonzero(fits)
+        tp = [picks[i // len(s)] + (ch[i % len(s)],) for i in idx]
+        keep = _pareto(tc[idx], ts[idx])
+        cost, score, picks = tc[idx][keep], ts[idx][keep], [tp[i] for i in keep]
+    best = int(np.argmax(score))
+    return float(score[best]), picks[best]
+
+
+def derive_within(space, weights: dict, model, budget: dict, derive=None):
+    """The genotype under ``budget`` ({"params"/"flops": limit}) for op weights ``weights`` {cell type: [edges,
+    ops]} (softmax, PC-DARTS' edge weights applied) and a :class:`~ktnas.engine.profile.cost.CostModel`
+    ``model``. The space's own derivation when it fits; KtnasError (one line) when no genotype can."""
+    genotype = derive() if derive else None
+    dims = [KEYS[k] for k in budget]
+    if genotype is not None and _fits(model.cost(genotype), budget):
+        return genotype
+    fixed = np.asarray(model.fixed, dtype=np.float64) + [model.stem.params, model.stem.macs]
+    limit = np.asarray([budget[k] for k in budget]) - fixed[dims]
+    nodes, picks = node_groups(space), 2 if space.chooses_inputs else None
+    types = list(weights)
+    fronts = [cell_front(np.asarray(weights[t], dtype=np.float64), model.table[t][..., dims].astype(np.float64),
+                         nodes, picks, space.pickable()) for t in types]
+    found = best_within(fronts, limit)
+    if found is None:
+        least = fixed[dims] + sum(f[0].min(axis=0) for f in fronts)
+        need = ", ".join(f"{k}={v:,.0f}" for k, v in zip(budget, least))
+        raise KtnasError(f"no genotype of the {space.name} space fits --budget "
+                         f"{','.join(f'{k}={v:g}' for k, v in budget.items())} at this layout (the smallest needs "
+                         f"at least {need}): raise the budget or train a smaller network (--layers, --channels)")
+    alphas = {}
+    for t, choice in zip(types, found[1]):
+        a = np.zeros(np.shape(weights[t]))
+        for e, k in choice:  # derive reads these back: the chosen op, a node's edges ranked by their weight
+            a[e, k] = 3.0 + 3.0 * float(weights[t][e, k])
+        alphas[t] = a
+    return space.derive(alphas)
+
+
+def _fits(cost, budget: dict) -> bool:
+    values = {"params": cost.params, "flops": cost.macs}
+    return all(values[k] <= v for k, v in budget.items())
+
+
+def node_groups(space) -> list[list[int]]:
+    out, start = [], 0
+    for n in space.node_edges():
+        out.append(list(range(start, start + n)))
+        start += n
+    return out
