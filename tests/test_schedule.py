@@ -82,12 +82,13 @@ def test_gdas_warmup_leaves_the_alphas_as_initialised(search_store, tmp_path):
     np.testing.assert_array_equal(a, m.alpha_normal.detach().numpy())
 
 
-def test_short_schedule_search_is_reproducible_and_resumes_bit_exactly(search_store, tmp_path, monkeypatch):
+@pytest.mark.parametrize("algo", ["darts", "gdas"])
+def test_short_schedule_search_is_reproducible_and_resumes_bit_exactly(search_store, tmp_path, monkeypatch, algo):
     """The default at a small budget (short: a warm-up epoch, then the scaled rate), killed in its third epoch and
     resumed, equals the uninterrupted search, which equals a second uninterrupted one."""
     def run(out, **kw):
         return search(SearchConfig(features=search_store, out=str(tmp_path / out), epochs=4, batch_size=16, layers=2,
-                                   channels=4, reductions=(1,), limit=48, progress=False, **kw))
+                                   channels=4, reductions=(1,), limit=48, progress=False, algo=algo, **kw))
 
     run("full")
     run("again")
@@ -107,7 +108,7 @@ def test_short_schedule_search_is_reproducible_and_resumes_bit_exactly(search_st
     init = Supernet("darts", 10, 16, layers=2, channels=4, reductions=(1,)).alpha_normal.detach().numpy()
     with np.load(tmp_path / "full" / "alphas.npz") as a:  # the warm-up epoch left them; the next ones moved them
         np.testing.assert_array_equal(a["normal_e000"], init)
-        assert np.abs(a["normal_e003"] - init).max() > 0.5
+        assert np.abs(a["normal_e003"] - init).max() > 0.3  # about the scaled rate (at most 0.1) per step
 
 
 def test_a_run_from_before_the_schedule_resumes_with_the_papers_rates(search_store, tmp_path, monkeypatch):
