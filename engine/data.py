@@ -108,7 +108,8 @@ def search_data(cfg, device, rank: int = 0, world_size: int = 1):
         C, H, W = sp.shape[2:]
         ncls = store.attrs.get("num_classes") or int(sp.read_labels().max()) + 1
         info = dict(in_channels=int(C), resolution=int(min(H, W)), shape=[int(C), int(H), int(W)],
-                    num_classes=int(ncls), stem=store.attrs.get("stem"), train=len(tr), val=len(va))
+                    num_classes=int(ncls), stem=store.attrs.get("stem"), train=len(tr), val=len(va),
+                    image_size=(store.attrs.get("preprocessing") or {}).get("image_size"))
 
         def make(batch_size):
             kw = dict(batch_size=batch_size, shuffle=True, device=device, seed=cfg.seed, rank=rank,

@@ -2,6 +2,7 @@
 brute force over every genotype of a cell), returns the space's own derivation when that fits, and refuses in one
 line when nothing can fit."""
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -81,4 +82,87 @@ def test_a_budget_nothing_fits_is_refused_in_one_line(models):
     sp = get_space("darts")
     w = {t: softmax(np.zeros((14, 8))) for t in sp.cell_types}
     one_line_error(lambda: derive_within(sp, w, models["darts"], {"params": 1000}),
-                   "no genotype of the darts space fits --budget params=1000", "the smallest needs at least params=")
+                   "no genotype of the darts space fits --budget params=1,000", "the smallest needs at least params=")
+
+
+def _search(store, out, **kw):
+    from ktnas.engine.search import SearchConfig, search
+
+    return search(SearchConfig(features=store, out=str(out), epochs=3, batch_size=16, layers=2, channels=4,
+                               reductions=(1,), limit=48, progress=False, **kw))
+
+
+def _built_cost(store, genotype_file):
+    """The exported model's cost measured on the network ktnas train builds by default, and its stem."""
+    import warnings
+
+    import torch
+
+    from ktnas.cache.stems import get_stem
+    from ktnas.cache.store import open_store
+    from ktnas.engine.profile.cost import Cost, count, genotype_cost
+    from ktnas.engine.spaces import load_genotype
+
+    with open_store(store) as s:
+        spec, size, shape = s.attrs["stem"], s.attrs["preprocessing"]["image_size"], s.split("train").shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p, m = count(get_stem(spec, "none", size), torch.zeros(1, 3, size, size))
+    build = dict(num_classes=10, in_channels=shape[2], in_size=shape[3])
+    return genotype_cost(load_genotype(genotype_file), build, stem=Cost(p, m, p, m))
+
+
+@pytest.mark.parametrize("key", ["params", "flops"])
+def test_a_budgeted_search_returns_a_genotype_within_it(search_store, tmp_path, key):
+    """A seeded search with a budget at half its unconstrained genotype's cost ends within it, measured on the
+    built network; its metrics record the penalty's weight and the cost; refused up front when nothing can fit."""
+    free = _built_cost(search_store, _search(search_store, tmp_path / "free", seed=1)["out"] + "/genotype.json")
+    value = free.params if key == "params" else free.macs
+    cheapest = _built_cost_of_probe(search_store, "max_pool_3x3")  # no weight, no multiply-add on any edge
+    limit = max(value // 2, cheapest[key] + 1)
+    r = _search(search_store, tmp_path / "within", seed=1, budget=f"{key}={limit}")
+    got = _built_cost(search_store, tmp_path / "within" / "genotype.json")
+    assert (got.params if key == "params" else got.macs) <= limit < value
+    rec = json.loads((tmp_path / "within" / "metrics.jsonl").read_text().splitlines()[-1])["budget"]
+    assert rec["cost"] == got.to_json() and rec["limits"] == {key: float(limit)}
+    assert r["genotype"] != json.loads((tmp_path / "free" / "genotype.json").read_text())
+    one_line_error(lambda: _search(search_store, tmp_path / "none", budget=f"{key}=1000"),
+                   f"no genotype of the darts space fits --budget {key}=1,000")
+    assert not (tmp_path / "none" / "metrics.jsonl").exists()
+
+
+def _built_cost_of_probe(store, op):
+    """The cost of the genotype with ``op`` on every edge it uses (max pooling: the cheapest there is)."""
+    import tempfile
+
+    from ktnas.engine.spaces import get_space
+
+    g = [p for p in get_space("darts").cost_probes() if p.normal[0][0] == op][0]
+    with tempfile.TemporaryDirectory() as d:
+        g.save(f"{d}/g.json")
+        c = _built_cost(store, f"{d}/g.json")
+    return {"params": c.params, "flops": c.macs}
+
+
+def test_a_budgeted_search_resumes_bit_exactly(search_store, tmp_path, monkeypatch):
+    """Killed in its second epoch and resumed (the penalty's weight from the checkpoint), a budgeted search ends as
+    the uninterrupted one."""
+    from conftest import interrupt_search_at
+
+    free = _built_cost(search_store, _search(search_store, tmp_path / "free")["out"] + "/genotype.json")
+    budget = f"params={int(free.params * 0.9)}"
+    _search(search_store, tmp_path / "full", budget=budget)
+    undo = interrupt_search_at(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        _search(search_store, tmp_path / "cut", budget=budget)
+    undo()
+    _search(search_store, tmp_path / "cut", budget=budget, resume=True)
+    for name in ("genotype.json", "metrics.jsonl"):
+        a = (tmp_path / "full" / name).read_text()
+        b = (tmp_path / "cut" / name).read_text()
+        if name == "metrics.jsonl":  # seconds and memory differ; the rest is the same
+            strip = lambda t: [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "peak_memory_bytes",
+                                                                                     "steps", "eval")}
+                               for line in t.splitlines()]
+            a, b = strip(a), strip(b)
+        assert a == b, name

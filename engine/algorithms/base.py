@@ -118,7 +118,10 @@ class Algorithm:
     def arch_step(self, xt, yt, xv, yv, arch=None) -> None:
         """An Adam step of the architecture parameters on the validation batch (first order)."""
         self.a_opt.zero_grad(set_to_none=True)
-        self.run.loss(xv, yv, arch)[0].backward()
+        loss = self.run.loss(xv, yv, arch)[0]
+        if getattr(self.run, "budget", None) is not None:  # --budget: the expected cost over it, weighed
+            loss = loss + self.run.budget.penalty(self.model.alphas())
+        loss.backward()
         for p in self.model.weight_parameters():  # the weight step must not see the validation gradient
             p.grad = None
         if self.run.ddp:

@@ -84,4 +84,6 @@ class Darts(Algorithm):
                                    reduce=distributed.all_reduce_mean if run.ddp else None)
         for p, g in zip(self.model.arch_parameters(), grads):
             p.grad = g
+        if getattr(run, "budget", None) is not None:  # --budget: the expected cost's penalty adds its gradient
+            run.budget.penalty(self.model.alphas()).backward()
         self.a_opt.step()

@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ktnas.cache.errors import KtnasError
 
 AUX = "auxiliary_head"
+_TABLES: dict = {}  # (space, layout) -> (table, fixed)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,10 @@ class CostModel:
 
     def __init__(self, space, build: dict, stem: Cost | None = None):
         self.space, self.build, self.stem = space, dict(build), stem or Cost(0, 0)
+        key = (space.name, tuple(sorted(self.build.items())))
+        if key in _TABLES:  # read once per process and layout
+            self.table, self.fixed = _TABLES[key]
+            return
         n_edges, n_ops = len(space.edge_list()), len(space.ops)
         self.table = {t: np.full((n_edges, n_ops, 2), -1, dtype=np.int64) for t in space.cell_types}
         fixed = set()
@@ -126,6 +131,7 @@ class CostModel:
                     tab[:, k] = 0
             if (tab < 0).any():
                 raise KtnasError(f"the {space.name} space's cost probes leave an edge of its {t} cell unmeasured")
+        _TABLES[key] = self.table, self.fixed
 
     def _read_probe(self, genotype) -> tuple[int, int]:
         net, x = _meta_network(self.space, genotype, self.build), _input(self.build)

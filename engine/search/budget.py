@@ -13,6 +13,7 @@ import itertools
 import re
 
 import numpy as np
+import torch
 
 from ktnas.cache.errors import KtnasError
 
@@ -115,7 +116,7 @@ def derive_within(space, weights: dict, model, budget: dict, derive=None):
         least = fixed[dims] + sum(f[0].min(axis=0) for f in fronts)
         need = ", ".join(f"{k}={v:,.0f}" for k, v in zip(budget, least))
         raise KtnasError(f"no genotype of the {space.name} space fits --budget "
-                         f"{','.join(f'{k}={v:g}' for k, v in budget.items())} at this layout (the smallest needs "
+                         f"{','.join(f'{k}={v:,.0f}' for k, v in budget.items())} at this layout (the smallest needs "
                          f"at least {need}): raise the budget or train a smaller network (--layers, --channels)")
     alphas = {}
     for t, choice in zip(types, found[1]):
@@ -136,4 +137,79 @@ def node_groups(space) -> list[list[int]]:
     for n in space.node_edges():
         out.append(list(range(start, start + n)))
         start += n
+    return out
+
+
+class SearchBudget:
+    """A search's budget: the penalty its architecture steps add, ``lam · Σ_k relu(E[cost_k] / limit_k − 1)`` over
+    the budgeted costs (E[cost] the cost model's expected cost under softmax(alpha): ProxylessNAS' and FBNet's
+    relaxation), with ``lam`` doubled after every epoch whose own derivation is over budget; and each epoch's
+    genotype derived within it (:func:`derive_within`)."""
+
+    def __init__(self, space, limits: dict, model, device):
+        self.space, self.limits, self.model, self.lam = space, dict(limits), model, 1.0
+        self.dims = [KEYS[k] for k in limits]
+        kw = dict(device=device, dtype=torch.float32)
+        self.tables = {t: torch.as_tensor(model.table[t][..., self.dims], **kw) for t in space.cell_types}
+        fixed = np.asarray(model.fixed, dtype=np.float64) + [model.stem.params, model.stem.macs]
+        self.fixed = torch.as_tensor(fixed[self.dims], **kw)
+        self.limit = torch.as_tensor([limits[k] for k in limits], **kw)
+        uniform = {t: np.full(model.table[t].shape[:2], 1.0 / len(space.ops)) for t in space.cell_types}
+        derive_within(space, uniform, model, self.limits)  # refused now, before training, when nothing can fit
+
+    def penalty(self, alphas: dict) -> torch.Tensor:
+        expected = self.fixed + sum((torch.softmax(a, dim=-1)[..., None] * self.tables[t]).sum((0, 1))
+                                    for t, a in alphas.items())
+        return self.lam * torch.relu(expected / self.limit - 1).sum()
+
+    def constrain(self, genotype, weights: dict):
+        """(the genotype within the budget, the epoch's record); raises ``lam`` when ``genotype`` is over it."""
+        free = self.model.cost(genotype)
+        over = not _fits(free, self.limits)
+        record = dict(limits=self.limits, penalty_weight=self.lam, derived_cost=free.to_json(), derived_fits=not over)
+        if over:
+            genotype = derive_within(self.space, weights, self.model, self.limits)
+            self.lam *= 2.0
+        record["cost"] = self.model.cost(genotype).to_json()
+        return genotype, record
+
+    def state_dict(self) -> dict:
+        return {"budget_lambda": self.lam}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lam = float(state.get("budget_lambda", 1.0))
+
+
+def search_budget(cfg, info: dict, space, device) -> SearchBudget | None:
+    """The budget of a search on ``info``'s data (None without ``--budget``): the cost of the model ``ktnas train``
+    builds by default from the found genotype, frozen stem included."""
+    limits = parse_budget(cfg.budget)
+    if not limits:
+        return None
+    from ktnas.engine.profile.cost import Cost, CostModel, count
+
+    stem = Cost(0, 0)
+    build = dict(num_classes=info["num_classes"])
+    if cfg.stem == "features":
+        import warnings
+
+        from ktnas.cache.stems import get_stem
+
+        with warnings.catch_warnings():  # random weights count the same: nothing is downloaded
+            warnings.simplefilter("ignore")
+            net = get_stem(info["stem"], "none", info["image_size"])
+        p, m = count(net, torch.zeros(1, 3, info["image_size"], info["image_size"]))
+        stem = Cost(p, m, p, m)
+        build.update(in_channels=info["in_channels"], in_size=info["resolution"])
+    return SearchBudget(space, limits, CostModel(space, build, stem), device)
+
+
+def derivation_weights(model) -> dict:
+    """The op weights the space's derivation reads: softmax(alpha), times PC-DARTS' edge weights."""
+    out = {}
+    for t, a in model.alphas().items():
+        w = torch.softmax(a.detach().double().cpu(), dim=-1)
+        if model.edge_norm:
+            w = w * model.edge_weights(t).detach().double().cpu()[:, None]
+        out[t] = w.numpy()
     return out

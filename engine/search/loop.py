@@ -30,7 +30,8 @@ from ktnas.engine.search.memory import choose_batch_size
 from ktnas.engine.plots import plot_alphas
 from ktnas.engine.runs import RunDir, peak_memory, seed_all, set_rng_state
 from ktnas.engine.search.run import SearchRun
-from ktnas.engine.search import choice, schedule
+from ktnas.engine.search import budget, choice, schedule
+from ktnas.engine.search.budget import parse_budget
 from ktnas.engine.search.schedule import SCHEDULES
 from ktnas.engine.spaces import SPACES, count_skips, genotype_str, get_space, load_genotype
 from ktnas.engine.search.supernet import RECOMPUTE, count_parameters
@@ -94,6 +95,9 @@ class SearchConfig:
                                    "then the alphas at the paper's rate x its architecture steps / this run's, at "
                                    "most 0.1), auto (short when the run has under a tenth of the paper's "
                                    "architecture steps)", choices=SCHEDULES)
+    budget: str | None = option(None, "the found model's cost at most this: params=1.5M,flops=300M (any of them; "
+                                      "the frozen stem and the network ktnas train builds by default)",
+                                metavar="KEY=VALUE,...")
     options: dict = field(default_factory=dict)
 
 
@@ -131,6 +135,7 @@ def resolve_config(cfg: SearchConfig) -> SearchConfig:
         cfg.reductions = tuple(int(r) for r in cfg.reductions)
     if cfg.max_memory is not None:
         cfg.max_memory = parse_size(cfg.max_memory)
+    parse_budget(cfg.budget)  # a malformed budget is refused before anything runs
     if cfg.recompute not in ("auto", *RECOMPUTE):
         raise KtnasError(f"unknown --recompute {cfg.recompute!r}: use auto, {', '.join(RECOMPUTE)}")
     if cfg.recompute == "auto":
@@ -270,6 +275,8 @@ def _epoch(run: SearchRun, files: RunDir, epoch: int, train, val, history: list,
     run.sched.step()
     genotype, extra = algorithm.genotype(epoch, val, files)
     rec.update(extra)
+    if run.budget is not None and genotype is not None:  # within the budget, and the penalty raised when over
+        genotype, rec["budget"] = run.budget.constrain(genotype, budget.derivation_weights(model))
     rec["seconds"] = time.perf_counter() - t0
     rec["peak_memory_bytes"] = -distributed.min_over_ranks(-peak_memory(device), device)  # the largest rank's
     rec.update(choice.movement(model.space, model.alphas()))  # entropy, entropy_ratio, margins, margin_median

@@ -15,6 +15,7 @@ from ktnas.engine.search.capture import GraphStep, compile_network, resolve_capt
 from ktnas.engine.data import cycle
 from ktnas.engine.layout import resolve_layout
 from ktnas.engine.runs import progress
+from ktnas.engine.search.budget import search_budget
 from ktnas.engine.search.supernet import Supernet
 
 EVAL_GROUP = 2  # validation batches per forward of the validation pass
@@ -74,6 +75,7 @@ class SearchRun:
         self.w_opt = torch.optim.SGD(self.model.weight_parameters(), cfg.lr, momentum=cfg.momentum,
                                      weight_decay=cfg.weight_decay, nesterov=bool(cfg.nesterov))
         self.algorithm = algo(self)
+        self.budget = search_budget(cfg, info, self.model.space, device)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt, cfg.epochs, eta_min=cfg.lr_min)
         self.criterion = nn.CrossEntropyLoss()
         self.amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -222,10 +224,12 @@ class SearchRun:
     # ---------------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         return dict(model=self.model.state_dict(), w_opt=self.w_opt.state_dict(), sched=self.sched.state_dict(),
-                    **self.algorithm.state_dict())
+                    **self.algorithm.state_dict(), **(self.budget.state_dict() if self.budget else {}))
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.w_opt.load_state_dict(state["w_opt"])
         self.algorithm.load_state_dict(state)
+        if self.budget:
+            self.budget.load_state_dict(state)
         self.sched.load_state_dict(state["sched"])
