@@ -27,12 +27,12 @@ $(VENV)/.ktnas-setup: pyproject.toml Makefile
 demo: setup
 	$(BIN)/ktnas precompute-features --out $(STORE) --resume
 	$(BIN)/ktnas inspect $(STORE) --verify
-	$(BIN)/ktnas search --features $(STORE) --space darts --algo darts \
-	    --epochs 2 --limit 2048 --layers 3 --reductions 1,2 --channels 8 --batch-size 32 --out runs/demo-search --resume
+	$(BIN)/ktnas search --features $(STORE) --space darts --algo gdas \
+	    --epochs 10 --limit 2048 --layers 3 --reductions 1,2 --channels 8 --batch-size 32 --out runs/demo/search --resume
 	$(BIN)/ktnas train --features $(STORE) \
-	    --genotype runs/demo-search/genotype.json --epochs 3 --limit 8192 --layers 5 --channels 32 \
-	    --batch-size 64 --out runs/demo-train --resume
-	$(BIN)/ktnas evaluate --model runs/demo-train/model.pt --dataset fashion-mnist --split test --limit 2000
+	    --genotype runs/demo/search/genotype.json --epochs 3 --limit 8192 --layers 5 --channels 32 \
+	    --batch-size 64 --out runs/demo/train --resume
+	$(BIN)/ktnas evaluate --model runs/demo/train/model.pt --dataset fashion-mnist --split test --limit 2000
 
 test: setup
 	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15

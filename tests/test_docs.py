@@ -195,7 +195,7 @@ def _workdir(world: Path, page: str) -> Path:
     demo = world / re.sub(r"\W", "-", "docs/getting-started.md") / "runs"
     if demo.is_dir() and not page.endswith("getting-started.md"):
         (w / "runs").mkdir()
-        for name in ("fashion-mnist_mobilenet_v2-features.3_64.zarr", "demo-search", "demo-train"):
+        for name in ("fashion-mnist_mobilenet_v2-features.3_64.zarr", "demo"):
             (w / "runs" / name).symlink_to(demo / name)
     return w
 
@@ -223,10 +223,22 @@ def test_getting_started_runs(world, capsys):
     w, ran = _run_page("docs/getting-started.md", world)
     assert ran >= 11
     runs = w / "runs"
-    assert (runs / "demo-train" / "model.pt").is_file() and (runs / "my-model.onnx").stat().st_size > 0
+    assert (runs / "demo" / "train" / "model.pt").is_file() and (runs / "my-model.onnx").stat().st_size > 0
     assert (runs / "my-eval" / "evaluation.json").is_file() and (runs / "my-search" / "genotype.json").is_file()
     out = capsys.readouterr().out
     assert all(name in out for name in ("T-shirt_top", "Trouser", "Pullover"))  # the folders' classes travelled
+
+
+def test_the_demo_page_shows_the_makefiles_commands():
+    """Getting started's demo block is what `make demo` runs (the Makefile's ktnas commands, its store filled in)."""
+    make = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    store = re.search(r"^STORE\s*\?=\s*(\S+)", make, re.M).group(1)
+    demo = make[make.index("\ndemo:"):make.index("\ntest:")]
+    ran = [shlex.split(line.split("/ktnas ", 1)[1].replace("$(STORE)", store))
+           for line in demo.splitlines() if "/ktnas " in line]
+    page = [argv for _, body, reason in shell_blocks(ROOT / "docs/getting-started.md") if reason is None
+            for argv in commands(body)]
+    assert ran and page[:len(ran)] == ran
 
 
 def test_readme_runs(world):
