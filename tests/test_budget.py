@@ -166,3 +166,20 @@ def test_a_budgeted_search_resumes_bit_exactly(search_store, tmp_path, monkeypat
                                for line in t.splitlines()]
             a, b = strip(a), strip(b)
         assert a == b, name
+
+
+def test_random_search_with_weight_sharing_draws_only_what_fits(search_store, tmp_path):
+    """Under --budget every genotype random search evaluates fits (measured on the built network, frozen stem
+    included), and so does the one it keeps."""
+    from ktnas.engine.spaces import genotype_from_json
+
+    free = _built_cost(search_store, _search(search_store, tmp_path / "free", seed=1)["out"] + "/genotype.json")
+    limit = int(free.params * 0.8)
+    _search(search_store, tmp_path / "random", seed=1, algo="random", options=dict(candidates=6),
+            budget=f"params={limit}")
+    assert _built_cost(search_store, tmp_path / "random" / "genotype.json").params <= limit
+    rows = json.loads((tmp_path / "random" / "candidates.json").read_text())
+    assert len(rows) == 6
+    for r in rows:
+        genotype_from_json(r["genotype"]).save(tmp_path / "g.json")
+        assert _built_cost(search_store, tmp_path / "g.json").params <= limit

@@ -9,9 +9,13 @@ from dataclasses import field
 import numpy as np
 import torch
 
+from ktnas.cache.errors import KtnasError
 from ktnas.engine.runs import progress
 from ktnas.engine.spaces import genotype_from_json, genotype_str
 from ktnas.engine.algorithms.base import Algorithm, one_hot_arch, register_algorithm
+
+
+MAX_DRAWS = 10_000  # under --budget: draws of a genotype that fits before giving up
 
 
 @dataclasses.dataclass
@@ -21,7 +25,8 @@ class RandomOptions:
 
 @register_algorithm
 class RandomWS(Algorithm):
-    """Each step trains the weights under a uniformly drawn genotype (one op per chosen edge, the others 'none');
+    """Each step trains the weights under a uniformly drawn genotype (one op per chosen edge, the others 'none'; under
+    ``--budget`` only genotypes that fit are drawn);
     after the last epoch ``candidates`` random genotypes are evaluated on the whole search-validation split and
     the most accurate one is the result (its one-hot encoding is stored as the final alphas; earlier epochs keep
     the untrained, uniform alphas). Trains as DARTS."""
@@ -31,8 +36,17 @@ class RandomWS(Algorithm):
     uses_arch_optimizer = False
     capture_refusal = "random search draws a new genotype on the host every step, a step of another shape each time"
 
+    def draw(self, rng):
+        """A uniformly drawn genotype; under ``--budget``, one that fits (drawn again until it does)."""
+        budget = getattr(self.run, "budget", None)
+        for _ in range(MAX_DRAWS):
+            g = self.model.space.random_genotype(rng)
+            if budget is None or budget.fits(g):
+                return g
+        raise KtnasError(f"none of {MAX_DRAWS} random genotypes fits --budget {self.cfg.budget}: raise the budget")
+
     def random_arch(self, rng):
-        return one_hot_arch(self.model, self.model.space.random_genotype(rng))
+        return one_hot_arch(self.model, self.draw(rng))
 
     def step(self, epoch, xt, yt, xv, yv, gen, rng):
         return self.run.weight_step(xt, yt, self.random_arch(rng))
@@ -53,7 +67,7 @@ class RandomWS(Algorithm):
         model, rng, rows = self.model, np.random.default_rng([self.cfg.seed, 2 ** 20]), []
         for _ in progress(range(self.opts.candidates), desc="evaluate candidates", enabled=self.cfg.progress,
                           leave=False):
-            g = model.space.random_genotype(rng)
+            g = self.draw(rng)
             arch = one_hot_arch(model, g)
             rows.append(dict(genotype=g.to_json(), genotype_str=genotype_str(g),
                              **self.run.evaluate(val, lambda: arch)))

@@ -162,6 +162,9 @@ class SearchBudget:
                                     for t, a in alphas.items())
         return self.lam * torch.relu(expected / self.limit - 1).sum()
 
+    def fits(self, genotype) -> bool:
+        return _fits(self.model.cost(genotype), self.limits)
+
     def constrain(self, genotype, weights: dict):
         """(the genotype within the budget, the epoch's record); raises ``lam`` when ``genotype`` is over it."""
         free = self.model.cost(genotype)
