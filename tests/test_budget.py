@@ -183,3 +183,21 @@ def test_random_search_with_weight_sharing_draws_only_what_fits(search_store, tm
     for r in rows:
         genotype_from_json(r["genotype"]).save(tmp_path / "g.json")
         assert _built_cost(search_store, tmp_path / "g.json").params <= limit
+
+
+def test_evolution_proposes_only_what_fits(search_store, tmp_path):
+    """ktnas evolve --budget: every candidate trained (random population and mutants) fits, measured on the network
+    ktnas train builds from it, frozen stem included."""
+    from ktnas.engine.evolve import evolve
+    from ktnas.engine.spaces import genotype_from_json
+
+    free = _built_cost(search_store, _search(search_store, tmp_path / "free", seed=1)["out"] + "/genotype.json")
+    limit = int(free.params * 0.8)
+    evolve(features=search_store, space="darts", algo="rea", population=3, sample=2, cycles=3, limit=48,
+           batch_size=16, layers=1, channels=4, epochs_per_candidate=1, device="cpu", progress=False,
+           out=str(tmp_path / "evolve"), budget=f"params={limit}")
+    rows = [json.loads(line) for line in (tmp_path / "evolve" / "candidates.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {r["origin"] for r in rows} == {"random", "mutation"}
+    for r in rows:
+        genotype_from_json(r["genotype"]).save(tmp_path / "g.json")
+        assert _built_cost(search_store, tmp_path / "g.json").params <= limit

@@ -32,6 +32,7 @@ from ktnas.engine.evolve.predictor import (ArchPredictor, arch_graph, fit_ranker
                                            predict_scores, pretrain_predictor)
 from ktnas.engine.evolve.predictor_dcl import PREDICTORS, predictor_method
 from ktnas.engine.evolve.proposers import PROPOSERS, PredictorProposer, best_of
+from ktnas.engine.search.budget import parse_budget, store_budget
 from ktnas.engine.runs import RunDir, atomic_write, progress, set_rng_state
 from ktnas.engine.spaces import SPACES, get_space, space_of
 
@@ -58,6 +59,8 @@ class EvolveConfig:
     out: str = option("runs/evolve", "run directory", required=True)
     space: str = option("nb201", "search space (a registered one)")
     algo: str = option("rea", "proposer", choices=ALGOS)
+    budget: str | None = option(None, "propose only genotypes whose model (the network ktnas train builds by default, "
+                                      "frozen stem included) fits: params=1.5M,flops=300M", metavar="KEY=VALUE,...")
     population: int = option(20, "P: initial random candidates and the aging population's size")
     sample: int = option(5, "S: tournament size")
     cycles: int = option(80, "candidates trained after the initial population; budget P + N")
@@ -101,6 +104,7 @@ def resolve_config(cfg: EvolveConfig) -> EvolveConfig:
     """A copy of ``cfg`` with the proxy size filled in and every value checked (one-line KtnasError)."""
     cfg = dataclasses.replace(cfg)
     get_space(cfg.space)
+    parse_budget(cfg.budget)  # a malformed budget is refused before anything runs
     if cfg.algo not in ALGOS:
         raise KtnasError(f"unknown --algo {cfg.algo!r}: use one of {', '.join(ALGOS)}")
     if not cfg.features:
@@ -146,6 +150,7 @@ class Evolution:
         if state is not None:
             set_rng_state(state["rng"])
         self.trainer = CandidateTrainer(cfg, store, device)
+        self.cost = store_budget(cfg.budget, self.space, store)  # None without --budget
 
     @property
     def budget(self) -> int:
@@ -153,7 +158,9 @@ class Evolution:
 
     def proposer(self):
         cfg = self.cfg
-        return PredictorProposer(cfg, self.pretrained) if cfg.algo == "predictor" else PROPOSERS[cfg.algo](cfg)
+        p = PredictorProposer(cfg, self.pretrained) if cfg.algo == "predictor" else PROPOSERS[cfg.algo](cfg)
+        p.fits = self.cost.fits if self.cost else None
+        return p
 
     def summary(self) -> dict:
         h, cfg = self.history, self.cfg

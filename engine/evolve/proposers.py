@@ -8,9 +8,12 @@ import math
 
 import numpy as np
 
+from ktnas.cache.errors import KtnasError
 from ktnas.engine.evolve.predictor import derive_seed, predict_scores
 from ktnas.engine.evolve.predictor_dcl import predictor_method
 from ktnas.engine.spaces import genotype_from_json, get_space
+
+MAX_DRAWS = 10_000  # under --budget: draws of a genotype that fits before giving up
 
 
 def rank_key(r: dict):
@@ -39,9 +42,19 @@ class RandomProposer:
 
     def __init__(self, cfg):
         self.cfg, self.space = cfg, get_space(cfg.space)
+        self.fits = None  # under --budget: genotype -> whether it fits; only those are proposed
+
+    def draw(self, rng, make=None):
+        """``make()`` (default: a uniform draw), again until it fits the budget."""
+        make = make or (lambda: self.space.random_genotype(rng))
+        for _ in range(MAX_DRAWS):
+            g = make()
+            if self.fits is None or self.fits(g):
+                return g
+        raise KtnasError(f"none of {MAX_DRAWS} genotypes drawn fits --budget {self.cfg.budget}: raise the budget")
 
     def propose(self, history: list[dict], k: int, rng: np.random.Generator) -> list[tuple[object, dict]]:
-        return [(self.space.random_genotype(rng), dict(origin="random")) for _ in range(k)]
+        return [(self.draw(rng), dict(origin="random")) for _ in range(k)]
 
 
 class EvolutionProposer(RandomProposer):
@@ -55,8 +68,14 @@ class EvolutionProposer(RandomProposer):
 
     def child(self, population, rng) -> tuple[object, dict]:
         parent = tournament(population, self.cfg.sample, rng)
-        child, what = self.space.mutate(genotype_from_json(parent["genotype"]), rng)
-        return child, dict(origin="mutation", parent=parent["index"], mutation=what)
+        g, out = genotype_from_json(parent["genotype"]), {}
+
+        def mutant():
+            out["child"], out["what"] = self.space.mutate(g, rng)
+            return out["child"]
+
+        self.draw(rng, mutant)
+        return out["child"], dict(origin="mutation", parent=parent["index"], mutation=out["what"])
 
     def children(self, population, k, rng):
         return [self.child(population, rng) for _ in range(k)]
@@ -82,7 +101,7 @@ class PredictorProposer(EvolutionProposer):
                 pool.append(child)
                 metas.append(dict(meta, origin="predictor"))
         while len(pool) < k:  # the neighbourhoods are exhausted: fill with unseen random architectures
-            child = self.space.random_genotype(rng)
+            child = self.draw(rng)
             if genotype_key(child) not in seen or attempts > 1000 * cfg.pool:
                 seen.add(genotype_key(child))
                 pool.append(child)

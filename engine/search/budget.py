@@ -186,14 +186,27 @@ class SearchBudget:
 def search_budget(cfg, info: dict, space, device) -> SearchBudget | None:
     """The budget of a search on ``info``'s data (None without ``--budget``): the cost of the model ``ktnas train``
     builds by default from the found genotype, frozen stem included."""
-    limits = parse_budget(cfg.budget)
+    return make_budget(cfg.budget, space, info, cfg.stem == "features", device)
+
+
+def store_budget(text: str | None, space, store, device="cpu") -> SearchBudget | None:
+    """The budget of the models ``ktnas train`` builds on a feature store (``ktnas evolve --budget``)."""
+    shape = store.split("train").shape
+    info = dict(num_classes=int(store.attrs.get("num_classes") or 10), in_channels=int(shape[2]),
+                resolution=int(min(shape[3:])), stem=store.attrs.get("stem"),
+                image_size=(store.attrs.get("preprocessing") or {}).get("image_size"))
+    return make_budget(text, space, info, True, device)
+
+
+def make_budget(text: str | None, space, info: dict, features: bool, device) -> SearchBudget | None:
+    limits = parse_budget(text)
     if not limits:
         return None
     from ktnas.engine.profile.cost import Cost, CostModel, count
 
     stem = Cost(0, 0)
     build = dict(num_classes=info["num_classes"])
-    if cfg.stem == "features":
+    if features:
         import warnings
 
         from ktnas.cache.stems import get_stem
