@@ -102,6 +102,22 @@ def test_readme_is_short_and_no_document_speaks_of_development():
     assert not found, "\n".join(found)
 
 
+def test_readme_links_resolve():
+    """README's links (read on GitHub and PyPI, outside the site's strict build): every file exists, every anchor of
+    its own is a heading of it."""
+    text = (ROOT / "README.md").read_text()
+    slugs = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+             for h in re.findall(r"^#+ (.*)$", text, re.M)}
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if target.startswith(("http://", "https://")):
+            continue
+        path, _, anchor = target.partition("#")
+        if path:
+            assert (ROOT / path).exists(), target
+        else:
+            assert anchor in slugs, target
+
+
 def test_the_checks_catch_what_they_should(tmp_path):
     """The harness fails what it must: an unmarked non-ktnas example, a bare mark, a development remark."""
     page = tmp_path / "p.md"
