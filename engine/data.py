@@ -93,6 +93,17 @@ def cycle(loader):
         yield from loader
 
 
+def feature_info(store) -> dict:
+    """What the networks built on a feature store's train split need to know: channels, resolution, shape
+    [C, H, W], classes, the stem's spec and image size."""
+    sp = store.split("train")
+    C, H, W = sp.shape[2:]
+    ncls = store.attrs.get("num_classes") or int(sp.read_labels().max()) + 1
+    return dict(in_channels=int(C), resolution=int(min(H, W)), shape=[int(C), int(H), int(W)],
+                num_classes=int(ncls), stem=store.attrs.get("stem"),
+                image_size=(store.attrs.get("preprocessing") or {}).get("image_size"))
+
+
 def search_data(cfg, device, rank: int = 0, world_size: int = 1):
     """(info, make) for a search's stem: ``make(batch_size)`` gives (train batches, validation batches) of this
     rank's partition of the search split; info: channels, resolution, shape [C, H, W], classes, stem, split
@@ -105,11 +116,7 @@ def search_data(cfg, device, rank: int = 0, world_size: int = 1):
         sp = store.split("train")
         n = sp.shape[0] if cfg.limit is None else min(cfg.limit, sp.shape[0])
         tr, va = split_indices(n, cfg.seed, cfg.train_portion)
-        C, H, W = sp.shape[2:]
-        ncls = store.attrs.get("num_classes") or int(sp.read_labels().max()) + 1
-        info = dict(in_channels=int(C), resolution=int(min(H, W)), shape=[int(C), int(H), int(W)],
-                    num_classes=int(ncls), stem=store.attrs.get("stem"), train=len(tr), val=len(va),
-                    image_size=(store.attrs.get("preprocessing") or {}).get("image_size"))
+        info = dict(feature_info(store), train=len(tr), val=len(va))
 
         def make(batch_size):
             kw = dict(batch_size=batch_size, shuffle=True, device=device, seed=cfg.seed, rank=rank,

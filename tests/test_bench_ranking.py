@@ -78,7 +78,8 @@ def test_quick_ranking_trains_both_ways_and_resumes_to_the_same_numbers(ranking_
     assert [r["n"] for r in rows] == [6, 4, 4, 6, 6, 6, 6]
     assert [r["comparison"].split(":")[0] for r in rows[3:]] == ["predictor gae"] * 2 + ["predictor dcl"] * 2
     assert all(len(r["folds"]) == 2 for r in rows[3:])
-    assert sorted((c["way"], c["epochs"]) for c in cands) == [("classic", 1)] * 6 + [("classic", 2)] * 4 + [("kt", 1)] * 6
+    assert sorted((c["way"], c["epochs"]) for c in cands) == \
+        [("classic", 1)] * 6 + [("classic", 2)] * 4 + [("kt", 1)] * 6
     for r in rows[:3]:
         assert r["kendall_tau"] is None or (-1 <= r["kendall_tau"] <= 1 and r["tau_ci"][0] <= r["tau_ci"][1])
     kt = {c["arch"]: c for c in cands if c["way"] == "kt"}

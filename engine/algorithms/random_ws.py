@@ -9,13 +9,9 @@ from dataclasses import field
 import numpy as np
 import torch
 
-from ktnas.cache.errors import KtnasError
 from ktnas.engine.runs import progress
 from ktnas.engine.spaces import genotype_from_json, genotype_str
 from ktnas.engine.algorithms.base import Algorithm, one_hot_arch, register_algorithm
-
-
-MAX_DRAWS = 10_000  # under --budget: draws of a genotype that fits before giving up
 
 
 @dataclasses.dataclass
@@ -38,12 +34,8 @@ class RandomWS(Algorithm):
 
     def draw(self, rng):
         """A uniformly drawn genotype; under ``--budget``, one that fits (drawn again until it does)."""
-        budget = getattr(self.run, "budget", None)
-        for _ in range(MAX_DRAWS):
-            g = self.model.space.random_genotype(rng)
-            if budget is None or budget.fits(g):
-                return g
-        raise KtnasError(f"none of {MAX_DRAWS} random genotypes fits --budget {self.cfg.budget}: raise the budget")
+        budget, make = getattr(self.run, "budget", None), lambda: self.model.space.random_genotype(rng)
+        return budget.draw(make) if budget else make()
 
     def random_arch(self, rng):
         return one_hot_arch(self.model, self.draw(rng))

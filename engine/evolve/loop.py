@@ -159,7 +159,7 @@ class Evolution:
     def proposer(self):
         cfg = self.cfg
         p = PredictorProposer(cfg, self.pretrained) if cfg.algo == "predictor" else PROPOSERS[cfg.algo](cfg)
-        p.fits = self.cost.fits if self.cost else None
+        p.budget = self.cost
         return p
 
     def summary(self) -> dict:

@@ -8,12 +8,9 @@ import math
 
 import numpy as np
 
-from ktnas.cache.errors import KtnasError
 from ktnas.engine.evolve.predictor import derive_seed, predict_scores
 from ktnas.engine.evolve.predictor_dcl import predictor_method
 from ktnas.engine.spaces import genotype_from_json, get_space
-
-MAX_DRAWS = 10_000  # under --budget: draws of a genotype that fits before giving up
 
 
 def rank_key(r: dict):
@@ -42,16 +39,12 @@ class RandomProposer:
 
     def __init__(self, cfg):
         self.cfg, self.space = cfg, get_space(cfg.space)
-        self.fits = None  # under --budget: genotype -> whether it fits; only those are proposed
+        self.budget = None  # under --budget (a SearchBudget): only genotypes that fit are proposed
 
     def draw(self, rng, make=None):
-        """``make()`` (default: a uniform draw), again until it fits the budget."""
+        """``make()`` (default: a uniform draw); under a budget, again until it fits."""
         make = make or (lambda: self.space.random_genotype(rng))
-        for _ in range(MAX_DRAWS):
-            g = make()
-            if self.fits is None or self.fits(g):
-                return g
-        raise KtnasError(f"none of {MAX_DRAWS} genotypes drawn fits --budget {self.cfg.budget}: raise the budget")
+        return self.budget.draw(make) if self.budget else make()
 
     def propose(self, history: list[dict], k: int, rng: np.random.Generator) -> list[tuple[object, dict]]:
         return [(self.draw(rng), dict(origin="random")) for _ in range(k)]

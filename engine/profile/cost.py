@@ -73,7 +73,7 @@ def count(net: nn.Module, x: torch.Tensor) -> tuple[int, int]:
 def model_cost(model) -> Cost:
     """The cost of an exported model (``load_model``'s ``KtnasModel``) on one raw image at its stem's size."""
     size = model.stem.preprocessing.image_size
-    image = torch.zeros(1, 3, size, size)
+    image = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
     sp, sm = count(model.stem, image)
     with torch.no_grad():
         feats = model.stem(image)

@@ -19,6 +19,7 @@ from ktnas.cache.errors import KtnasError
 
 KEYS = {"params": 0, "flops": 1}  # index into the cost model's (weights, multiply-adds)
 SCALE = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
+MAX_DRAWS = 10_000  # a sample-based search's draws of a genotype that fits before giving up
 
 
 def parse_budget(text: str | None) -> dict[str, float]:
@@ -165,6 +166,16 @@ class SearchBudget:
     def fits(self, genotype) -> bool:
         return _fits(self.model.cost(genotype), self.limits)
 
+    def draw(self, make):
+        """``make()`` (a random genotype, a mutant), called again until what it gives fits (sample-based searches
+        under a budget); one-line KtnasError after MAX_DRAWS that do not."""
+        for _ in range(MAX_DRAWS):
+            g = make()
+            if self.fits(g):
+                return g
+        limits = ",".join(f"{k}={v:,.0f}" for k, v in self.limits.items())
+        raise KtnasError(f"none of {MAX_DRAWS} genotypes drawn fits --budget {limits}: raise the budget")
+
     def constrain(self, genotype, weights: dict):
         """(the genotype within the budget, the epoch's record); raises ``lam`` when ``genotype`` is over it."""
         free = self.model.cost(genotype)
@@ -191,11 +202,9 @@ def search_budget(cfg, info: dict, space, device) -> SearchBudget | None:
 
 def store_budget(text: str | None, space, store, device="cpu") -> SearchBudget | None:
     """The budget of the models ``ktnas train`` builds on a feature store (``ktnas evolve --budget``)."""
-    shape = store.split("train").shape
-    info = dict(num_classes=int(store.attrs.get("num_classes") or 10), in_channels=int(shape[2]),
-                resolution=int(min(shape[3:])), stem=store.attrs.get("stem"),
-                image_size=(store.attrs.get("preprocessing") or {}).get("image_size"))
-    return make_budget(text, space, info, True, device)
+    from ktnas.engine.data import feature_info
+
+    return make_budget(text, space, feature_info(store), True, device)
 
 
 def make_budget(text: str | None, space, info: dict, features: bool, device) -> SearchBudget | None:

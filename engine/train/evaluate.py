@@ -13,14 +13,18 @@ from ktnas.cache.errors import KtnasError
 from ktnas.cache.runtime import resolve_device
 
 from ktnas.engine import runs
+from ktnas.engine.profile.cost import model_cost
+from ktnas.engine.profile.latency import latency as measure_latency
 from ktnas.engine.train.network import load_model
 
 
 @torch.no_grad()
 def evaluate(model: str, dataset: str | None = None, split: str = "test", *, limit: int | None = None,
              batch_size: int = 256, data_root: str | None = None, device: str = "auto",
-             progress: bool = False) -> dict:
-    """Accuracy and loss of an exported model (``model.pt``) on the raw images of a data set's split."""
+             progress: bool = False, latency: bool = False) -> dict:
+    """Accuracy and loss of an exported model (``model.pt``) on the raw images of a data set's split, and its cost
+    (weights, multiply-adds, the stem's share); ``latency``: also its PyTorch latency on ``device`` at batch 1 and
+    32 for images of the split's shape."""
     dev = resolve_device(device)
     net = load_model(model).to(dev)
     dataset = dataset or net.meta.get("dataset")
@@ -54,21 +58,11 @@ def evaluate(model: str, dataset: str | None = None, split: str = "test", *, lim
     names = list(classes) if classes else [str(k) for k in range(confusion.shape[0])]
     per_class = {names[k]: 100.0 * int(confusion[k, k]) / int(confusion[k].sum())
                  for k in range(confusion.shape[0]) if int(confusion[k].sum())}
-    return dict(model=str(model), dataset=dataset, split=split, n=n, correct=correct, accuracy=100.0 * correct / n,
-                loss=loss_sum / n, classes=names, per_class_accuracy=per_class, confusion=confusion.tolist(),
-                image_shape=shape)
-
-
-def model_figures(model: str, shape, device: str = "auto", measure: bool = True) -> dict:
-    """The exported model's cost (weights, multiply-adds, the stem's share) and its measured latency in PyTorch
-    on ``device`` for images of ``shape`` (C, H, W), batch 1 and 32."""
-    from ktnas.engine.profile.cost import model_cost
-    from ktnas.engine.profile.latency import latency
-
-    net, dev = load_model(model), resolve_device(device)
-    out = dict(cost=model_cost(net).to_json())
-    if measure:
-        out["latency_ms"] = {str(b): t for b, t in latency(net, "torch", shape, device=dev).items()}
+    out = dict(model=str(model), dataset=dataset, split=split, n=n, correct=correct, accuracy=100.0 * correct / n,
+               loss=loss_sum / n, classes=names, per_class_accuracy=per_class, confusion=confusion.tolist(),
+               image_shape=shape, cost=model_cost(net).to_json())
+    if latency:
+        out["latency_ms"] = {str(b): t for b, t in measure_latency(net, "torch", shape, device=dev).items()}
         out["latency_device"] = str(dev)
     return out
 
@@ -106,8 +100,7 @@ def cmd_evaluate(args) -> int:
     from ktnas.engine.profile.latency import latency_line
 
     r = evaluate(args.model, args.dataset, args.split, limit=args.limit, batch_size=args.batch_size,
-                 data_root=args.data_root, device=args.device, progress=not args.quiet)
-    r.update(model_figures(args.model, r["image_shape"], args.device, measure=args.latency))
+                 data_root=args.data_root, device=args.device, progress=not args.quiet, latency=args.latency)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import torch
 
 from ktnas.cache.errors import KtnasError
 
+from ktnas.engine.profile.cost import model_cost
 from ktnas.engine.train.network import load_model
 
 FORMATS = ("onnx", "torchscript")
@@ -61,20 +62,21 @@ def export_model(model, fmt: str, out, *, shape=None) -> dict:
             torch.onnx.export(net, (example,), str(out), dynamo=True, input_names=["images"],
                               output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
                               opset_version=OPSET, verbose=False)
-    return dict(out=str(out), format=fmt, input_shape=[c, h, w], classes=net.meta.get("classes"))
+    return dict(out=str(out), format=fmt, input_shape=[c, h, w], classes=net.meta.get("classes"),
+                cost=model_cost(net).to_json())
 
 
 RUNTIME = {"onnx": "onnxruntime", "torchscript": "torchscript"}
 
 
 def cmd_export(args) -> int:
-    from ktnas.engine.profile.cost import model_cost
+    from ktnas.engine.profile.cost import Cost
     from ktnas.engine.profile.latency import latency, latency_line
 
     r = export_model(args.model, args.format, args.out, shape=args.input_shape)
     print(f"wrote {r['out']} ({r['format']}): uint8 images [N, {', '.join(map(str, r['input_shape']))}] -> "
           f"logits [N, {len(r['classes']) if r['classes'] else '?'}]")
-    print(f"cost: {model_cost(load_model(args.model)).line()}")
+    print(f"cost: {Cost(**r['cost']).line()}")
     if args.latency:
         runtime = RUNTIME[args.format]
         print(latency_line(latency(r["out"], runtime, r["input_shape"]), runtime))
