@@ -81,16 +81,18 @@ def model_cost(model) -> Cost:
     return Cost(sp + np_, sm + nm, sp, sm)
 
 
-def _meta_network(space, genotype, build: dict) -> nn.Module:
+def meta_network(space, genotype, build: dict) -> nn.Module:
+    """``genotype``'s evaluation network built with ``build`` on the meta device (shapes only, no memory)."""
     from ktnas.engine.train.network import build_network
 
     with torch.device("meta"):
         return build_network(genotype, **build)
 
 
-def _input(build: dict) -> torch.Tensor:
+def network_input(build: dict, batch: int = 1, device="meta") -> torch.Tensor:
+    """An input of the network ``build`` describes: cached features [batch, C, H, H], or 32 px images."""
     c, s = build.get("in_channels"), build.get("in_size")
-    return torch.empty(1, c or 3, s or 32, s or 32, device="meta")
+    return torch.zeros(batch, c or 3, s or 32, s or 32, device=device)
 
 
 def genotype_cost(genotype, build: dict, stem: Cost | None = None) -> Cost:
@@ -98,7 +100,7 @@ def genotype_cost(genotype, build: dict, stem: Cost | None = None) -> Cost:
     num_classes, layers, channels, reductions, in_channels, in_size), plus the frozen ``stem``'s."""
     from ktnas.engine.spaces import space_of
 
-    p, m = count(_meta_network(space_of(genotype), genotype, build), _input(build))
+    p, m = count(meta_network(space_of(genotype), genotype, build), network_input(build))
     return Cost(p, m) + (stem or Cost(0, 0))
 
 
@@ -134,18 +136,13 @@ class CostModel:
         _TABLES[key] = self.table, self.fixed
 
     def _read_probe(self, genotype) -> tuple[int, int]:
-        net, x = _meta_network(self.space, genotype, self.build), _input(self.build)
+        net, x = meta_network(self.space, genotype, self.build), network_input(self.build)
         params, macs = _module_counts(net, x)
         total = np.array([params[""] - params.get(AUX, 0), macs.get("", 0)], dtype=np.int64)
         seen: dict[tuple[str, int, int], np.ndarray] = {}
-        for k, cell in enumerate(net.cells):
-            if not hasattr(cell, "ops"):
-                continue  # a block the space fixes (NB201's ResNet reductions)
-            t = self.space.cell_types[1] if getattr(cell, "reduction", False) else self.space.cell_types[0]
-            ops, edges = _flat(cell.ops, f"cells.{k}.ops"), self.space.cell_edges(genotype, t)
-            for (path, _), (edge, op) in zip(ops, edges):
-                key = (t, edge, self.space.ops.index(op))
-                seen[key] = seen.get(key, 0) + np.array([params[path], macs.get(path, 0)], dtype=np.int64)
+        for _, t, edge, op, path in cell_ops(self.space, net, genotype):
+            key = (t, edge, self.space.ops.index(op))
+            seen[key] = seen.get(key, 0) + np.array([params[path], macs.get(path, 0)], dtype=np.int64)
         for (t, edge, op), c in seen.items():
             old = self.table[t][edge, op]
             if (old >= 0).all() and not (old == c).all():
@@ -171,6 +168,17 @@ class CostModel:
         for t, p in probs.items():
             out = out + (p.double()[..., None] * torch.as_tensor(self.table[t], dtype=torch.float64)).sum((0, 1))
         return out + torch.tensor([float(self.stem.params), float(self.stem.macs)], dtype=torch.float64)
+
+
+def cell_ops(space, net: nn.Module, genotype):
+    """(cell index, cell type, edge, op name, module path) of every op in a built network's searched cells, in
+    order; blocks the space fixes (NB201's ResNet reductions) are skipped."""
+    for k, cell in enumerate(net.cells):
+        if not hasattr(cell, "ops"):
+            continue
+        t = space.cell_types[1] if getattr(cell, "reduction", False) else space.cell_types[0]
+        for (path, _), (edge, op) in zip(_flat(cell.ops, f"cells.{k}.ops"), space.cell_edges(genotype, t)):
+            yield k, t, edge, op, path
 
 
 def _flat(modules, prefix: str):

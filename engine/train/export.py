@@ -54,16 +54,26 @@ def export_model(model, fmt: str, out, *, shape=None) -> dict:
             with torch.no_grad():
                 torch.jit.trace(net, example).save(str(out))
         else:
-            try:
-                import onnxscript  # noqa: F401 - torch.onnx's exporter needs it
-            except ImportError:
-                raise KtnasError("--format onnx needs the onnx and onnxscript packages: pip install "
-                                 "'ktnas[export]' (or onnx onnxscript)") from None
-            torch.onnx.export(net, (example,), str(out), dynamo=True, input_names=["images"],
-                              output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-                              opset_version=OPSET, verbose=False)
+            write_onnx(net, example, out, input_name="images", output_name="logits")
     return dict(out=str(out), format=fmt, input_shape=[c, h, w], classes=net.meta.get("classes"),
                 cost=model_cost(net).to_json())
+
+
+def write_onnx(module, example: torch.Tensor, out, *, input_name: str = "x", output_name: str = "y",
+               dynamic: bool = True) -> None:
+    """Write ``module`` (one tensor in, one out) to the ONNX file ``out`` with torch.onnx's exporter; ``dynamic``:
+    the batch dimension free (``example``'s batch then at least 2), else fixed at ``example``'s."""
+    try:
+        import onnxscript  # noqa: F401 - torch.onnx's exporter needs it
+    except ImportError:
+        raise KtnasError("--format onnx needs the onnx and onnxscript packages: pip install "
+                         "'ktnas[export]' (or onnx onnxscript)") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(out), dynamo=True, input_names=[input_name],
+                          output_names=[output_name],
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},) if dynamic else None,
+                          opset_version=OPSET, verbose=False)
 
 
 RUNTIME = {"onnx": "onnxruntime", "torchscript": "torchscript"}
