@@ -26,7 +26,8 @@ from .search import bench_search
 BENCHMARKS = {"loader": "ktnas.bench.loader", "precompute": "ktnas.bench.precompute", "kernels": "ktnas.bench.kernels",
               "search": "ktnas.bench.search_report", "accuracy": "ktnas.bench.accuracy", "step": "ktnas.bench.step",
               "store": "ktnas.bench.store", "ranking": "ktnas.bench.ranking",
-              "evolve": "ktnas.bench.evolve_compare", "small-budget": "ktnas.bench.small_budget"}
+              "evolve": "ktnas.bench.evolve_compare", "small-budget": "ktnas.bench.small_budget",
+              "latency": "ktnas.bench.latency"}
 
 
 def _module(name: str):

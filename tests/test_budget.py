@@ -10,7 +10,8 @@ import pytest
 from conftest import one_line_error
 
 from ktnas.engine.profile.cost import CostModel
-from ktnas.engine.search.budget import best_within, cell_front, derive_within, parse_budget, node_options, node_groups
+from ktnas.engine.search.budget import (BudgetModel, best_within, cell_front, derive_within, parse_budget, node_options,
+                                       node_groups)
 from ktnas.engine.spaces import get_space
 from ktnas.engine.spaces.base import softmax
 
@@ -20,13 +21,17 @@ BUILD = {"darts": dict(num_classes=10, layers=3, channels=8, in_channels=24, in_
 
 @pytest.fixture(scope="module")
 def models():
-    return {name: CostModel(get_space(name), build) for name, build in BUILD.items()}
+    return {name: BudgetModel(CostModel(get_space(name), build)) for name, build in BUILD.items()}
 
 
 def test_parse_budget():
     assert parse_budget("params=1.5M,flops=300M") == {"params": 1.5e6, "flops": 3e8}
     assert parse_budget("flops = 2.5e3k") == {"flops": 2.5e6} and parse_budget(None) == {}
-    one_line_error(lambda: parse_budget("weights=1M"), "give KEY=VALUE pairs, KEY one of params, flops")
+    assert parse_budget("latency=4ms,params=2k") == {"latency": 4.0, "params": 2e3}
+    assert parse_budget("latency=800us") == {"latency": 0.8} and parse_budget("latency=0.5") == {"latency": 0.5}
+    one_line_error(lambda: parse_budget("weights=1M"), "give KEY=VALUE pairs, KEY one of params, flops, latency")
+    one_line_error(lambda: parse_budget("latency=4M"), "give KEY=VALUE pairs")
+    one_line_error(lambda: parse_budget("params=4ms"), "give KEY=VALUE pairs")
     one_line_error(lambda: parse_budget("params=0"), "the limit must be positive")
 
 

@@ -31,8 +31,9 @@ from ktnas.cache.flags import add_config_arguments, check_positive, config_from_
 from ktnas.engine.evolve.predictor import (ArchPredictor, arch_graph, fit_ranker, heldout_tau, kendall_tau,
                                            predict_scores, pretrain_predictor)
 from ktnas.engine.evolve.predictor_dcl import PREDICTORS, predictor_method
-from ktnas.engine.evolve.proposers import PROPOSERS, PredictorProposer, best_of
-from ktnas.engine.search.budget import parse_budget, store_budget
+from ktnas.engine.data import feature_info
+from ktnas.engine.evolve.proposers import PROPOSERS, PredictorProposer, best_of, pareto_front
+from ktnas.engine.search.budget import KEYS, SearchBudget, budget_model, parse_budget
 from ktnas.engine.runs import RunDir, atomic_write, progress, set_rng_state
 from ktnas.engine.spaces import SPACES, get_space, space_of
 
@@ -59,8 +60,19 @@ class EvolveConfig:
     out: str = option("runs/evolve", "run directory", required=True)
     space: str = option("nb201", "search space (a registered one)")
     algo: str = option("rea", "proposer", choices=ALGOS)
-    budget: str | None = option(None, "propose only genotypes whose model (the network ktnas train builds by default, "
-                                      "frozen stem included) fits: params=1.5M,flops=300M", metavar="KEY=VALUE,...")
+    budget: str | None = option(None, "propose only genotypes whose model (the network ktnas train builds at "
+                                      "--train-layers/--train-channels, frozen stem included) fits: "
+                                      "params=1.5M,flops=300M,latency=4ms", metavar="KEY=VALUE,...")
+    objectives: str = option("accuracy", "accuracy, or accuracy and costs of that model (accuracy,latency; "
+                                         "accuracy,params,flops): a Pareto front is kept and tournaments are won "
+                                         "on it; pareto.png shows it", metavar="NAMES")
+    train_layers: int | None = option(None, "with --budget or cost objectives: the cells of the network the found "
+                                            "genotypes will be trained in (ktnas train --layers; default: its "
+                                            "default)")
+    train_channels: int | None = option(None, "with --budget or cost objectives: its first cells' width")
+    latency_table: str | None = option(None, "the `ktnas bench latency` table of that network for latency budgets "
+                                             "and objectives (default: measured now on the CPU with onnxruntime)",
+                                       metavar="FILE")
     population: int = option(20, "P: initial random candidates and the aging population's size")
     sample: int = option(5, "S: tournament size")
     cycles: int = option(80, "candidates trained after the initial population; budget P + N")
@@ -105,6 +117,7 @@ def resolve_config(cfg: EvolveConfig) -> EvolveConfig:
     cfg = dataclasses.replace(cfg)
     get_space(cfg.space)
     parse_budget(cfg.budget)  # a malformed budget is refused before anything runs
+    cost_objectives(cfg.objectives)
     if cfg.algo not in ALGOS:
         raise KtnasError(f"unknown --algo {cfg.algo!r}: use one of {', '.join(ALGOS)}")
     if not cfg.features:
@@ -150,7 +163,16 @@ class Evolution:
         if state is not None:
             set_rng_state(state["rng"])
         self.trainer = CandidateTrainer(cfg, store, device)
-        self.cost = store_budget(cfg.budget, self.space, store)  # None without --budget
+        self.objectives = cost_objectives(cfg.objectives)
+        limits = parse_budget(cfg.budget)
+        self.costs, self.cost = None, None  # the deployed model's costs; the budget (None without --budget)
+        if limits or self.objectives:
+            self.costs = budget_model(self.space, feature_info(store), True, store=store, layers=cfg.train_layers,
+                                      channels=cfg.train_channels,
+                                      latency="latency" in (*limits, *self.objectives),
+                                      latency_table=cfg.latency_table, out=cfg.out, progress=cfg.progress)
+        if limits:
+            self.cost = SearchBudget(self.space, limits, self.costs, "cpu")
 
     @property
     def budget(self) -> int:
@@ -159,7 +181,7 @@ class Evolution:
     def proposer(self):
         cfg = self.cfg
         p = PredictorProposer(cfg, self.pretrained) if cfg.algo == "predictor" else PROPOSERS[cfg.algo](cfg)
-        p.budget = self.cost
+        p.budget, p.costs = self.cost, self.objectives
         return p
 
     def summary(self) -> dict:
@@ -179,6 +201,9 @@ class Evolution:
             candidates_per_hour=3600 * len(h) / train_s if train_s > 0 else None,
             candidates_per_hour_total=3600 * len(h) / self.seconds_total if self.seconds_total > 0 else None,
             data=self.trainer.data, predictor=self.tau, machine=machine(self.device),
+            objectives=["accuracy", *self.objectives],
+            front=[{k: h[i][k] for k in ("index", "arch", "val_acc", "deploy", "genotype")}
+                   for i in pareto_front(h, self.objectives)] if self.objectives and h else None,
             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
     def write(self, picture: bool) -> dict:
@@ -188,9 +213,14 @@ class Evolution:
         if s["genotype"] is not None:
             files.write_json("genotype.json", s["genotype"])
         files.write_json("results.json", s)
+        if self.objectives and h:
+            files.write_json("front.json", s["front"])
         if picture and h:
             plot_accuracy({self.cfg.algo: h}, files.file("accuracy.png"), population=self.cfg.population,
                           title=f"ktnas evolve --algo {self.cfg.algo} --space {self.cfg.space}")
+            if self.objectives:
+                plot_front(h, s["front"], self.objectives, files.file("pareto.png"),
+                           title=f"ktnas evolve --algo {self.cfg.algo} --space {self.cfg.space}: Pareto front")
         return s
 
     def checkpoint(self):
@@ -204,8 +234,10 @@ class Evolution:
         k = min(cfg.parallel, limit - start)
         proposals = proposer.propose(self.history, k, np.random.default_rng([cfg.seed, start]))
         rows = self.trainer.train([g for g, _ in proposals], range(start, start + k))
-        for row, (_, meta) in zip(rows, proposals):
+        for row, (g, meta) in zip(rows, proposals):
             row.update(dict(origin=None, parent=None, mutation=None, predicted=None), **meta)
+            if self.costs is not None:  # the model ktnas train builds from it: weights, multiply-adds, latency
+                row["deploy"] = self.costs.values(g)
         self.history += rows
         return rows
 
@@ -248,6 +280,16 @@ class Evolution:
             if not files.checkpoint_path.exists():
                 self.checkpoint()
         return self.summary()
+
+
+def cost_objectives(text: str) -> tuple[str, ...]:
+    """The costs among ``--objectives`` (accuracy first, then any of params, flops, latency); one-line KtnasError
+    otherwise."""
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    if not names or names[0] != "accuracy" or len(set(names)) < len(names) or not set(names[1:]) <= set(KEYS):
+        raise KtnasError(f"--objectives {text!r}: give accuracy, then any of {', '.join(KEYS)} (e.g. "
+                         "accuracy,latency)")
+    return tuple(names[1:])
 
 
 def machine(device) -> dict:
@@ -308,6 +350,41 @@ def plot_accuracy(runs: dict[str, list[dict]], path, population: int | None = No
     plt.close(fig)
 
 
+UNITS = {"params": ("weights (M)", 1e-6), "flops": ("multiply-adds per image (M)", 1e-6),
+         "latency": ("predicted latency (ms)", 1.0)}
+
+
+def plot_front(history: list[dict], front: list[dict], objectives: tuple, path, title: str = "") -> None:
+    """Validation accuracy against each cost objective of every candidate (points), the Pareto front marked and
+    joined (one panel per cost)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(objectives), figsize=(6 * len(objectives), 4.5), squeeze=False)
+    on = {r["index"] for r in front}
+    for ax, key in zip(axes[0], objectives):
+        label, scale = UNITS[key]
+        x = np.array([r["deploy"][key] * scale for r in history])
+        y = np.array([r["val_acc"] for r in history])
+        ax.scatter(x, y, s=12, color="C0", alpha=0.5, label=f"candidates ({len(history)})")
+        fx = np.array([r["deploy"][key] * scale for r in front])
+        fy = np.array([r["val_acc"] for r in front])
+        o = np.argsort(fx, kind="stable")
+        ax.step(fx[o], fy[o], where="post", color="C3", lw=1.2)
+        ax.scatter(fx, fy, s=40, facecolors="none", edgecolors="C3", lw=1.5,
+                   label=f"Pareto front ({len(on)})" + (" over all objectives" if len(objectives) > 1 else ""))
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda p: fig.savefig(p, dpi=100, format="png"))
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------------------------------- CLI
 def cmd_evolve(args) -> int:
     """``ktnas evolve``: map the flags onto an EvolveConfig and run :func:`evolve`."""
@@ -320,6 +397,12 @@ def cmd_evolve(args) -> int:
         f"stopped after {s['candidates']}/{s['budget']} candidates: continue with --resume"
     print(f"{s['out']}: {s['candidates']} candidates ({s['algo']}, {s['space']}), best validation accuracy "
           f"{b.get('val_acc', float('nan')):.2f}% (#{b.get('index')}: {b.get('arch')}){rate}{tau}; {state}")
+    if s.get("front"):
+        costs = s["objectives"][1:]
+        print(f"Pareto front ({len(s['front'])} candidates; {s['out']}/front.json, pareto.png):")
+        for r in s["front"]:
+            cost = ", ".join(f"{UNITS[k][0].split(' (')[0]} {r['deploy'][k] * UNITS[k][1]:.3f}" for k in costs)
+            print(f"  #{r['index']}: {r['val_acc']:.2f}%, {cost}")
     return 0
 
 

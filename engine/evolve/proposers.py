@@ -23,11 +23,24 @@ def best_of(history: list[dict]) -> dict | None:
     return min(history, key=rank_key) if history else None
 
 
-def tournament(population: list[dict], sample: int, rng: np.random.Generator) -> dict:
+def tournament(population: list[dict], sample: int, rng: np.random.Generator, costs: tuple = ()) -> dict:
     """Real et al.'s tournament: ``sample`` members drawn with replacement, the most accurate wins (the first
-    drawn on ties)."""
+    drawn on ties). ``costs`` (objectives beside accuracy, keys of the members' ``deploy`` values): a member
+    drawn at random from the drawn ones' Pareto front wins."""
     drawn = [population[i] for i in rng.integers(len(population), size=sample)]
-    return max(drawn, key=lambda r: r["val_acc"])
+    if not costs:
+        return max(drawn, key=lambda r: r["val_acc"])
+    front = pareto_front(drawn, costs)
+    return drawn[front[int(rng.integers(len(front)))]]
+
+
+def pareto_front(rows: list[dict], costs: tuple) -> list[int]:
+    """Indices of the rows no other row beats in validation accuracy and every cost of ``costs`` (keys of their
+    ``deploy`` values), most accurate first; of identical rows the first."""
+    from ktnas.engine.search.budget import pareto
+
+    cost = np.array([[float(r["deploy"][k]) for k in costs] for r in rows]).reshape(len(rows), len(costs))
+    return [int(i) for i in pareto(cost, np.array([float(r["val_acc"]) for r in rows]))]
 
 
 def genotype_key(g) -> str:
@@ -40,6 +53,7 @@ class RandomProposer:
     def __init__(self, cfg):
         self.cfg, self.space = cfg, get_space(cfg.space)
         self.budget = None  # under --budget (a SearchBudget): only genotypes that fit are proposed
+        self.costs: tuple = ()  # --objectives beside accuracy: tournaments are won on the Pareto front
 
     def draw(self, rng, make=None):
         """``make()`` (default: a uniform draw); under a budget, again until it fits."""
@@ -60,7 +74,7 @@ class EvolutionProposer(RandomProposer):
         return self.children(history[-self.cfg.population:], k, rng)
 
     def child(self, population, rng) -> tuple[object, dict]:
-        parent = tournament(population, self.cfg.sample, rng)
+        parent = tournament(population, self.cfg.sample, rng, self.costs)
         g, out = genotype_from_json(parent["genotype"]), {}
 
         def mutant():

@@ -83,9 +83,26 @@ def target_for(space, info: dict, *, layers=None, channels=None, reductions=None
     build = dict(num_classes=int(info["num_classes"]), layers=lay.layers, channels=lay.channels,
                  reductions=list(lay.reductions), in_channels=int(info["in_channels"]), in_size=int(info["resolution"]))
     if input_shape is None:
-        input_shape = info.get("image_shape") or (3, info["image_size"], info["image_size"])
+        input_shape = (3, info["image_size"], info["image_size"])
     return Target(name, build, str(info["stem"]), int(info["image_size"]), tuple(int(v) for v in input_shape),
                   int(batch))
+
+
+def store_target(store, space, *, layers=None, channels=None, reductions=None, batch: int = 1,
+                 input_shape=None) -> Target:
+    """The Target of the model ``ktnas train`` builds on the feature store ``store`` (a path or an open store);
+    the raw image shape by default that of the store's data set's images."""
+    from ktnas.cache.store import open_store
+    from ktnas.engine.data import feature_info
+
+    store = open_store(store) if isinstance(store, (str, Path)) else store
+    info = feature_info(store)
+    if input_shape is None:
+        from ktnas.engine.train.export import image_shape
+
+        input_shape = image_shape(store.attrs.get("dataset"), info["image_size"], "the store's data set")
+    return target_for(space, info, layers=layers, channels=channels, reductions=reductions, batch=batch,
+                      input_shape=input_shape)
 
 
 def environment(runtime: str, device: str, threads: int | None) -> dict:
@@ -157,7 +174,7 @@ class Timer:
     machine that lasts a while then spoils one round of several modules, not every run of one."""
 
     def __init__(self, runtime: str, device: str = "cpu", batch: int = 1, threads: int | None = None,
-                 repeats: int = REPEATS, min_seconds: float = MIN_SECONDS, rounds: int = ROUNDS):
+                 repeats: int | None = None, min_seconds: float | None = None, rounds: int | None = None):
         if runtime not in RUNTIMES:
             raise KtnasError(f"unknown --runtime {runtime!r}: use {' or '.join(RUNTIMES)}")
         if runtime == "onnxruntime":
@@ -170,7 +187,9 @@ class Timer:
         if batch < 1:
             raise KtnasError(f"--batch must be at least 1, got {batch}")
         self.runtime, self.device, self.batch, self.threads = runtime, str(device), batch, threads
-        self.repeats, self.min_seconds, self.rounds = repeats, min_seconds, rounds
+        self.repeats = REPEATS if repeats is None else repeats
+        self.min_seconds = MIN_SECONDS if min_seconds is None else min_seconds
+        self.rounds = ROUNDS if rounds is None else rounds
         self.tmp = tempfile.TemporaryDirectory(prefix="ktnas-latency-")
         self._n = 0
 
@@ -278,10 +297,11 @@ class LatencyTable:
 
 
 def measure_table(target: Target, timer: Timer, *, calibrate: int = 5, seed: int = 0, progress: bool = True,
-                  table: LatencyTable | None = None, save=None) -> LatencyTable:
-    """Measure every op of ``target``'s space at every shape its network gives it, the stem, and ``calibrate``
-    random whole models (the fixed part). ``table``: a partly measured one to go on from (what it has is kept);
-    ``save(table)`` is called after each measurement, so an interrupted run resumes."""
+                  table: LatencyTable | None = None, save=None, announce=None) -> LatencyTable:
+    """Measure every op of ``target``'s space at every shape its network gives it, the stem, and the space's probe
+    models and ``calibrate`` random ones (the fixed part and the op scales). ``table``: a partly measured one to go
+    on from (what it has is kept); ``save(table)`` is called after each group of measurements, so an interrupted
+    run resumes; ``announce()`` once before the first measurement, if any is left."""
     from ktnas.engine.runs import progress as bar
     from ktnas.engine.spaces import get_space
     from ktnas.engine.train.network import build_network
@@ -294,6 +314,10 @@ def measure_table(target: Target, timer: Timer, *, calibrate: int = 5, seed: int
         for *_, key, path in op_shapes(space, g, target.build):
             if key not in table.ops:
                 todo.setdefault(key, (g, path))
+    rng = np.random.default_rng([seed, 1])  # the check draws from [seed, 2]: calibration is held out
+    genotypes = list(space.cost_probes()) + [space.random_genotype(rng) for _ in range(calibrate)]
+    if announce and (todo or table.stem_ms is None or len(table.calibration) < len(genotypes)):
+        announce()
     nets: dict[int, nn.Module] = {}
     with bar(total=len(todo), desc="latency: ops", enabled=progress) as pb:
         for group in _groups(list(todo.items())):
@@ -311,8 +335,6 @@ def measure_table(target: Target, timer: Timer, *, calibrate: int = 5, seed: int
     if table.stem_ms is None:
         stem = model_for(target, space.cost_probes()[0]).stem
         table.stem_ms = timer.measure([(stem, timer.images(target))])[0]
-    rng = np.random.default_rng([seed, 1])  # the check draws from [seed, 2]: calibration is held out
-    genotypes = list(space.cost_probes()) + [space.random_genotype(rng) for _ in range(calibrate)]
     with bar(total=len(genotypes), initial=min(len(table.calibration), len(genotypes)), desc="latency: calibration",
              enabled=progress) as pb:
         for group in _groups(genotypes[len(table.calibration):]):

@@ -95,9 +95,16 @@ class SearchConfig:
                                    "then the alphas at the paper's rate x its architecture steps / this run's, at "
                                    "most 0.1), auto (short when the run has under a tenth of the paper's "
                                    "architecture steps)", choices=SCHEDULES)
-    budget: str | None = option(None, "the found model's cost at most this: params=1.5M,flops=300M (any of them; "
-                                      "the frozen stem and the network ktnas train builds by default)",
+    budget: str | None = option(None, "the found model's cost at most this: params=1.5M,flops=300M,latency=4ms (any "
+                                      "of them; the frozen stem and the network ktnas train builds at "
+                                      "--train-layers/--train-channels; latency as --latency-table predicts it)",
                                 metavar="KEY=VALUE,...")
+    train_layers: int | None = option(None, "with --budget: the cells of the network the found genotype will be "
+                                            "trained in (ktnas train --layers; default: its default)")
+    train_channels: int | None = option(None, "with --budget: its first cells' width (ktnas train --channels)")
+    latency_table: str | None = option(None, "with --budget latency=...: the table of `ktnas bench latency` for "
+                                             "that network (default: measured now on the CPU with onnxruntime, "
+                                             "batch 1)", metavar="FILE")
     options: dict = field(default_factory=dict)
 
 

@@ -75,7 +75,7 @@ class SearchRun:
         self.w_opt = torch.optim.SGD(self.model.weight_parameters(), cfg.lr, momentum=cfg.momentum,
                                      weight_decay=cfg.weight_decay, nesterov=bool(cfg.nesterov))
         self.algorithm = algo(self)
-        self.budget = search_budget(cfg, info, self.model.space, device)
+        self.budget = search_budget(cfg, info, self.model.space, device, ddp)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt, cfg.epochs, eta_min=cfg.lr_min)
         self.criterion = nn.CrossEntropyLoss()
         self.amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")

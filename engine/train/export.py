@@ -27,13 +27,17 @@ def input_shape(net, shape=None) -> tuple[int, int, int]:
         if c not in (1, 3) or h < 1 or w < 1:
             raise KtnasError(f"--input-shape {shape!r}: C must be 1 or 3 and H, W positive")
         return c, h, w
+    return image_shape(net.meta.get("dataset"), net.stem.preprocessing.image_size, "the model's data set")
+
+
+def image_shape(dataset, image_size: int, what: str = "the data set") -> tuple[int, int, int]:
+    """The raw image shape (C, H, W) of ``dataset``'s first test image."""
     from ktnas.cache.datasets import load_split
 
-    dataset = net.meta.get("dataset")
     try:
-        x = load_split(dataset, "test", image_size=net.stem.preprocessing.image_size).get_batch([0])
+        x = load_split(dataset, "test", image_size=image_size).get_batch([0])
     except (KtnasError, OSError, TypeError) as e:
-        raise KtnasError(f"the model's data set {dataset!r} cannot be read here ({str(e).splitlines()[0][:80]}): "
+        raise KtnasError(f"{what} {dataset!r} cannot be read here ({str(e).splitlines()[0][:80]}): "
                          f"pass --input-shape C,H,W") from None
     return tuple(int(v) for v in x.shape[1:])
 
