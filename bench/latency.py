@@ -17,8 +17,8 @@ import csv
 from pathlib import Path
 
 from ktnas.cache.errors import KtnasError
-from ktnas.engine.profile.latency_table import (RUNTIMES, LatencyTable, Timer, check_table, environment, errors,
-                                                measure_table, store_target)
+from ktnas.engine.profile.latency import Timer, check_table, measure_table
+from ktnas.engine.profile.latency_table import RUNTIMES, LatencyTable, environment, errors, store_target
 from ktnas.engine.spaces import SPACES
 
 from .report import Column, Report

@@ -55,6 +55,11 @@ def add_arguments(p) -> None:
         p.add_argument(f"--train-{k.replace('_', '-')}", type=int, default=v,
                        help=f"the training's --{k.replace('_', '-')} (default: the demo's, %(default)s)")
     p.add_argument("--train-seed", type=int, default=0, help="one training seed for every genotype (default: 0)")
+    p.add_argument("--budget", default=None, metavar="KEY=VALUE,...", help="the searches' --budget on the trained "
+                   "model (params=..,flops=..,latency=..ms); the random architectures are drawn until they fit")
+    p.add_argument("--latency-table", default=None, metavar="FILE", help="the `ktnas bench latency` table of the "
+                   "trained network: latency budgets and the latency column (default: measured into --out when the "
+                   "budget has a latency)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
 
 
@@ -110,6 +115,9 @@ def _search(args, m: dict, seed: int, work: Path, commands: list) -> dict:
             *itertools.chain.from_iterable((f"--{k.replace('_', '-')}", getattr(args, f"search_{k}"))
                                            for k in DEMO_SEARCH),
             "--device", args.device, "--out", sdir, "--quiet"]
+    if args.budget:
+        argv += ["--budget", args.budget, "--train-layers", args.train_layers, "--train-channels", args.train_channels]
+        argv += ["--latency-table", args.latency_table] if args.latency_table else []
     done = (sdir / "metrics.jsonl").exists() and len(read_jsonl(sdir / "metrics.jsonl")) >= m["epochs"]
     _phase(commands, argv, sdir, sdir.with_suffix(".log"), done)
     metrics = read_jsonl(sdir / "metrics.jsonl")
@@ -127,11 +135,27 @@ def _search(args, m: dict, seed: int, work: Path, commands: list) -> dict:
                 genotype=metrics[-1]["genotype"], test_acc=trained["test_acc"])
 
 
+def _costs(args, space, work: Path):
+    """The trained model's costs of a genotype (BudgetModel; predicted latency with a table or a latency budget)
+    and the budget (None without --budget)."""
+    from ktnas.cache.store import open_store
+    from ktnas.engine.data import feature_info
+    from ktnas.engine.search.budget import SearchBudget, budget_model, parse_budget
+
+    limits = parse_budget(args.budget)
+    with open_store(args.features) as store:
+        model = budget_model(space, feature_info(store), True, store=store, layers=args.train_layers,
+                             channels=args.train_channels, latency=bool(args.latency_table) or "latency" in limits,
+                             latency_table=args.latency_table, out=work, progress=False)
+    return model, (SearchBudget(space, limits, model, "cpu") if limits else None)
+
+
 def _budget_id(args) -> str:
     """What every run depends on but the method and the seed: one folder of runs per budget."""
     keys = ("features", "space", "search_epochs", *(f"search_{k}" for k in DEMO_SEARCH),
             *(f"train_{k}" for k in DEMO_TRAIN), "train_seed", "device")
-    return budget_id({k: getattr(args, k) for k in keys})
+    extra = {k: getattr(args, k) for k in ("budget", "latency_table") if getattr(args, k, None)}
+    return budget_id({**{k: getattr(args, k) for k in keys}, **extra})
 
 
 def agreement(space, genotypes: list) -> float | None:
@@ -162,16 +186,20 @@ def bench_small_budget(args, work_dir: Path) -> tuple[list[dict], dict, list[str
     work = Path(work_dir) / "runs" / _budget_id(args)  # another budget never reuses these runs
     work.mkdir(parents=True, exist_ok=True)
     commands: list[str] = []
+    costs, budget = _costs(args, space, work)
     rand = []
     for i in range(args.random):
         path = work / f"random-{i}.json"
-        g = random_genotype(space, np.random.default_rng([i, 17]))
+        rng = np.random.default_rng([i, 17])
+        g = budget.draw(lambda: random_genotype(space, rng)) if budget else random_genotype(space, rng)
         g.save(path)
-        rand.append(dict(index=i, genotype=genotype_str(g),
+        rand.append(dict(index=i, genotype=genotype_str(g), cost=costs.values(g),
                          test_acc=_train(args, path, work / f"random-{i}-train", commands)["test_acc"]))
     rows = []
     for m in methods:
         runs = [_search(args, m, seed, work, commands) for seed in seeds]
+        for r in runs:
+            r["cost"] = costs.values(load_genotype(r["genotype_file"]))
         row = dict(method=m["label"], algo=m["algo"], options=m["options"], schedule=m["schedule"],
                    epochs=m["epochs"], seeds=seeds, runs=runs,
                    stability=agreement(space, [load_genotype(r["genotype_file"]) for r in runs]))
@@ -180,7 +208,8 @@ def bench_small_budget(args, work_dir: Path) -> tuple[list[dict], dict, list[str
         rows.append(row)
     accs = np.array([r["test_acc"] for r in rand])
     random_row = dict(n=len(rand), runs=rand, median=float(np.median(accs)) if len(accs) else None,
-                      p90=float(np.percentile(accs, 90)) if len(accs) else None)
+                      p90=float(np.percentile(accs, 90)) if len(accs) else None,
+                      best=max(rand, key=lambda r: r["test_acc"]) if rand else None)
     for row in rows:
         row["vs_random_median"] = None if random_row["median"] is None else row["test_acc"] - random_row["median"]
         row["random_percentile"] = (None if not len(accs) else
@@ -199,7 +228,16 @@ COLUMNS = [Column("method", "method"), Column("epochs", "search epochs"),
            Column(None, "trained test acc %", mean_sd("test_acc", _f(2))),
            Column("runs", "per seed", lambda rs: ", ".join(f"{r['test_acc']:.2f}" for r in rs)),
            Column("vs_random_median", "vs random median (points)", _f(2, sign="+")),
-           Column("random_percentile", "percentile among random", _f(0, 100))]
+           Column("random_percentile", "percentile among random", _f(0, 100)),
+           Column("runs", "trained model's cost per seed (weights M / multiply-adds M / predicted ms)",
+                  lambda rs: ", ".join(cost_text(r.get("cost")) for r in rs[:3]) + (" ..." if len(rs) > 3 else ""))]
+
+
+def cost_text(c: dict | None) -> str:
+    """"0.288 / 36.5 / 0.84" (weights M / multiply-adds M / predicted latency ms where known)."""
+    if not c:
+        return "-"
+    return f"{c['params'] / 1e6:.3f} / {c['flops'] / 1e6:.1f}" + (f" / {c['latency']:.2f}" if "latency" in c else "")
 
 
 def _chart(ax, rows) -> None:
@@ -231,8 +269,12 @@ def report(args, work_dir=None) -> Report:
              f"seed {args.train_seed}; search: {args.search_layers} cells, C={args.search_channels}, reductions "
              f"{args.search_reductions}, batch {args.search_batch_size}, the first {args.search_limit:,} training "
              f"samples (half search-train, half search-validation)",
-             f"random architectures: median {_f(2)(random_row['median'])}%, 90th percentile "
-             f"{_f(2)(random_row['p90'])}% (their row's accuracy is the median)",
+             f"random architectures{' within --budget ' + args.budget if args.budget else ''}: median "
+             f"{_f(2)(random_row['median'])}%, 90th percentile {_f(2)(random_row['p90'])}% (their row's accuracy is "
+             "the median)" + (f"; the best {random_row['best']['test_acc']:.2f}% at "
+                              f"{cost_text(random_row['best']['cost'])}" if random_row["best"] else ""),
+             *([f"--budget {args.budget}: the searches' penalty and derivation, and the random draws, keep the "
+                "trained model within it (latency as the table predicts it)"] if args.budget else []),
              "entropy: of the normal cell's softmax(alpha) at the end of the search, 100% = uniform; stability: the "
              "share of edges (both cells) on which two seeds' genotypes pick the same op, averaged over pairs",
              *[f"{r['method']}: schedule used {', '.join(str((x['schedule'] or {}).get('used')) for x in r['runs'])}"

@@ -133,3 +133,16 @@ def search_data(cfg, device, rank: int = 0, world_size: int = 1):
         return (ImageBatches.of_tensors(images, labels, tr, batch_size, cfg.seed, device, rank, world_size),
                 ImageBatches.of_tensors(images, labels, va, batch_size, cfg.seed + 1, device, rank, world_size))
     return info, make
+
+
+def image_shape(dataset, image_size: int, what: str = "the data set") -> tuple[int, int, int]:
+    """The raw image shape (C, H, W) of ``dataset``'s first test image."""
+    from ktnas.cache.datasets import load_split
+    from ktnas.cache.errors import KtnasError
+
+    try:
+        x = load_split(dataset, "test", image_size=image_size).get_batch([0])
+    except (KtnasError, OSError, TypeError) as e:
+        raise KtnasError(f"{what} {dataset!r} cannot be read here ({str(e).splitlines()[0][:80]}): "
+                         f"pass --input-shape C,H,W") from None
+    return tuple(int(v) for v in x.shape[1:])

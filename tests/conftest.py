@@ -137,7 +137,7 @@ LONGEST = ("test_bench_step.py", "test_bench_accuracy.py", "test_precompute.py",
            "test_evolve.py", "test_evaluate_classes.py", "test_progress.py", "test_cli.py", "test_doctor.py",
            "test_bench_kernels.py", "test_bench_evolve.py", "test_schedule.py", "test_bench_small_budget.py",
            "test_genotypes.py", "test_search.py", "test_stems.py", "test_triton_op.py", "test_docs.py",
-           "test_budget.py")
+           "test_budget.py", "test_latency.py")
 
 
 def pytest_configure(config):

@@ -99,3 +99,30 @@ def test_defaults_are_the_demos():
     s, t = flags(search), flags(train)
     assert {k: s[k.replace("_", "-")] for k in DEMO_SEARCH} == {k: str(v) for k, v in DEMO_SEARCH.items()}
     assert {k: t[k.replace("_", "-")] for k in DEMO_TRAIN} == {k: str(v) for k, v in DEMO_TRAIN.items()}
+
+
+def test_a_budget_keeps_the_searches_and_random_architectures_within_it(store, tmp_path):
+    """--budget params=...: the search's genotype and every random architecture fit the trained model's budget,
+    each run reports that model's cost (frozen stem included), and the budget has its own folder of runs."""
+    from ktnas.cache.store import open_store
+    from ktnas.engine.data import feature_info
+    from ktnas.engine.search.budget import budget_model
+
+    space = get_space("darts")
+    with open_store(store) as s:
+        model = budget_model(space, feature_info(s), True, store=s, layers=2, channels=4)
+    limit = int(np.quantile([model.values(g)["params"] for g in space.cost_probes()], 0.4))
+    out = tmp_path / "b"
+    assert main(["bench", "small-budget", "--features", store, "--methods", "darts@short:1", "--seeds", "0",
+                 "--random", "3", "--search-epochs", "1", "--search-limit", "48", "--search-layers", "2",
+                 "--search-channels", "4", "--search-reductions", "1", "--search-batch-size", "16",
+                 "--train-epochs", "1", "--train-limit", "32", "--train-layers", "2", "--train-channels", "4",
+                 "--train-batch-size", "16", "--device", "cpu", "--budget", f"params={limit}", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    (work,) = (out / "runs").iterdir()
+    found = [(r, load_genotype(r["genotype_file"])) for r in rows[0]["runs"]]
+    drawn = [(r, load_genotype(work / f"random-{r['index']}.json")) for r in rows[1]["runs"]]
+    assert len(found) == 1 and len(drawn) == 3
+    for run, g in found + drawn:
+        assert run["cost"] == model.values(g) and run["cost"]["params"] <= limit
+    assert f"within --budget params={limit}" in (out / "results.md").read_text()

@@ -9,8 +9,8 @@ import torch
 
 from conftest import one_line_error
 
-from ktnas.engine.profile.latency_table import (LatencyModel, LatencyTable, Timer, fit, measure_table, op_shapes,
-                                                ops_sums, store_target)
+from ktnas.engine.profile.latency import Timer, measure_table
+from ktnas.engine.profile.latency_table import LatencyModel, LatencyTable, fit, op_shapes, ops_sums, store_target
 from ktnas.engine.spaces import get_space
 
 FAST = dict(repeats=2, min_seconds=0.0, rounds=1)  # the timings' values are not what these tests check
@@ -130,7 +130,7 @@ def test_a_latency_budget_at_half_the_free_genotypes_latency(tables, search_stor
                                    train_layers=3), "was measured for another network")
 
     monkeypatch.setattr(budget_mod, "SPOT_RUNTIME", "torch")
-    monkeypatch.setattr("ktnas.engine.profile.latency_table.MIN_SECONDS", 0.0)
+    monkeypatch.setattr("ktnas.engine.profile.latency.MIN_SECONDS", 0.0)
     _search(search_store, tmp_path / "spot", seed=1, epochs=1, budget=f"latency={limit * 10}ms")
     spot = LatencyTable.load(tmp_path / "spot" / "latency-table.json")
     assert spot.target == table.target and spot.environment["runtime"] == "torch"
@@ -177,7 +177,8 @@ def test_evolution_keeps_the_pareto_front(tables, search_store, tmp_path):
 def test_pareto_front_and_tournament_on_a_hand_made_set():
     """Five candidates (accuracy, ms): the front is b, c, e (a is beaten by b, d by c; e is the cheapest); a
     tournament under cost objectives is won by a member of the front of what it drew."""
-    from ktnas.engine.evolve.proposers import pareto_front, tournament
+    from ktnas.engine.evolve.front import pareto_front
+    from ktnas.engine.evolve.proposers import tournament
 
     pts = {"a": (90.0, 5.0), "b": (91.0, 4.0), "c": (89.0, 2.0), "d": (88.0, 2.0), "e": (80.0, 1.0)}
     rows = [dict(index=k, val_acc=a, deploy={"latency": ms}) for k, (a, ms) in pts.items()]
@@ -201,7 +202,7 @@ def test_bench_latency_writes_the_table_and_goes_on(search_store, tmp_path, monk
     refused in one line."""
     from ktnas.engine.cli import main
 
-    monkeypatch.setattr("ktnas.engine.profile.latency_table.MIN_SECONDS", 0.0)
+    monkeypatch.setattr("ktnas.engine.profile.latency.MIN_SECONDS", 0.0)
     argv = ["bench", "latency", "--features", search_store, "--space", "nb201", "--layers", "5", "--channels", "4",
             "--runtime", "torch", "--calibrate", "1", "--check", "3", "--out", str(tmp_path)]
     assert main(argv) == 0

@@ -32,8 +32,9 @@ from ktnas.engine.evolve.predictor import (ArchPredictor, arch_graph, fit_ranker
                                            predict_scores, pretrain_predictor)
 from ktnas.engine.evolve.predictor_dcl import PREDICTORS, predictor_method
 from ktnas.engine.data import feature_info
-from ktnas.engine.evolve.proposers import PROPOSERS, PredictorProposer, best_of, pareto_front
-from ktnas.engine.search.budget import KEYS, SearchBudget, budget_model, parse_budget
+from ktnas.engine.evolve.front import cost_objectives, front_text, pareto_front, plot_front
+from ktnas.engine.evolve.proposers import PROPOSERS, PredictorProposer, best_of
+from ktnas.engine.search.budget import SearchBudget, budget_model, parse_budget
 from ktnas.engine.runs import RunDir, atomic_write, progress, set_rng_state
 from ktnas.engine.spaces import SPACES, get_space, space_of
 
@@ -282,16 +283,6 @@ class Evolution:
         return self.summary()
 
 
-def cost_objectives(text: str) -> tuple[str, ...]:
-    """The costs among ``--objectives`` (accuracy first, then any of params, flops, latency); one-line KtnasError
-    otherwise."""
-    names = [n.strip() for n in str(text).split(",") if n.strip()]
-    if not names or names[0] != "accuracy" or len(set(names)) < len(names) or not set(names[1:]) <= set(KEYS):
-        raise KtnasError(f"--objectives {text!r}: give accuracy, then any of {', '.join(KEYS)} (e.g. "
-                         "accuracy,latency)")
-    return tuple(names[1:])
-
-
 def machine(device) -> dict:
     return dict(node=platform.node(), processor=platform.processor() or platform.machine(), cpus=os.cpu_count(),
                 threads=torch.get_num_threads(), device=str(device),
@@ -350,41 +341,6 @@ def plot_accuracy(runs: dict[str, list[dict]], path, population: int | None = No
     plt.close(fig)
 
 
-UNITS = {"params": ("weights (M)", 1e-6), "flops": ("multiply-adds per image (M)", 1e-6),
-         "latency": ("predicted latency (ms)", 1.0)}
-
-
-def plot_front(history: list[dict], front: list[dict], objectives: tuple, path, title: str = "") -> None:
-    """Validation accuracy against each cost objective of every candidate (points), the Pareto front marked and
-    joined (one panel per cost)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(objectives), figsize=(6 * len(objectives), 4.5), squeeze=False)
-    on = {r["index"] for r in front}
-    for ax, key in zip(axes[0], objectives):
-        label, scale = UNITS[key]
-        x = np.array([r["deploy"][key] * scale for r in history])
-        y = np.array([r["val_acc"] for r in history])
-        ax.scatter(x, y, s=12, color="C0", alpha=0.5, label=f"candidates ({len(history)})")
-        fx = np.array([r["deploy"][key] * scale for r in front])
-        fy = np.array([r["val_acc"] for r in front])
-        o = np.argsort(fx, kind="stable")
-        ax.step(fx[o], fy[o], where="post", color="C3", lw=1.2)
-        ax.scatter(fx, fy, s=40, facecolors="none", edgecolors="C3", lw=1.5,
-                   label=f"Pareto front ({len(on)})" + (" over all objectives" if len(objectives) > 1 else ""))
-        ax.set_xlabel(label)
-        ax.set_ylabel("validation accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    atomic_write(Path(path), lambda p: fig.savefig(p, dpi=100, format="png"))
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------------------------------- CLI
 def cmd_evolve(args) -> int:
     """``ktnas evolve``: map the flags onto an EvolveConfig and run :func:`evolve`."""
@@ -398,11 +354,7 @@ def cmd_evolve(args) -> int:
     print(f"{s['out']}: {s['candidates']} candidates ({s['algo']}, {s['space']}), best validation accuracy "
           f"{b.get('val_acc', float('nan')):.2f}% (#{b.get('index')}: {b.get('arch')}){rate}{tau}; {state}")
     if s.get("front"):
-        costs = s["objectives"][1:]
-        print(f"Pareto front ({len(s['front'])} candidates; {s['out']}/front.json, pareto.png):")
-        for r in s["front"]:
-            cost = ", ".join(f"{UNITS[k][0].split(' (')[0]} {r['deploy'][k] * UNITS[k][1]:.3f}" for k in costs)
-            print(f"  #{r['index']}: {r['val_acc']:.2f}%, {cost}")
+        print(front_text(s))
     return 0
 
 

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 
+from ktnas.engine.evolve.front import pareto_front
 from ktnas.engine.evolve.predictor import derive_seed, predict_scores
 from ktnas.engine.evolve.predictor_dcl import predictor_method
 from ktnas.engine.spaces import genotype_from_json, get_space
@@ -32,15 +33,6 @@ def tournament(population: list[dict], sample: int, rng: np.random.Generator, co
         return max(drawn, key=lambda r: r["val_acc"])
     front = pareto_front(drawn, costs)
     return drawn[front[int(rng.integers(len(front)))]]
-
-
-def pareto_front(rows: list[dict], costs: tuple) -> list[int]:
-    """Indices of the rows no other row beats in validation accuracy and every cost of ``costs`` (keys of their
-    ``deploy`` values), most accurate first; of identical rows the first."""
-    from ktnas.engine.search.budget import pareto
-
-    cost = np.array([[float(r["deploy"][k]) for k in costs] for r in rows]).reshape(len(rows), len(costs))
-    return [int(i) for i in pareto(cost, np.array([float(r["val_acc"]) for r in rows]))]
 
 
 def genotype_key(g) -> str:

@@ -1,13 +1,21 @@
-"""Measured latency of a model on a runtime: PyTorch eager, TorchScript or ONNX Runtime, at batch 1 and a larger
-batch, the median of timed runs after warm-up runs (on CUDA, synchronised)."""
+"""Measured latency on a runtime: PyTorch eager, TorchScript or ONNX Runtime, the median of timed runs after
+warm-up runs (on CUDA, synchronised). :func:`latency` times a model at batch 1 and a larger batch (``ktnas export``,
+``ktnas evaluate``); :class:`Timer`, :func:`measure_table` and :func:`check_table` measure a latency table's ops,
+its calibration and its held-out check (:mod:`ktnas.engine.profile.latency_table`, ``ktnas bench latency``)."""
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn as nn
 
 from ktnas.cache.errors import KtnasError
+from ktnas.engine.profile.latency_table import (RUNTIMES, LatencyModel, LatencyTable, Target, environment, fit,
+                                                model_for, op_shapes, ops_sums)
 
 BATCHES = (1, 32)
 
@@ -81,3 +89,153 @@ def latency_line(ms: dict, runtime: str, device: str = "cpu") -> str:
     parts = [f"batch {b}: {t:.2f} ms ({t / b:.2f} ms/image)" if b > 1 else f"batch 1: {t:.2f} ms"
              for b, t in ms.items()]
     return f"latency on {runtime} ({device}): " + ", ".join(parts)
+
+
+REPEATS = 30  # timed runs per measurement at least (the median is kept), after warm-up runs
+MIN_SECONDS = 0.3  # and as many more as make this long, over all rounds
+ROUNDS = 3  # interleaved rounds over a group of modules
+GROUP = 8  # modules measured together (and saved after)
+
+
+class Timer:
+    """Median latency of modules on one runtime, device, batch and thread count. A group of modules is measured
+    in ``rounds`` interleaved rounds and each keeps the median of its rounds' medians: a disturbance of a shared
+    machine that lasts a while then spoils one round of several modules, not every run of one."""
+
+    def __init__(self, runtime: str, device: str = "cpu", batch: int = 1, threads: int | None = None,
+                 repeats: int | None = None, min_seconds: float | None = None, rounds: int | None = None):
+        if runtime not in RUNTIMES:
+            raise KtnasError(f"unknown --runtime {runtime!r}: use {' or '.join(RUNTIMES)}")
+        if runtime == "onnxruntime":
+            try:
+                import onnxruntime  # noqa: F401
+                import onnxscript  # noqa: F401
+            except ImportError:
+                raise KtnasError("--runtime onnxruntime needs onnxruntime, onnx and onnxscript: pip install "
+                                 "'ktnas[export]' onnxruntime (or use --runtime torch)") from None
+        if batch < 1:
+            raise KtnasError(f"--batch must be at least 1, got {batch}")
+        self.runtime, self.device, self.batch, self.threads = runtime, str(device), batch, threads
+        self.repeats = REPEATS if repeats is None else repeats
+        self.min_seconds = MIN_SECONDS if min_seconds is None else min_seconds
+        self.rounds = ROUNDS if rounds is None else rounds
+        self.tmp = tempfile.TemporaryDirectory(prefix="ktnas-latency-")
+        self._n = 0
+
+    def prepare(self, module: nn.Module, x: torch.Tensor):
+        """A function that runs ``module`` on ``x`` on the runtime (ONNX Runtime: exported first)."""
+        module = module.eval().requires_grad_(False)
+        if self.runtime == "onnxruntime":
+            from ktnas.engine.train.onnx_file import write_onnx
+
+            self._n += 1
+            path = Path(self.tmp.name) / f"m{self._n}.onnx"
+            write_onnx(module, x, path, dynamic=False)
+            run = runner(path, "onnxruntime", self.device, threads=self.threads)
+            path.unlink()  # the session holds the model
+        else:
+            run = runner(module, "torch", self.device)
+            x = x.to(self.device)
+        return lambda: run(x)
+
+    def measure(self, items) -> list[float]:
+        """Median ms of each (module, input batch) of ``items``."""
+        runs = [self.prepare(m, x) for m, x in items]
+        sync = torch.cuda.synchronize if self.device.startswith("cuda") else None
+        per: list[list[float]] = [[] for _ in runs]
+        with torch.no_grad():
+            for _ in range(self.rounds):
+                for times, run in zip(per, runs):
+                    times.append(median_ms(run, warmup=3, repeats=self.repeats, sync=sync,
+                                           min_seconds=self.min_seconds / self.rounds))
+        return [statistics.median(t) for t in per]
+
+    def images(self, target: Target) -> torch.Tensor:
+        return torch.randint(0, 256, (self.batch, *target.input_shape), dtype=torch.uint8)
+
+    def models(self, target: Target, genotypes) -> list[float]:
+        """Median ms of each genotype's whole exported model on uint8 images."""
+        x = self.images(target)
+        return self.measure([(model_for(target, g), x) for g in genotypes])
+
+    def close(self) -> None:
+        self.tmp.cleanup()
+
+
+def measure_table(target: Target, timer: Timer, *, calibrate: int = 5, seed: int = 0, progress: bool = True,
+                  table: LatencyTable | None = None, save=None, announce=None) -> LatencyTable:
+    """Measure every op of ``target``'s space at every shape its network gives it, the stem, and the space's probe
+    models and ``calibrate`` random ones (the fixed part and the op scales). ``table``: a partly measured one to go
+    on from (what it has is kept); ``save(table)`` is called after each group of measurements, so an interrupted
+    run resumes; ``announce()`` once before the first measurement, if any is left."""
+    from ktnas.engine.runs import progress as bar
+    from ktnas.engine.spaces import get_space
+    from ktnas.engine.train.network import build_network
+
+    space = get_space(target.space)
+    table = table or LatencyTable(target, environment(timer.runtime, timer.device, timer.threads))
+    table.created = table.created or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    todo: dict[str, tuple] = {}  # key -> (probe genotype, module path)
+    for g in space.cost_probes():
+        for *_, key, path in op_shapes(space, g, target.build):
+            if key not in table.ops:
+                todo.setdefault(key, (g, path))
+    rng = np.random.default_rng([seed, 1])  # the check draws from [seed, 2]: calibration is held out
+    genotypes = list(space.cost_probes()) + [space.random_genotype(rng) for _ in range(calibrate)]
+    if announce and (todo or table.stem_ms is None or len(table.calibration) < len(genotypes)):
+        announce()
+    nets: dict[int, nn.Module] = {}
+    with bar(total=len(todo), desc="latency: ops", enabled=progress) as pb:
+        for group in _groups(list(todo.items())):
+            items = []
+            for key, (g, path) in group:
+                if id(g) not in nets:
+                    nets[id(g)] = build_network(g, **target.build).eval()
+                shape = [int(v) for v in key.split(" ")[1].split("->")[0].split("x")]
+                items.append((nets[id(g)].get_submodule(path), torch.randn(timer.batch, *shape)))
+            for (key, _), ms in zip(group, timer.measure(items)):
+                table.ops[key] = ms
+            pb.update(len(group))
+            if save:
+                save(table)
+    if table.stem_ms is None:
+        stem = model_for(target, space.cost_probes()[0]).stem
+        table.stem_ms = timer.measure([(stem, timer.images(target))])[0]
+    with bar(total=len(genotypes), initial=min(len(table.calibration), len(genotypes)), desc="latency: calibration",
+             enabled=progress) as pb:
+        for group in _groups(genotypes[len(table.calibration):]):
+            for g, ms in zip(group, timer.models(target, group)):
+                table.calibration.append(dict(genotype=g.to_json(), measured_ms=ms, ops_ms=ops_sums(table, g)))
+            pb.update(len(group))
+            if save:
+                save(table)
+    table.fixed_ms, table.scales = fit(table.calibration, space.ops)
+    return table
+
+
+def _groups(items: list, size: int = GROUP) -> list[list]:
+    return [items[k:k + size] for k in range(0, len(items), size)]
+
+
+def check_table(table: LatencyTable, timer: Timer, n: int, *, seed: int = 0, progress: bool = True,
+                save=None) -> list[dict]:
+    """Predicted against measured latency of ``n`` random models (held out from the calibration); rows appended
+    to ``table.check`` as they are measured (resumable through ``save``)."""
+    from ktnas.engine.runs import progress as bar
+    from ktnas.engine.spaces import genotype_from_json, get_space
+
+    space, model = get_space(table.target.space), LatencyModel(table)
+    rng = np.random.default_rng([seed, 2])
+    genotypes = [space.random_genotype(rng) for _ in range(n)]
+    with bar(total=n, initial=min(len(table.check), n), desc="latency: check", enabled=progress) as pb:
+        for group in _groups(genotypes[len(table.check):]):
+            for g, ms in zip(group, timer.models(table.target, group)):
+                table.check.append(dict(genotype=g.to_json(), predicted_ms=model.predict(g), measured_ms=ms))
+            pb.update(len(group))
+            if save:
+                save(table)
+    rows = table.check[:n]
+    assert all(genotype_from_json(r["genotype"]).to_json() == g.to_json() for r, g in zip(rows, genotypes))
+    return rows
+
+

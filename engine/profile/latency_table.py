@@ -3,26 +3,24 @@
 ProxylessNAS' and FBNet's latency model: every op a space may place on an edge is measured on its own, at every
 input shape, stride and width the evaluation network gives it (``sep_conv_3x3 32x16x16->32x16x16``), on the target
 runtime (ONNX Runtime or PyTorch, CPU or CUDA) and batch. A network's latency is then
-``fixed + Σ_cells Σ_edges op_ms(shape)``: ``fixed`` is what does not depend on the genotype (the frozen stem, each
-cell's input convolutions, the sums and concatenations of its nodes, the classifier, and each op's own call
-overhead, the same for every genotype since each network runs as many ops), read off a few whole models measured
-at calibration (the median of measured minus the ops' sum). :class:`LatencyModel` lays the table out as
-:class:`~ktnas.engine.profile.cost.CostModel` lays out weights (a [edges, ops] array per cell type, summed over
-the cells of that type), so a budgeted search weighs expected latency as it weighs expected weights.
+``fixed + Σ_cells Σ_edges scale_op · ms(op, shape)``: ``fixed`` is what does not depend on the genotype (the frozen
+stem, each cell's input convolutions, the sums and concatenations of its nodes, the classifier, each op's call
+overhead, which every network pays as often), and one scale per op carries what an op timed alone does not show
+within a network; both are fitted (:func:`fit`) on whole models measured at calibration. :class:`LatencyModel` lays
+the table out as :class:`~ktnas.engine.profile.cost.CostModel` lays out weights (an [edges, ops] array per cell
+type, summed over the cells of that type), so a budgeted search weighs expected latency as it weighs expected
+weights. The measuring is :mod:`ktnas.engine.profile.latency`'s.
 
-A table is a JSON file (:class:`LatencyTable`): the ops' medians, the fixed part, the calibration and the held-out
-check if one ran, keyed by the environment it was measured in (runtime, device, threads, versions) and by the
-network it describes (space, layout, frozen stem, raw image shape, batch); a budget refuses a table measured for
-another network in one line."""
+A table is a JSON file (:class:`LatencyTable`): the ops' medians, the fixed part and scales, the calibration and
+the held-out check if one ran, keyed by the environment it was measured in (runtime, device, threads, versions)
+and by the network it describes (space, layout, frozen stem, raw image shape, batch); a budget refuses a table
+measured for another network in one line."""
 from __future__ import annotations
 
 import json
 import platform
-import statistics
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +32,6 @@ from ktnas.cache.errors import KtnasError
 FORMAT = "ktnas-latency-table"
 FORMAT_VERSION = 1
 RUNTIMES = ("onnxruntime", "torch")
-REPEATS = 30  # timed runs per measurement at least (the median is kept), after warm-up runs
-MIN_SECONDS = 0.3  # and as many more as make this long, over all rounds
-ROUNDS = 3  # interleaved rounds over a group of modules
-GROUP = 8  # modules measured together (and saved after)
 
 
 # ------------------------------------------------------------------------------------------- what is measured
@@ -98,7 +92,7 @@ def store_target(store, space, *, layers=None, channels=None, reductions=None, b
     store = open_store(store) if isinstance(store, (str, Path)) else store
     info = feature_info(store)
     if input_shape is None:
-        from ktnas.engine.train.export import image_shape
+        from ktnas.engine.data import image_shape
 
         input_shape = image_shape(store.attrs.get("dataset"), info["image_size"], "the store's data set")
     return target_for(space, info, layers=layers, channels=channels, reductions=reductions, batch=batch,
@@ -167,76 +161,6 @@ def model_for(target: Target, genotype) -> nn.Module:
     return KtnasModel(stem, build_network(genotype, **target.build)).eval().requires_grad_(False)
 
 
-# ------------------------------------------------------------------------------------------ measuring
-class Timer:
-    """Median latency of modules on one runtime, device, batch and thread count. A group of modules is measured
-    in ``rounds`` interleaved rounds and each keeps the median of its rounds' medians: a disturbance of a shared
-    machine that lasts a while then spoils one round of several modules, not every run of one."""
-
-    def __init__(self, runtime: str, device: str = "cpu", batch: int = 1, threads: int | None = None,
-                 repeats: int | None = None, min_seconds: float | None = None, rounds: int | None = None):
-        if runtime not in RUNTIMES:
-            raise KtnasError(f"unknown --runtime {runtime!r}: use {' or '.join(RUNTIMES)}")
-        if runtime == "onnxruntime":
-            try:
-                import onnxruntime  # noqa: F401
-                import onnxscript  # noqa: F401
-            except ImportError:
-                raise KtnasError("--runtime onnxruntime needs onnxruntime, onnx and onnxscript: pip install "
-                                 "'ktnas[export]' onnxruntime (or use --runtime torch)") from None
-        if batch < 1:
-            raise KtnasError(f"--batch must be at least 1, got {batch}")
-        self.runtime, self.device, self.batch, self.threads = runtime, str(device), batch, threads
-        self.repeats = REPEATS if repeats is None else repeats
-        self.min_seconds = MIN_SECONDS if min_seconds is None else min_seconds
-        self.rounds = ROUNDS if rounds is None else rounds
-        self.tmp = tempfile.TemporaryDirectory(prefix="ktnas-latency-")
-        self._n = 0
-
-    def prepare(self, module: nn.Module, x: torch.Tensor):
-        """A function that runs ``module`` on ``x`` on the runtime (ONNX Runtime: exported first)."""
-        from ktnas.engine.profile.latency import runner
-
-        module = module.eval().requires_grad_(False)
-        if self.runtime == "onnxruntime":
-            from ktnas.engine.train.export import write_onnx
-
-            self._n += 1
-            path = Path(self.tmp.name) / f"m{self._n}.onnx"
-            write_onnx(module, x, path, dynamic=False)
-            run = runner(path, "onnxruntime", self.device, threads=self.threads)
-            path.unlink()  # the session holds the model
-        else:
-            run = runner(module, "torch", self.device)
-            x = x.to(self.device)
-        return lambda: run(x)
-
-    def measure(self, items) -> list[float]:
-        """Median ms of each (module, input batch) of ``items``."""
-        from ktnas.engine.profile.latency import median_ms
-
-        runs = [self.prepare(m, x) for m, x in items]
-        sync = torch.cuda.synchronize if self.device.startswith("cuda") else None
-        per: list[list[float]] = [[] for _ in runs]
-        with torch.no_grad():
-            for _ in range(self.rounds):
-                for times, run in zip(per, runs):
-                    times.append(median_ms(run, warmup=3, repeats=self.repeats, sync=sync,
-                                           min_seconds=self.min_seconds / self.rounds))
-        return [statistics.median(t) for t in per]
-
-    def images(self, target: Target) -> torch.Tensor:
-        return torch.randint(0, 256, (self.batch, *target.input_shape), dtype=torch.uint8)
-
-    def models(self, target: Target, genotypes) -> list[float]:
-        """Median ms of each genotype's whole exported model on uint8 images."""
-        x = self.images(target)
-        return self.measure([(model_for(target, g), x) for g in genotypes])
-
-    def close(self) -> None:
-        self.tmp.cleanup()
-
-
 # ------------------------------------------------------------------------------------------- the table
 @dataclass
 class LatencyTable:
@@ -296,61 +220,6 @@ class LatencyTable:
                                  f"this network with `ktnas bench latency` at the same layout")
 
 
-def measure_table(target: Target, timer: Timer, *, calibrate: int = 5, seed: int = 0, progress: bool = True,
-                  table: LatencyTable | None = None, save=None, announce=None) -> LatencyTable:
-    """Measure every op of ``target``'s space at every shape its network gives it, the stem, and the space's probe
-    models and ``calibrate`` random ones (the fixed part and the op scales). ``table``: a partly measured one to go
-    on from (what it has is kept); ``save(table)`` is called after each group of measurements, so an interrupted
-    run resumes; ``announce()`` once before the first measurement, if any is left."""
-    from ktnas.engine.runs import progress as bar
-    from ktnas.engine.spaces import get_space
-    from ktnas.engine.train.network import build_network
-
-    space = get_space(target.space)
-    table = table or LatencyTable(target, environment(timer.runtime, timer.device, timer.threads))
-    table.created = table.created or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    todo: dict[str, tuple] = {}  # key -> (probe genotype, module path)
-    for g in space.cost_probes():
-        for *_, key, path in op_shapes(space, g, target.build):
-            if key not in table.ops:
-                todo.setdefault(key, (g, path))
-    rng = np.random.default_rng([seed, 1])  # the check draws from [seed, 2]: calibration is held out
-    genotypes = list(space.cost_probes()) + [space.random_genotype(rng) for _ in range(calibrate)]
-    if announce and (todo or table.stem_ms is None or len(table.calibration) < len(genotypes)):
-        announce()
-    nets: dict[int, nn.Module] = {}
-    with bar(total=len(todo), desc="latency: ops", enabled=progress) as pb:
-        for group in _groups(list(todo.items())):
-            items = []
-            for key, (g, path) in group:
-                if id(g) not in nets:
-                    nets[id(g)] = build_network(g, **target.build).eval()
-                shape = [int(v) for v in key.split(" ")[1].split("->")[0].split("x")]
-                items.append((nets[id(g)].get_submodule(path), torch.randn(timer.batch, *shape)))
-            for (key, _), ms in zip(group, timer.measure(items)):
-                table.ops[key] = ms
-            pb.update(len(group))
-            if save:
-                save(table)
-    if table.stem_ms is None:
-        stem = model_for(target, space.cost_probes()[0]).stem
-        table.stem_ms = timer.measure([(stem, timer.images(target))])[0]
-    with bar(total=len(genotypes), initial=min(len(table.calibration), len(genotypes)), desc="latency: calibration",
-             enabled=progress) as pb:
-        for group in _groups(genotypes[len(table.calibration):]):
-            for g, ms in zip(group, timer.models(target, group)):
-                table.calibration.append(dict(genotype=g.to_json(), measured_ms=ms, ops_ms=ops_sums(table, g)))
-            pb.update(len(group))
-            if save:
-                save(table)
-    table.fixed_ms, table.scales = fit(table.calibration, space.ops)
-    return table
-
-
-def _groups(items: list, size: int = GROUP) -> list[list]:
-    return [items[k:k + size] for k in range(0, len(items), size)]
-
-
 def ops_sums(table: LatencyTable, genotype) -> dict[str, float]:
     """{op: the sum of its measured latencies over ``genotype``'s network} (one-line KtnasError for a shape the
     table lacks)."""
@@ -383,28 +252,6 @@ def fit(calibration: list[dict], ops) -> tuple[float, dict[str, float]]:
             break
         active.remove(min(negative, key=lambda j: coef[j]))
     return float(coef[0]), {op: float(coef[k + 1]) for k, op in enumerate(present)}
-
-
-def check_table(table: LatencyTable, timer: Timer, n: int, *, seed: int = 0, progress: bool = True,
-                save=None) -> list[dict]:
-    """Predicted against measured latency of ``n`` random models (held out from the calibration); rows appended
-    to ``table.check`` as they are measured (resumable through ``save``)."""
-    from ktnas.engine.runs import progress as bar
-    from ktnas.engine.spaces import genotype_from_json, get_space
-
-    space, model = get_space(table.target.space), LatencyModel(table)
-    rng = np.random.default_rng([seed, 2])
-    genotypes = [space.random_genotype(rng) for _ in range(n)]
-    with bar(total=n, initial=min(len(table.check), n), desc="latency: check", enabled=progress) as pb:
-        for group in _groups(genotypes[len(table.check):]):
-            for g, ms in zip(group, timer.models(table.target, group)):
-                table.check.append(dict(genotype=g.to_json(), predicted_ms=model.predict(g), measured_ms=ms))
-            pb.update(len(group))
-            if save:
-                save(table)
-    rows = table.check[:n]
-    assert all(genotype_from_json(r["genotype"]).to_json() == g.to_json() for r, g in zip(rows, genotypes))
-    return rows
 
 
 def errors(rows: list[dict]) -> dict:

@@ -285,7 +285,8 @@ def budget_model(space, info: dict, features: bool, *, store=None, layers=None, 
 def latency_model(space, store, layers, channels, path=None, out=None, progress=True):
     """The LatencyModel of the model trained on ``store`` at ``layers``/``channels``: from the table ``path``
     (refused in one line when measured for another network), or measured now on the CPU at batch 1."""
-    from ktnas.engine.profile.latency_table import LatencyModel, LatencyTable, Timer, measure_table, store_target
+    from ktnas.engine.profile.latency import Timer, measure_table
+    from ktnas.engine.profile.latency_table import LatencyModel, LatencyTable, store_target
 
     target = store_target(store, space.name, layers=layers, channels=channels)
     if path:

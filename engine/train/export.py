@@ -9,11 +9,12 @@ import torch
 
 from ktnas.cache.errors import KtnasError
 
+from ktnas.engine.data import image_shape
 from ktnas.engine.profile.cost import model_cost
 from ktnas.engine.train.network import load_model
+from ktnas.engine.train.onnx_file import write_onnx
 
 FORMATS = ("onnx", "torchscript")
-OPSET = 18  # ONNX Resize with antialias (the stem's antialiased bilinear resize) needs opset 18
 
 
 def input_shape(net, shape=None) -> tuple[int, int, int]:
@@ -28,18 +29,6 @@ def input_shape(net, shape=None) -> tuple[int, int, int]:
             raise KtnasError(f"--input-shape {shape!r}: C must be 1 or 3 and H, W positive")
         return c, h, w
     return image_shape(net.meta.get("dataset"), net.stem.preprocessing.image_size, "the model's data set")
-
-
-def image_shape(dataset, image_size: int, what: str = "the data set") -> tuple[int, int, int]:
-    """The raw image shape (C, H, W) of ``dataset``'s first test image."""
-    from ktnas.cache.datasets import load_split
-
-    try:
-        x = load_split(dataset, "test", image_size=image_size).get_batch([0])
-    except (KtnasError, OSError, TypeError) as e:
-        raise KtnasError(f"{what} {dataset!r} cannot be read here ({str(e).splitlines()[0][:80]}): "
-                         f"pass --input-shape C,H,W") from None
-    return tuple(int(v) for v in x.shape[1:])
 
 
 def export_model(model, fmt: str, out, *, shape=None) -> dict:
@@ -61,23 +50,6 @@ def export_model(model, fmt: str, out, *, shape=None) -> dict:
             write_onnx(net, example, out, input_name="images", output_name="logits")
     return dict(out=str(out), format=fmt, input_shape=[c, h, w], classes=net.meta.get("classes"),
                 cost=model_cost(net).to_json())
-
-
-def write_onnx(module, example: torch.Tensor, out, *, input_name: str = "x", output_name: str = "y",
-               dynamic: bool = True) -> None:
-    """Write ``module`` (one tensor in, one out) to the ONNX file ``out`` with torch.onnx's exporter; ``dynamic``:
-    the batch dimension free (``example``'s batch then at least 2), else fixed at ``example``'s."""
-    try:
-        import onnxscript  # noqa: F401 - torch.onnx's exporter needs it
-    except ImportError:
-        raise KtnasError("--format onnx needs the onnx and onnxscript packages: pip install "
-                         "'ktnas[export]' (or onnx onnxscript)") from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), str(out), dynamo=True, input_names=[input_name],
-                          output_names=[output_name],
-                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},) if dynamic else None,
-                          opset_version=OPSET, verbose=False)
 
 
 RUNTIME = {"onnx": "onnxruntime", "torchscript": "torchscript"}
