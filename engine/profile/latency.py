@@ -74,21 +74,30 @@ def ort_session(path, device: str = "cpu", threads: int | None = None):
 
 
 @torch.no_grad()
-def latency(model, runtime: str, shape, *, device: str = "cpu", batches=BATCHES, repeats: int = 10) -> dict:
-    """{batch: median ms} of ``model`` on uint8 images of ``shape`` (C, H, W)."""
-    run = runner(model, runtime, device)
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else None
-    out = {}
-    for b in batches:
-        x = torch.randint(0, 256, (b, *shape), dtype=torch.uint8)
-        out[b] = median_ms(lambda: run(x), repeats=repeats, sync=sync)
-    return out
+def latency(model, runtime: str, shape, *, device: str = "cpu", batches=BATCHES, repeats: int = 10,
+            threads: int | None = None) -> dict:
+    """{batch: median ms} of ``model`` on uint8 images of ``shape`` (C, H, W); ``threads``: the runtime's intra-op
+    threads (default its own choice)."""
+    before = torch.get_num_threads()
+    if threads and runtime != "onnxruntime":
+        torch.set_num_threads(int(threads))
+    try:
+        run = runner(model, runtime, device, threads=threads)
+        sync = torch.cuda.synchronize if str(device).startswith("cuda") else None
+        out = {}
+        for b in batches:
+            x = torch.randint(0, 256, (b, *shape), dtype=torch.uint8)
+            out[b] = median_ms(lambda: run(x), repeats=repeats, sync=sync, min_seconds=MIN_SECONDS)
+        return out
+    finally:
+        torch.set_num_threads(before)
 
 
-def latency_line(ms: dict, runtime: str, device: str = "cpu") -> str:
+def latency_line(ms: dict, runtime: str, device: str = "cpu", threads: int | None = None) -> str:
     parts = [f"batch {b}: {t:.2f} ms ({t / b:.2f} ms/image)" if b > 1 else f"batch 1: {t:.2f} ms"
              for b, t in ms.items()]
-    return f"latency on {runtime} ({device}): " + ", ".join(parts)
+    where = f"{device}, {threads} thread{'s' if threads > 1 else ''}" if threads else device
+    return f"latency on {runtime} ({where}): " + ", ".join(parts)
 
 
 REPEATS = 30  # timed runs per measurement at least (the median is kept), after warm-up runs

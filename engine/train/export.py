@@ -59,13 +59,16 @@ def cmd_export(args) -> int:
     from ktnas.engine.profile.cost import Cost
     from ktnas.engine.profile.latency import latency, latency_line
 
+    if args.threads is not None and args.threads < 1:
+        raise KtnasError(f"--threads must be at least 1, got {args.threads}")
     r = export_model(args.model, args.format, args.out, shape=args.input_shape)
     print(f"wrote {r['out']} ({r['format']}): uint8 images [N, {', '.join(map(str, r['input_shape']))}] -> "
           f"logits [N, {len(r['classes']) if r['classes'] else '?'}]")
     print(f"cost: {Cost(**r['cost']).line()}")
     if args.latency:
         runtime = RUNTIME[args.format]
-        print(latency_line(latency(r["out"], runtime, r["input_shape"]), runtime))
+        print(latency_line(latency(r["out"], runtime, r["input_shape"], threads=args.threads), runtime,
+                           threads=args.threads))
     return 0
 
 
@@ -78,4 +81,6 @@ def add_export_parser(subparsers) -> None:
                    help="raw image shape (default: the model's data set's, e.g. 1,28,28 for Fashion-MNIST)")
     s.add_argument("--no-latency", dest="latency", action="store_false",
                    help="do not measure the written model's latency (batch 1 and 32) on its runtime")
+    s.add_argument("--threads", type=int, default=None, help="intra-op threads of the latency measurement "
+                   "(default: the runtime's own choice; 1 as `ktnas bench latency --threads 1` measures)")
     s.set_defaults(func=cmd_export)
