@@ -39,7 +39,7 @@ from ktnas.engine.evolve.candidates import CandidateTrainer
 from ktnas.engine.evolve.loop import EvolveConfig, resolve_config
 from ktnas.engine.evolve.predictor import heldout_tau, kendall_tau
 from ktnas.engine.evolve.predictor_dcl import predictor_method
-from ktnas.engine.spaces import SPACES, genotype_str, random_genotype
+from ktnas.engine.spaces import SPACES, distinct_genotypes, genotype_str
 
 from .loader import add_build_arguments
 from .report import Column, Report
@@ -133,16 +133,10 @@ def compare(name: str, x, y, *, reps: int, seed: int, k: int) -> dict:
 # ------------------------------------------------------------------------------------------------ candidates
 def sample_architectures(space: str, n: int, seed: int) -> list:
     """``n`` distinct architectures of ``space``, drawn uniformly with a generator seeded by ``seed``."""
-    rng, found = np.random.default_rng([seed, 11]), {}
-    for _ in range(100 * n):
-        if len(found) == n:
-            break
-        g = random_genotype(space, rng)
-        found.setdefault(genotype_str(g), g)
-    if len(found) < n:
-        raise KtnasError(f"the {space} space gave only {len(found)} distinct architectures: pass --candidates "
-                         f"{len(found)} or fewer")
-    return list(found.values())
+    try:
+        return distinct_genotypes(space, n, seed)
+    except KtnasError as e:
+        raise KtnasError(f"{e} (--candidates)") from None
 
 
 class CandidateLog:

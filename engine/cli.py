@@ -26,6 +26,7 @@ def register_engine_commands(sub, argv=None) -> None:
     from ktnas.engine.train.export import add_export_parser
     from ktnas.engine.genotypes import add_genotype_parser
     from ktnas.engine.train.predict import add_predict_parser
+    from ktnas.engine.rank.run import add_rank_parser
     from ktnas.engine.search.loop import add_search_parser
     from ktnas.engine.train.loop import add_evaluate_parser, add_train_parser
 
@@ -33,6 +34,7 @@ def register_engine_commands(sub, argv=None) -> None:
     add_train_parser(sub)
     add_evaluate_parser(sub)
     add_evolve_parser(sub)
+    add_rank_parser(sub)
     add_genotype_parser(sub)
     add_predict_parser(sub)
     add_export_parser(sub)

@@ -74,6 +74,21 @@ def count_skips(genotype) -> int:
     return space_of(genotype).count_skips(genotype)
 
 
+def distinct_genotypes(space, n: int, seed: int) -> list:
+    """``n`` distinct architectures of ``space``, drawn uniformly with a generator seeded by ``seed`` (``ktnas
+    bench ranking``'s candidates and ``ktnas rank --sample``'s are the same for a seed)."""
+    rng, found = np.random.default_rng([seed, 11]), {}
+    for _ in range(100 * n):
+        if len(found) == n:
+            break
+        g = random_genotype(space, rng)
+        found.setdefault(genotype_str(g), g)
+    if len(found) < n:
+        raise KtnasError(f"the {get_space(space).name} space gave only {len(found)} distinct architectures: ask "
+                         f"for {len(found)} or fewer")
+    return list(found.values())
+
+
 def genotype_str(genotype) -> str:
     """One line: NB201's architecture string, or DARTS' cells as ``normal=op~input,... reduce=...``."""
     return space_of(genotype).short(genotype)

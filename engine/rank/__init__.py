@@ -1,0 +1,1 @@
+"""Ranking architectures without training them: zero-cost proxies (:mod:`.proxies`)."""
