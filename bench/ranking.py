@@ -70,6 +70,10 @@ def add_arguments(p) -> None:
     p.add_argument("--predictors", default="gae,dcl",
                    help="evolve's predictors whose k-fold held-out tau on these labels is reported, on the same folds "
                         "(default: %(default)s; '' for none)")
+    p.add_argument("--proxies", default="synflow,snip,grad_norm,jacov,naswot,zico,params,flops",
+                   help="zero-cost proxies (ktnas rank) scored on the same architectures and reported against the "
+                        "trained labels, with their combined rank (default: %(default)s; '' for none)")
+    p.add_argument("--proxy-batches", type=int, default=2, help="minibatches each proxy reads (default: 2)")
     p.add_argument("--folds", type=int, default=4, help="folds of the predictors' held-out tau (default: 4)")
     p.add_argument("--pretrain-archs", type=int, default=4096, help="predictor pre-training architectures (default: "
                                                                    "4096, as evolve)")
@@ -259,13 +263,49 @@ def bench_ranking(args, out: Path) -> tuple[list[dict], dict]:
         rows += [compare(f"KT-NAS {args.epochs} ep vs classic {args.long_epochs} ep", acc(long), acc(kt[:k]), **kw),
                  compare(f"classic {args.epochs} ep vs classic {args.long_epochs} ep", acc(long), acc(cl[:k]), **kw)]
     rows += predictor_rows(args, dict(zip(("KT-NAS", "classic"), (kt, cl))))
+    proxies = proxy_scores(args, path, archs, out / "rank") if args.proxies else {}
+    rows += proxy_rows(proxies, dict(zip(("KT-NAS", "classic", f"classic {args.long_epochs} ep"), (kt, cl, long))),
+                       **kw)
     sec = lambda rows: float(np.mean([r["seconds"] for r in rows]))  # noqa: E731
     costs = dict(kt_seconds=sec(kt), classic_seconds=sec(cl), long_seconds=sec(long) if long else None,
                  precompute_seconds=precompute_s,
                  kt_seconds_with_precompute=sec(kt) + (precompute_s or 0.0) / len(archs))
+    costs["proxy_seconds"] = {n: v["seconds"] for n, v in proxies.items()}
     details = dict(candidates=dict(kt=kt, classic=cl, classic_long=long), costs=costs, recipe=recipe,
                    store=path, kt_network=kt[0]["network"], classic_network=cl[0]["network"])
     return rows, details
+
+
+def proxy_scores(args, store_path: str, archs: list, out: Path) -> dict:
+    """{proxy: {scores (aligned with ``archs``), seconds per architecture}} from ``ktnas rank`` on the same store,
+    architectures, network size and seed (its scores stay in ``out``; a rerun reuses them); plus "combined", the
+    proxies' ranks aggregated as AZ-NAS does (Σ log(rank / n), params and flops left out)."""
+    from ktnas.engine.rank.run import BASELINES, rank
+
+    r = rank(features=store_path, out=str(out), space=args.space, sample=len(archs), seed=args.seed,
+             proxy=args.proxies, batches=args.proxy_batches, batch_size=args.batch_size, layers=args.layers,
+             channels=args.channels, device=args.device, resume=(out / "scores.jsonl").exists(), progress=False)
+    assert [x["arch"] for x in r["rows"]] == [genotype_str(g) for g in archs]
+    found = {n: dict(scores=[x["scores"][n] for x in r["rows"]], seconds=r["seconds_per_architecture"][n])
+             for n in r["proxies"]}
+    zero_cost = [n for n in found if n not in BASELINES]
+    if len(zero_cost) > 1:
+        n = len(archs)
+        found["combined"] = dict(scores=list(sum(np.log(ranks(found[p]["scores"]) / n) for p in zero_cost)),
+                                 seconds=sum(found[p]["seconds"] for p in zero_cost))
+    return found
+
+
+def proxy_rows(proxies: dict, labelled: dict, **kw) -> list[dict]:
+    """How each proxy's scores rank the architectures against each set of trained labels."""
+    rows = []
+    for label, cands in labelled.items():
+        acc = [c["val_acc"] for c in cands]
+        for name, p in proxies.items():
+            if len(acc) >= 3:
+                rows.append(dict(compare(f"proxy {name} vs {label} labels", acc, p["scores"][:len(acc)], **kw),
+                                 seconds=p["seconds"]))
+    return rows
 
 
 def predictor_rows(args, labelled: dict) -> list[dict]:

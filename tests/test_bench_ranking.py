@@ -75,6 +75,8 @@ def _run(store, out):
 def test_quick_ranking_trains_both_ways_and_resumes_to_the_same_numbers(ranking_store, tmp_path, capsys):
     rows, cands = _run(ranking_store, tmp_path / "a")
     rows = [r for r in rows if not r["comparison"].startswith("the same without")]  # present when one is at chance
+    prox, rows_all, rows = [r for r in rows if r["comparison"].startswith("proxy ")], rows, \
+        [r for r in rows if not r["comparison"].startswith("proxy ")]
     assert [r["n"] for r in rows] == [6, 4, 4, 6, 6, 6, 6]
     assert [r["comparison"].split(":")[0] for r in rows[3:]] == ["predictor gae"] * 2 + ["predictor dcl"] * 2
     assert all(len(r["folds"]) == 2 for r in rows[3:])
@@ -92,16 +94,31 @@ def test_quick_ranking_trains_both_ways_and_resumes_to_the_same_numbers(ranking_
     assert rows[0]["kendall_tau"] == pytest.approx(kendall_tau([cl[a]["val_acc"] for a in kt],
                                                                [kt[a]["val_acc"] for a in kt]))
     assert (tmp_path / "a" / "results.png").read_bytes()[:4] == b"\x89PNG"
+    # the proxies (ktnas rank on the same architectures) against each set of labels, and their combined rank
+    scored = [json.loads(line) for line in (tmp_path / "a" / "rank" / "scores.jsonl").read_text().splitlines()]
+    names = ["synflow", "snip", "grad_norm", "jacov", "naswot", "zico", "params", "flops", "combined"]
+    assert [r["comparison"] for r in prox] == [f"proxy {n} vs {label} labels" for label in
+                                               ("KT-NAS", "classic", "classic 2 ep") for n in names]
+    order = [x["arch"] for x in scored]
+    acc = [kt[a]["val_acc"] for a in order]
+    for n in ("synflow", "params"):
+        row = next(r for r in prox if r["comparison"] == f"proxy {n} vs KT-NAS labels")
+        assert row["kendall_tau"] == pytest.approx(kendall_tau(acc, [x["scores"][n] for x in scored]))
+    combined = sum(np.log(ranks([x["scores"][n] for x in scored]) / 6) for n in names[:6])
+    row = next(r for r in prox if r["comparison"] == "proxy combined vs classic labels")
+    assert row["kendall_tau"] == pytest.approx(kendall_tau([cl[a]["val_acc"] for a in order], combined))
     # a rerun trains nothing and reports the same
     capsys.readouterr()
     again, cands2 = _run(ranking_store, tmp_path / "a")
     again = [r for r in again if not r["comparison"].startswith("the same without")]
-    assert again == rows and len(cands2) == len(cands) and "ktnas bench ranking: " not in capsys.readouterr().err
+    assert again == rows_all and len(cands2) == len(cands) and "ktnas bench ranking: " not in capsys.readouterr().err
     # interrupted after 5 candidates, mid-write of the 6th: the resumed run equals the uninterrupted one
     (tmp_path / "b").mkdir()
     text = (tmp_path / "a" / "candidates.jsonl").read_text().splitlines()
     (tmp_path / "b" / "candidates.jsonl").write_text("\n".join(text[:5]) + "\n" + text[5][:40])
     resumed, cands3 = _run(ranking_store, tmp_path / "b")
-    assert [r for r in resumed if not r["comparison"].startswith("the same without")] == rows
+    untimed = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows  # noqa: E731
+                            if not r["comparison"].startswith("the same without")]
+    assert untimed(resumed) == untimed(rows_all)  # the proxies scored again there: the same scores
     assert {(c["way"], c["epochs"], c["arch"]): c["val_acc"] for c in cands3} == \
         {(c["way"], c["epochs"], c["arch"]): c["val_acc"] for c in cands}

@@ -76,11 +76,18 @@ def test_jacov():
 
 
 def test_naswot():
-    net, (x, y) = tiny(), batch(5, n=5)
+    """log|det K_H| on a batch whose codes differ; a batch with two equal codes (K_H singular, log 0) ranks at the
+    bottom: the lowest float."""
+    net = tiny()
     W1, _ = weights(net)
-    c = ((x.numpy()[:, :, 0, 0] @ W1.T) > 0).astype(float)
-    K = c @ c.T + (1 - c) @ (1 - c).T
-    assert score("naswot", net, [(x, y)]) == pytest.approx(np.linalg.slogdet(K)[1], rel=1e-12)
+    for seed, singular in ((11, False), (0, True)):
+        x, y = batch(seed, n=4)
+        c = ((x.numpy()[:, :, 0, 0] @ W1.T) > 0).astype(float)
+        K = c @ c.T + (1 - c) @ (1 - c).T
+        by_hand = np.linalg.slogdet(K)[1]
+        assert np.isinf(by_hand) == singular
+        expected = -np.finfo(np.float64).max if singular else by_hand
+        assert score("naswot", net, [(x, y)]) == pytest.approx(expected, rel=1e-12)
 
 
 def test_zico():

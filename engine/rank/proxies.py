@@ -152,8 +152,11 @@ def zico(net, batches) -> float:
 
 
 def score(name: str, net: nn.Module, batches) -> float:
-    """Proxy ``name`` of a copy of ``net`` (left as it is) on ``batches``."""
+    """Proxy ``name`` of a copy of ``net`` (left as it is) on ``batches``; a value that is not finite (NASWOT's log
+    of a singular kernel, SynFlow's overflow, a NaN) is clamped to the largest float of its sign (NaN: the lowest),
+    so that rankings stay defined: tied at the bottom or the top."""
     if name not in PROXIES:
         raise KtnasError(f"unknown proxy {name!r}: use {', '.join(sorted(PROXIES))}, params or flops")
     work = copy.deepcopy(net).train()
-    return PROXIES[name](work, batches)
+    big = np.finfo(np.float64).max
+    return float(np.nan_to_num(PROXIES[name](work, batches), nan=-big, neginf=-big, posinf=big))
