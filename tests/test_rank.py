@@ -81,3 +81,33 @@ def test_refusals(search_store, tmp_path):
     one_line_error(lambda: rank(features=search_store, out=out, **QUICK), "pass --genotypes FILE or --sample N")
     one_line_error(lambda: rank(features=search_store, out=out, genotypes=str(tmp_path / "none.json"), **QUICK),
                    "no such file")
+
+
+def test_evolve_screens_its_initial_population_by_a_proxy(search_store, tmp_path):
+    """ktnas evolve --proxy params --proxy-pool 6: the initial population is the 3 architectures of the drawn pool
+    whose candidate networks have the most weights, best first; a resumed run trains the same candidates."""
+    import numpy as np
+
+    from ktnas.engine.evolve import evolve
+    from ktnas.engine.evolve.screen import proxy_pool
+    from ktnas.engine.train.network import build_network
+
+    kw = dict(features=search_store, space="nb201", algo="rea", population=3, sample=2, cycles=2, limit=48,
+              batch_size=8, layers=2, channels=4, epochs_per_candidate=1, device="cpu", progress=False,
+              proxy="params", proxy_pool=6)
+    s = evolve(out=str(tmp_path / "e"), **kw)
+    rows = [json.loads(line) for line in (tmp_path / "e" / "candidates.jsonl").read_text().splitlines()]
+    build = json.loads((tmp_path / "e" / "config.json").read_text())["network_config"]
+    pool = proxy_pool("nb201", 6, 0)
+    params = [sum(p.numel() for p in build_network(g, **build).parameters()) for g in pool]
+    top = np.argsort(-np.array(params), kind="stable")[:3]
+    assert [r["genotype"] for r in rows[:3]] == [pool[i].to_json() for i in top]
+    assert [r["origin"] for r in rows] == ["proxy"] * 3 + ["mutation"] * 2
+    assert [r["proxy_score"] for r in rows[:3]] == [params[i] for i in top]
+    assert s["screening"]["proxy"] == "params" and s["screening"]["pool"] == 6
+    evolve(out=str(tmp_path / "r"), stop_after=2, **kw)
+    evolve(out=str(tmp_path / "r"), resume=True, **kw)
+    again = [json.loads(line) for line in (tmp_path / "r" / "candidates.jsonl").read_text().splitlines()]
+    assert [(r["genotype"], r["val_acc"]) for r in again] == [(r["genotype"], r["val_acc"]) for r in rows]
+    one_line_error(lambda: evolve(out=str(tmp_path / "x"), **dict(kw, proxy_pool=2)), "--proxy-pool 2 is smaller")
+    one_line_error(lambda: evolve(out=str(tmp_path / "x"), **dict(kw, proxy="naswot,snip")), "name one proxy")

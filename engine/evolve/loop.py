@@ -34,6 +34,7 @@ from ktnas.engine.evolve.predictor_dcl import PREDICTORS, predictor_method
 from ktnas.engine.data import feature_info
 from ktnas.engine.evolve.front import cost_objectives, front_text, pareto_front, plot_front
 from ktnas.engine.evolve.proposers import PROPOSERS, PredictorProposer, best_of
+from ktnas.engine.evolve.screen import screen
 from ktnas.engine.search.budget import SearchBudget, budget_model, parse_budget
 from ktnas.engine.runs import RunDir, atomic_write, progress, set_rng_state
 from ktnas.engine.spaces import SPACES, get_space, space_of
@@ -75,6 +76,10 @@ class EvolveConfig:
                                              "and objectives (default: measured now on the CPU with onnxruntime)",
                                        metavar="FILE")
     population: int = option(20, "P: initial random candidates and the aging population's size")
+    proxy: str | None = option(None, "screen the initial population: draw --proxy-pool architectures, score each "
+                                     "by this zero-cost proxy (ktnas rank: synflow, snip, grad_norm, jacov, naswot, "
+                                     "zico, params, flops) and train the best P")
+    proxy_pool: int = option(100, "with --proxy: architectures drawn and scored")
     sample: int = option(5, "S: tournament size")
     cycles: int = option(80, "candidates trained after the initial population; budget P + N")
     epochs_per_candidate: int = 1
@@ -119,6 +124,16 @@ def resolve_config(cfg: EvolveConfig) -> EvolveConfig:
     get_space(cfg.space)
     parse_budget(cfg.budget)  # a malformed budget is refused before anything runs
     cost_objectives(cfg.objectives)
+    if cfg.proxy is not None:
+        from ktnas.engine.rank.run import proxies_of
+
+        if len(proxies_of(cfg.proxy)) != 1:
+            raise KtnasError(f"--proxy {cfg.proxy!r}: name one proxy")
+        if cfg.proxy_pool < cfg.population:
+            raise KtnasError(f"--proxy-pool {cfg.proxy_pool} is smaller than --population {cfg.population}: the "
+                             "screening keeps the best P of the pool, pass --proxy-pool >= --population")
+        if cfg.proxy == "zico" and cfg.limit is not None and cfg.limit < 4 * cfg.batch_size:
+            raise KtnasError("--proxy zico reads 2 minibatches of the candidate-train part: raise --limit")
     if cfg.algo not in ALGOS:
         raise KtnasError(f"unknown --algo {cfg.algo!r}: use one of {', '.join(ALGOS)}")
     if not cfg.features:
@@ -160,10 +175,11 @@ class Evolution:
         self.history: list[dict] = list(state["history"]) if state else []
         self.pretrained = state.get("pretrained") if state else None
         self.tau = state.get("tau") if state else None
+        self.screened = state.get("screened") if state else None  # --proxy: the screened initial population
         self.seconds_total = float(state.get("seconds_total", 0.0)) if state else 0.0
         if state is not None:
             set_rng_state(state["rng"])
-        self.trainer = CandidateTrainer(cfg, store, device)
+        self.trainer, self.store = CandidateTrainer(cfg, store, device), store
         self.objectives = cost_objectives(cfg.objectives)
         limits = parse_budget(cfg.budget)
         self.costs, self.cost = None, None  # the deployed model's costs; the budget (None without --budget)
@@ -183,6 +199,7 @@ class Evolution:
         cfg = self.cfg
         p = PredictorProposer(cfg, self.pretrained) if cfg.algo == "predictor" else PROPOSERS[cfg.algo](cfg)
         p.budget, p.costs = self.cost, self.objectives
+        p.screened = (self.screened or {}).get("chosen")
         return p
 
     def summary(self) -> dict:
@@ -203,6 +220,7 @@ class Evolution:
             candidates_per_hour_total=3600 * len(h) / self.seconds_total if self.seconds_total > 0 else None,
             data=self.trainer.data, predictor=self.tau, machine=machine(self.device),
             objectives=["accuracy", *self.objectives],
+            screening=None if not self.screened else {k: self.screened[k] for k in ("proxy", "pool", "seconds")},
             front=[{k: h[i][k] for k in ("index", "arch", "val_acc", "deploy", "genotype")}
                    for i in pareto_front(h, self.objectives)] if self.objectives and h else None,
             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
@@ -226,7 +244,7 @@ class Evolution:
 
     def checkpoint(self):
         self.files.save_checkpoint(dict(history=self.history, pretrained=self.pretrained, tau=self.tau,
-                                        seconds_total=self.seconds_total), asdict(self.cfg))
+                                        screened=self.screened, seconds_total=self.seconds_total), asdict(self.cfg))
 
     def group(self, proposer) -> list[dict]:
         """Propose, train and record the next group of candidates."""
@@ -249,6 +267,9 @@ class Evolution:
             pretrain = predictor_method(cfg.predictor)[0]
             self.pretrained = pretrain(cfg.space, archs=cfg.pretrain_archs, steps=cfg.pretrain_steps,
                                        hidden=cfg.hidden, seed=cfg.seed, progress=cfg.progress)
+        if cfg.proxy and self.screened is None:
+            self.screened = screen(cfg, self.store, self.device, self.cost, cfg.progress)
+            self.checkpoint()
         files.write_json("config.json", dict(asdict(cfg), network_config=self.trainer.network_config,
                                              data=self.trainer.data, budget=self.budget,
                                              device_resolved=str(self.device)))

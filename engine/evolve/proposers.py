@@ -46,6 +46,7 @@ class RandomProposer:
         self.cfg, self.space = cfg, get_space(cfg.space)
         self.budget = None  # under --budget (a SearchBudget): only genotypes that fit are proposed
         self.costs: tuple = ()  # --objectives beside accuracy: tournaments are won on the Pareto front
+        self.screened: list | None = None  # --proxy: the initial population, screened (best first)
 
     def draw(self, rng, make=None):
         """``make()`` (default: a uniform draw); under a budget, again until it fits."""
@@ -53,6 +54,11 @@ class RandomProposer:
         return self.budget.draw(make) if self.budget else make()
 
     def propose(self, history: list[dict], k: int, rng: np.random.Generator) -> list[tuple[object, dict]]:
+        start = len(history)
+        if self.screened and start < self.cfg.population:
+            return [(genotype_from_json(s["genotype"]), dict(origin="proxy", proxy_score=s["score"],
+                                                             proxy_rank=s["pool_rank"]))
+                    for s in self.screened[start:start + k]]
         return [(self.draw(rng), dict(origin="random")) for _ in range(k)]
 
 

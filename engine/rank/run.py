@@ -97,18 +97,19 @@ def read_genotypes(path, space) -> list:
     return out
 
 
-def rank_batches(cfg: RankConfig, store, device) -> tuple[list, dict]:
+def rank_batches(cfg: RankConfig, store, device, indices=None) -> tuple[list, dict]:
     """(the minibatches every architecture is scored on, the network's build arguments): the first
-    ``batches * batch_size`` samples of a seeded permutation of the train split, as cached features or (``--stem
-    none``) as the store's images for the classic network."""
+    ``batches * batch_size`` samples of a seeded permutation of the train split (of its ``indices`` when given), as
+    cached features or (``--stem none``) as the store's images for the classic network."""
     from ktnas.cache.stream import FeatureLoader
     from ktnas.engine.data import classic_images
     from ktnas.engine.layout import resolve_layout
 
     space = get_space(cfg.space)
     sp = store.split("train")
-    n = min(cfg.batches * cfg.batch_size, sp.shape[0])
-    idx = np.sort(np.random.default_rng([cfg.seed, 41]).permutation(sp.shape[0])[:n])
+    pick = np.arange(sp.shape[0]) if indices is None else np.asarray(indices)
+    n = min(cfg.batches * cfg.batch_size, len(pick))
+    idx = np.sort(pick[np.random.default_rng([cfg.seed, 41]).permutation(len(pick))[:n]])
     if cfg.stem == "none":
         x, y = classic_images(store, int(idx.max()) + 1, cfg.data_root)
         x, y = x[idx].float(), y[idx]
