@@ -30,9 +30,10 @@ SMALL = {
     "evaluate": ["--limit", "24", "--device", "cpu", "--quiet"],
     "evolve": ["--population", "2", "--sample", "2", "--cycles", "1", "--limit", "48", "--batch-size", "8",
                "--device", "cpu", "--quiet"],
+    "rank": ["--sample", "3", "--batch-size", "8", "--quiet"],
 }
 LAYOUT = {"search": ["--layers", "2", "--channels", "8"], "train": ["--layers", "2", "--channels", "8"],
-          "evolve": ["--layers", "1", "--channels", "8"]}
+          "evolve": ["--layers", "1", "--channels", "8"], "rank": ["--layers", "2", "--channels", "4"]}
 # how ktnas is developed is no user's business: none of it in the documents
 DEVELOPMENT = re.compile(r"\bissue #?\d{1,3}\b(?![.,]\d)|\bissue numbers?\b|\bsessions?\b|(?-i:DESIGN\.md)|"
                          r"\.\./shared|\bcarry\b|\.gpu/|prepare\.sh|CI-class|\bin CI\b|what CI runs|project's CI|"
