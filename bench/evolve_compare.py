@@ -27,14 +27,29 @@ ALGOS = {"random": dict(algo="random"), "rea": dict(algo="rea"),
          "predictor-gae": dict(algo="predictor", predictor="gae"),
          "predictor-dcl": dict(algo="predictor", predictor="dcl")}
 QUICK = dict(seeds="0,1", population=6, cycles=9, samples=256, batch_size=32, layers=3, channels=4,
-             pretrain_archs=128, pretrain_steps=20)
+             pretrain_archs=128, pretrain_steps=20, proxy_pool=12)
+
+
+def algo_options(name: str) -> dict | None:
+    """EvolveConfig options of ``name``: an entry of :data:`ALGOS`, or ``ENTRY+PROXY`` (e.g. ``rea+synflow``), the
+    same with its initial population screened by a zero-cost proxy; None for anything else."""
+    from ktnas.engine.rank.proxies import PROXIES
+    from ktnas.engine.rank.run import BASELINES
+
+    base, plus, proxy = name.partition("+")
+    if base not in ALGOS or (plus and proxy not in (*PROXIES, *BASELINES)):
+        return None
+    return dict(ALGOS[base], **({"proxy": proxy} if plus else {}))
 
 
 def add_arguments(p) -> None:
     p.add_argument("--features", default=None, metavar="STORE",
                    help="store of the frozen stem's features (default: built in --out from --samples images)")
     p.add_argument("--space", default="nb201", choices=tuple(SPACES), help="search space (default: %(default)s)")
-    p.add_argument("--algos", default=",".join(ALGOS), help="comma-separated (default: %(default)s)")
+    p.add_argument("--algos", default=",".join(ALGOS), help="comma-separated; ALGO+PROXY (e.g. rea+synflow) screens "
+                   "the initial population by a zero-cost proxy (default: %(default)s)")
+    p.add_argument("--proxy-pool", type=int, default=100, help="architectures scored by the proxy of ALGO+PROXY "
+                   "runs, the best --population trained (default: %(default)s)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
     p.add_argument("--population", type=int, default=10, help="initial random candidates (default: %(default)s)")
     p.add_argument("--cycles", type=int, default=40, help="candidates after them; budget population + cycles "
@@ -61,9 +76,9 @@ def _runs(args, store: str, work: Path) -> dict:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
         seeds = []
-    if not seeds or any(a not in ALGOS for a in algos) or not algos:
-        raise KtnasError(f"--algos takes {', '.join(ALGOS)} and --seeds integers, got {args.algos!r} / "
-                         f"{args.seeds!r}: e.g. --algos random,rea,predictor-dcl --seeds 0,1,2")
+    if not seeds or any(algo_options(a) is None for a in algos) or not algos:
+        raise KtnasError(f"--algos takes {', '.join(ALGOS)} (each optionally +PROXY) and --seeds integers, got "
+                         f"{args.algos!r} / {args.seeds!r}: e.g. --algos random,rea,rea+synflow --seeds 0,1,2")
     out = {}
     for algo in algos:
         out[algo] = []
@@ -76,7 +91,7 @@ def _runs(args, store: str, work: Path) -> dict:
                                pretrain_archs=args.pretrain_archs, pretrain_steps=args.pretrain_steps,
                                cv_folds=5 if args.population + args.cycles >= 15 else 0, seed=seed,
                                device=args.device, resume=(run / "checkpoint.pt").exists(), progress=False,
-                               **ALGOS[algo])
+                               proxy_pool=args.proxy_pool, **algo_options(algo))
             out[algo].append(dict(evolve(cfg), seed=seed))
     return out
 
