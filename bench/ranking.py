@@ -343,7 +343,8 @@ def _interval(v) -> str:
 COLUMNS = [Column("comparison", "comparison"), Column("n", "candidates"),
            Column("kendall_tau", "Kendall tau-b", _num), Column("tau_ci", "tau 95% CI", _interval),
            Column("spearman", "Spearman rho", _num), Column("rho_ci", "rho 95% CI", _interval),
-           Column(None, "top-k overlap", lambda r: f"{r['top_k_overlap']:.2f} (k={r['top_k']})" if r["top_k"] else "-")]
+           Column(None, "top-k overlap", lambda r: f"{r['top_k_overlap']:.2f} (k={r['top_k']})" if r["top_k"] else "-"),
+           Column(None, "seconds per architecture", lambda r: f"{r['seconds']:.3f}" if "seconds" in r else "")]
 
 
 def _chart(axes, rows, details=None) -> None:
