@@ -76,19 +76,22 @@ def ort_session(path, device: str = "cpu", threads: int | None = None):
 @torch.no_grad()
 def latency(model, runtime: str, shape, *, device: str = "cpu", batches=BATCHES, repeats: int = 10,
             threads: int | None = None) -> dict:
-    """{batch: median ms} of ``model`` on uint8 images of ``shape`` (C, H, W); ``threads``: the runtime's intra-op
-    threads (default its own choice)."""
+    """{batch: median ms} of ``model`` on uint8 images of ``shape`` (C, H, W), the batches timed in ``ROUNDS``
+    interleaved rounds as :class:`Timer` times (the median of the rounds' medians); ``threads``: the runtime's
+    intra-op threads (default its own choice)."""
     before = torch.get_num_threads()
     if threads and runtime != "onnxruntime":
         torch.set_num_threads(int(threads))
     try:
         run = runner(model, runtime, device, threads=threads)
         sync = torch.cuda.synchronize if str(device).startswith("cuda") else None
-        out = {}
-        for b in batches:
-            x = torch.randint(0, 256, (b, *shape), dtype=torch.uint8)
-            out[b] = median_ms(lambda: run(x), repeats=repeats, sync=sync, min_seconds=MIN_SECONDS)
-        return out
+        xs = {b: torch.randint(0, 256, (b, *shape), dtype=torch.uint8) for b in batches}
+        times: dict = {b: [] for b in batches}
+        for _ in range(ROUNDS):
+            for b, x in xs.items():
+                times[b].append(median_ms(lambda: run(x), repeats=repeats, sync=sync,
+                                          min_seconds=MIN_SECONDS / ROUNDS))
+        return {b: statistics.median(t) for b, t in times.items()}
     finally:
         torch.set_num_threads(before)
 
