@@ -86,8 +86,12 @@ def test_darts_cell_front_equals_brute_force():
 def test_a_budget_nothing_fits_is_refused_in_one_line(models):
     sp = get_space("darts")
     w = {t: softmax(np.zeros((14, 8))) for t in sp.cell_types}
-    one_line_error(lambda: derive_within(sp, w, models["darts"], {"params": 1000}),
-                   "no genotype of the darts space fits --budget params=1,000", "the smallest needs at least params=")
+    msg = one_line_error(lambda: derive_within(sp, w, models["darts"], {"params": 1000, "flops": 2000}),
+                         "no genotype of the darts space fits --budget params=1,000,flops=2,000")
+    least = np.array([min(models["darts"].values(g)[k] for g in sp.cost_probes()) for k in ("params", "flops")])
+    # the smallest genotype's own figures, each with its thousands separators (max pooling on every edge is the
+    # least of every cost in this space)
+    assert f"the smallest needs at least params={least[0]:,.0f}, flops={least[1]:,.0f})" in msg
 
 
 def _search(store, out, **kw):

@@ -155,7 +155,7 @@ def derive_within(space, weights: dict, model, budget: dict, derive=None):
     found = best_within(fronts, limit)
     if found is None:
         least = fixed[dims] + sum(f[0].min(axis=0) for f in fronts)
-        need = budget_text(dict(zip(budget, least))).replace(",", ", ")
+        need = ", ".join(budget_text({k: v}) for k, v in zip(budget, least))
         raise KtnasError(f"no genotype of the {space.name} space fits --budget {budget_text(budget)} at this layout "
                          f"(the smallest needs at least {need}): raise the budget or train a smaller network "
                          "(--train-layers, --train-channels)")
