@@ -216,6 +216,8 @@ def test_bench_latency_writes_the_table_and_goes_on(search_store, tmp_path, monk
     more = LatencyTable.load(tmp_path / "latency-table-nb201.json")
     assert more.check[:3] == table.check and len(more.check) == 4 and more.ops == table.ops
     capsys.readouterr()
+    assert main(argv[:-2] + ["--seed", "1", "--out", str(tmp_path)]) == 2  # other calibration models: refused
+    assert "drawn with another --seed" in capsys.readouterr().err
     assert main([a if a != "torch" else "onnxruntime" for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert "was measured elsewhere (runtime=torch" in err and "\n" not in err

@@ -213,6 +213,7 @@ def measure_table(target: Target, timer: Timer, *, calibrate: int = 5, seed: int
     if table.stem_ms is None:
         stem = model_for(target, space.cost_probes()[0]).stem
         table.stem_ms = timer.measure([(stem, timer.images(target))])[0]
+    _same_models(table.calibration, genotypes, "calibration", "--calibrate")
     with bar(total=len(genotypes), initial=min(len(table.calibration), len(genotypes)), desc="latency: calibration",
              enabled=progress) as pb:
         for group in _groups(genotypes[len(table.calibration):]):
@@ -225,6 +226,13 @@ def measure_table(target: Target, timer: Timer, *, calibrate: int = 5, seed: int
     return table
 
 
+def _same_models(rows: list[dict], genotypes: list, what: str, flag: str) -> None:
+    """One-line KtnasError when a table's ``what`` rows are not the models this run draws (another --seed)."""
+    if any(r["genotype"] != g.to_json() for r, g in zip(rows, genotypes)):
+        raise KtnasError(f"the latency table's {what} models were drawn with another --seed (or {flag}): rerun with "
+                         "the table's own, or measure into another --out")
+
+
 def _groups(items: list, size: int = GROUP) -> list[list]:
     return [items[k:k + size] for k in range(0, len(items), size)]
 
@@ -234,11 +242,12 @@ def check_table(table: LatencyTable, timer: Timer, n: int, *, seed: int = 0, pro
     """Predicted against measured latency of ``n`` random models (held out from the calibration); rows appended
     to ``table.check`` as they are measured (resumable through ``save``)."""
     from ktnas.engine.runs import progress as bar
-    from ktnas.engine.spaces import genotype_from_json, get_space
+    from ktnas.engine.spaces import get_space
 
     space, model = get_space(table.target.space), LatencyModel(table)
     rng = np.random.default_rng([seed, 2])
     genotypes = [space.random_genotype(rng) for _ in range(n)]
+    _same_models(table.check, genotypes, "check", "--check")
     with bar(total=n, initial=min(len(table.check), n), desc="latency: check", enabled=progress) as pb:
         for group in _groups(genotypes[len(table.check):]):
             for g, ms in zip(group, timer.models(table.target, group)):
@@ -246,8 +255,6 @@ def check_table(table: LatencyTable, timer: Timer, n: int, *, seed: int = 0, pro
             pb.update(len(group))
             if save:
                 save(table)
-    rows = table.check[:n]
-    assert all(genotype_from_json(r["genotype"]).to_json() == g.to_json() for r, g in zip(rows, genotypes))
-    return rows
+    return table.check[:n]
 
 
