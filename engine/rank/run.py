@@ -74,7 +74,8 @@ def read_genotypes(path, space) -> list:
     text = p.read_text()
     try:
         data = json.loads(text)
-        items = data if isinstance(data, list) else data.get("genotypes", [data])
+        items = data if isinstance(data, list) else data.get("genotypes", [data]) if isinstance(data, dict) else \
+            [data]
     except ValueError:
         items = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
         try:
