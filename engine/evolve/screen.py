@@ -7,32 +7,23 @@ start of regularized evolution and of the predictors (random search: its first `
 pool, its scores and the choice are kept in the run's checkpoint, so a resumed run trains the same ones."""
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
 
 from ktnas.cache.errors import KtnasError
 from ktnas.engine.data import split_indices
-from ktnas.engine.spaces import get_space
+from ktnas.engine.spaces import distinct_genotypes
 
 POOL_SEED = 53  # the pool's draws: a generator of (seed, POOL_SEED), apart from every other draw of the run
 
 
 def proxy_pool(space, m: int, seed: int, budget=None) -> list:
     """``m`` distinct architectures of ``space`` drawn uniformly (again until they fit ``budget``)."""
-    space = get_space(space)
-    rng, seen, out = np.random.default_rng([seed, POOL_SEED]), set(), []
-    for _ in range(100 * m):
-        g = budget.draw(lambda: space.random_genotype(rng)) if budget else space.random_genotype(rng)
-        key = json.dumps(g.to_json(), sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            out.append(g)
-            if len(out) == m:
-                return out
-    raise KtnasError(f"the {space.name} space gave only {len(out)} distinct architectures: pass a smaller "
-                     "--proxy-pool")
+    try:
+        return distinct_genotypes(space, m, seed, tag=POOL_SEED, draw=budget.draw if budget else None)
+    except KtnasError as e:
+        raise KtnasError(f"{e} (--proxy-pool)") from None
 
 
 def screen(cfg, store, device, budget=None, progress: bool = True) -> dict:

@@ -74,14 +74,16 @@ def count_skips(genotype) -> int:
     return space_of(genotype).count_skips(genotype)
 
 
-def distinct_genotypes(space, n: int, seed: int) -> list:
-    """``n`` distinct architectures of ``space``, drawn uniformly with a generator seeded by ``seed`` (``ktnas
-    bench ranking``'s candidates and ``ktnas rank --sample``'s are the same for a seed)."""
-    rng, found = np.random.default_rng([seed, 11]), {}
+def distinct_genotypes(space, n: int, seed: int, *, tag: int = 11, draw=None) -> list:
+    """``n`` distinct architectures of ``space``, drawn uniformly with a generator seeded by (``seed``, ``tag``)
+    (``ktnas bench ranking``'s candidates and ``ktnas rank --sample``'s are the same for a seed); ``draw(make)``:
+    how a draw is made of ``make()`` (a budget's ``draw``: again until it fits)."""
+    rng, found = np.random.default_rng([seed, tag]), {}
+    make = lambda: random_genotype(space, rng)  # noqa: E731
     for _ in range(100 * n):
         if len(found) == n:
             break
-        g = random_genotype(space, rng)
+        g = draw(make) if draw else make()
         found.setdefault(genotype_str(g), g)
     if len(found) < n:
         raise KtnasError(f"the {get_space(space).name} space gave only {len(found)} distinct architectures: ask "
